@@ -1,0 +1,93 @@
+//! What a backend can do, declared once by each driver.
+//!
+//! The layers reject an operation a driver does not declare with
+//! [`Error::Unsupported`](crate::Error::Unsupported) before it reaches the
+//! driver, and the conformance suite checks both sides of each declaration.
+
+use std::time::Duration;
+
+/// How a backend's watch recovers after a gap (reconnect, compaction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchHistory {
+    /// The backend keeps history: a watch resumes from any retained revision
+    /// and replays every event exactly once.
+    Full,
+    /// No history to resume from: after a gap the driver re-reads the watched
+    /// range and emits the differences, so the consumer's view converges, but
+    /// intermediate values and some deletes' exact revisions may be missed.
+    Converge,
+}
+
+/// A backend's capabilities.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Largest value accepted, in bytes.
+    pub max_value_size: usize,
+    /// `Some(granularity)`: keys with a TTL disappear at most this long after
+    /// the TTL runs out. `None`: TTLs are unsupported.
+    pub ttl: Option<Duration>,
+    /// How watches recover.
+    pub watch_history: WatchHistory,
+    /// Whether `lock` / `try_lock` / `lock_holder` are available.
+    pub locks: bool,
+    /// Whether locks exclude holders in other processes (false: within one process).
+    pub cross_process_locks: bool,
+    /// Most operations (checks + writes) in one `atomic` call, if bounded.
+    pub max_atomic_ops: Option<usize>,
+    /// Whether data survives a restart of the process.
+    pub durable: bool,
+}
+
+impl Capabilities {
+    /// Capabilities of a driver that can do everything, for builders:
+    /// override what your backend lacks.
+    ///
+    /// ```
+    /// use anykv_core::{Capabilities, WatchHistory};
+    /// let caps = Capabilities::full(1 << 20).with_ttl(None).with_watch(WatchHistory::Converge);
+    /// assert!(caps.ttl.is_none());
+    /// ```
+    pub const fn full(max_value_size: usize) -> Self {
+        Capabilities {
+            max_value_size,
+            ttl: Some(Duration::from_millis(100)),
+            watch_history: WatchHistory::Full,
+            locks: true,
+            cross_process_locks: false,
+            max_atomic_ops: None,
+            durable: false,
+        }
+    }
+
+    /// Sets the TTL granularity (`None`: unsupported).
+    pub const fn with_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Sets the watch recovery mode.
+    pub const fn with_watch(mut self, w: WatchHistory) -> Self {
+        self.watch_history = w;
+        self
+    }
+
+    /// Sets lock support (`cross_process`: whether it holds across processes).
+    pub const fn with_locks(mut self, locks: bool, cross_process: bool) -> Self {
+        self.locks = locks;
+        self.cross_process_locks = cross_process;
+        self
+    }
+
+    /// Bounds `atomic`.
+    pub const fn with_max_atomic_ops(mut self, max: Option<usize>) -> Self {
+        self.max_atomic_ops = max;
+        self
+    }
+
+    /// Sets durability.
+    pub const fn with_durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+}

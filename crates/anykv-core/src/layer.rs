@@ -1,0 +1,680 @@
+//! The standard layers, composed the same way around every driver:
+//!
+//! namespace → capability checks → tracing span → liveness → retry → timeout → driver
+//!
+//! The timeout applies to each attempt inside the retry loop, not to the loop.
+//! Checks run before liveness so that a rejected argument, which never reached
+//! the backend, says nothing about its health.
+
+use std::{
+    collections::HashSet,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use tokio::{task::JoinHandle, time::Instant};
+use tracing::Instrument;
+
+use crate::{
+    capability::Capabilities,
+    error::{Error, Result},
+    key::{Key, Prefix, RESERVED_ROOT},
+    liveness::{DEFAULT_LIVENESS_INTERVAL, LivenessMonitor},
+    lock::LockGuard,
+    store::{PairStream, Store, WatchStream},
+    types::{
+        Check, Condition, Event, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Start,
+        Target, Version,
+    },
+};
+
+/// Retry with exponential backoff, for idempotent operations and retryable errors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all (1: no retry).
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles each time.
+    pub initial_backoff: Duration,
+    /// Upper bound of one delay.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .initial_backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        exp.min(self.max_backoff)
+    }
+}
+
+/// Settings of the layers around a driver (from the URL's common options).
+#[derive(Clone, Debug)]
+pub struct LayerConfig {
+    /// Namespace every key is scoped to.
+    pub namespace: Prefix,
+    /// Deadline of one attempt of one operation (`?timeout=`).
+    pub timeout: Duration,
+    /// Retry policy (`?retries=` sets `max_attempts - 1`).
+    pub retry: RetryPolicy,
+    /// Re-post period of the liveness monitor (`?liveness_interval=`).
+    pub liveness_interval: Duration,
+    /// Background probe period, off by default (`?probe_interval=`).
+    pub probe_interval: Option<Duration>,
+}
+
+impl Default for LayerConfig {
+    fn default() -> Self {
+        LayerConfig {
+            namespace: Prefix::root(),
+            timeout: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+            liveness_interval: DEFAULT_LIVENESS_INTERVAL,
+            probe_interval: None,
+        }
+    }
+}
+
+/// A driver wrapped in the standard layers: the handle applications use.
+///
+/// Cheap to clone; clones share the driver, the liveness monitor and the
+/// background prober. `Kv` implements [`Store`] with keys relative to its
+/// namespace.
+///
+/// ```no_run
+/// # async fn demo(driver: std::sync::Arc<dyn anykv_core::Store>) -> anykv_core::Result<()> {
+/// use anykv_core::{Kv, LayerConfig, Key, Store};
+/// let kv = Kv::new(driver, LayerConfig::default());
+/// let key = Key::new("greeting")?;
+/// kv.put(&key, "hello".into(), Default::default()).await?;
+/// assert_eq!(kv.get(&key).await?.map(|p| p.value), Some("hello".into()));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Kv {
+    inner: Arc<KvInner>,
+}
+
+struct KvInner {
+    driver: Arc<dyn Store>,
+    backend: &'static str,
+    caps: Capabilities,
+    cfg: LayerConfig,
+    liveness: Arc<LivenessMonitor>,
+    prober: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for KvInner {
+    fn drop(&mut self) {
+        if let Some(h) = self.prober.get_mut().ok().and_then(Option::take) {
+            h.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for Kv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kv")
+            .field("backend", &self.inner.backend)
+            .field("namespace", &self.inner.cfg.namespace)
+            .field("alive", &self.inner.liveness.is_alive())
+            .finish()
+    }
+}
+
+impl Kv {
+    /// Wraps `driver` in the standard layers. Starts the background prober if
+    /// `cfg.probe_interval` is set (needs a tokio runtime).
+    pub fn new(driver: Arc<dyn Store>, cfg: LayerConfig) -> Kv {
+        let kv = Kv {
+            inner: Arc::new(KvInner {
+                backend: driver.backend(),
+                caps: driver.capabilities().clone(),
+                liveness: Arc::new(LivenessMonitor::new(cfg.liveness_interval)),
+                driver,
+                cfg,
+                prober: Mutex::new(None),
+            }),
+        };
+        if let Some(every) = kv.inner.cfg.probe_interval {
+            kv.start_prober(every);
+        }
+        kv
+    }
+
+    /// The liveness monitor fed by every operation of this store.
+    pub fn liveness(&self) -> &Arc<LivenessMonitor> {
+        &self.inner.liveness
+    }
+
+    /// The namespace keys are scoped to.
+    pub fn namespace(&self) -> &Prefix {
+        &self.inner.cfg.namespace
+    }
+
+    /// The layer settings.
+    pub fn config(&self) -> &LayerConfig {
+        &self.inner.cfg
+    }
+
+    /// The same driver and liveness monitor, scoped to a sub-namespace.
+    pub fn scoped(&self, sub: &Prefix) -> Kv {
+        let mut cfg = self.inner.cfg.clone();
+        cfg.namespace = cfg.namespace.join_prefix(sub);
+        cfg.probe_interval = None;
+        Kv {
+            inner: Arc::new(KvInner {
+                driver: self.inner.driver.clone(),
+                backend: self.inner.backend,
+                caps: self.inner.caps.clone(),
+                cfg,
+                liveness: self.inner.liveness.clone(),
+                prober: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Probes the backend every `every` in the background, so that liveness
+    /// moves without traffic. Replaces a running prober.
+    pub fn start_prober(&self, every: Duration) {
+        let weak = Arc::downgrade(&self.inner);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no tokio runtime: background liveness prober not started");
+            return;
+        };
+        let task = rt.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let _ = Kv { inner }.probe().await;
+            }
+        });
+        let mut slot = self.inner.prober.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = slot.replace(task) {
+            old.abort();
+        }
+    }
+
+    // ---- namespace mapping -------------------------------------------------
+
+    fn to_inner(&self, key: &Key) -> Key {
+        self.inner.cfg.namespace.join(key)
+    }
+
+    fn prefix_to_inner(&self, prefix: &Prefix) -> Prefix {
+        self.inner.cfg.namespace.join_prefix(prefix)
+    }
+
+    fn lock_key(&self, key: &Key) -> Key {
+        Key::lock_record(&self.inner.cfg.namespace, key)
+    }
+
+    /// Maps a driver's key back to the caller's; `None` for keys outside the
+    /// namespace or under the reserved root, which callers never see.
+    fn to_outer(&self, key: &Key) -> Option<Key> {
+        let outer = self.inner.cfg.namespace.strip(key)?;
+        (outer.as_str().split('/').next() != Some(RESERVED_ROOT)).then_some(outer)
+    }
+
+    fn pair_to_outer(&self, mut kv: KvPair) -> Option<KvPair> {
+        kv.key = self.to_outer(&kv.key)?;
+        Some(kv)
+    }
+
+    fn error_to_outer(&self, e: Error) -> Error {
+        let ns = self.inner.cfg.namespace.dir();
+        let locks = format!("{RESERVED_ROOT}/locks/{ns}");
+        e.map_key(|k| {
+            k.strip_prefix(&locks)
+                .or_else(|| k.strip_prefix(&ns))
+                .unwrap_or(k)
+                .to_owned()
+        })
+    }
+
+    // ---- checks done before the driver --------------------------------------
+
+    fn check_value(&self, key: &Key, value: &Bytes) -> Result<()> {
+        let max = self.inner.caps.max_value_size;
+        if value.len() > max {
+            return Err(Error::ValueTooLarge {
+                backend: self.inner.backend,
+                key: key.to_string(),
+                size: value.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_ttl(&self, ttl: Option<Duration>) -> Result<()> {
+        match ttl {
+            None => Ok(()),
+            Some(_) if self.inner.caps.ttl.is_none() => Err(Error::Unsupported {
+                backend: self.inner.backend,
+                operation: "ttl",
+            }),
+            Some(t) if t.is_zero() => Err(self.invalid_argument("ttl must be positive")),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn check_locks(&self, operation: &'static str) -> Result<()> {
+        if self.inner.caps.locks {
+            Ok(())
+        } else {
+            Err(Error::Unsupported {
+                backend: self.inner.backend,
+                operation,
+            })
+        }
+    }
+
+    fn invalid_argument(&self, message: impl Into<String>) -> Error {
+        Error::InvalidArgument {
+            backend: self.inner.backend,
+            message: message.into(),
+        }
+    }
+
+    // ---- the call path: tracing → liveness → retry → timeout ----------------
+
+    async fn call<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        key: Option<&str>,
+        idempotent: bool,
+        mut attempt_fn: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let inner = &self.inner;
+        let span = tracing::debug_span!(
+            "anykv",
+            backend = inner.backend,
+            operation,
+            key = key.unwrap_or(""),
+        );
+        async {
+            let started = Instant::now();
+            let policy = &inner.cfg.retry;
+            let mut attempt = 1;
+            let outcome = loop {
+                let result = match tokio::time::timeout(inner.cfg.timeout, attempt_fn()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::Timeout {
+                        backend: inner.backend,
+                        operation,
+                        after: inner.cfg.timeout,
+                    }),
+                };
+                match result {
+                    Err(e) if idempotent && e.is_retryable() && attempt < policy.max_attempts => {
+                        tracing::debug!(attempt, error = %e, "retrying");
+                        tokio::time::sleep(policy.backoff(attempt)).await;
+                        attempt += 1;
+                    }
+                    other => break other,
+                }
+            };
+            inner.liveness.record(&outcome);
+            let latency_us = started.elapsed().as_micros() as u64;
+            match &outcome {
+                Ok(_) => tracing::debug!(latency_us, attempt, outcome = "ok"),
+                Err(e) => tracing::debug!(latency_us, attempt, outcome = ?e.kind(), error = %e),
+            }
+            outcome.map_err(|e| self.error_to_outer(e))
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn outer_stream<T: Send + 'static>(
+        &self,
+        stream: futures::stream::BoxStream<'static, Result<T>>,
+        map: impl Fn(&Kv, T) -> Option<T> + Send + Sync + 'static,
+    ) -> futures::stream::BoxStream<'static, Result<T>> {
+        let kv = self.clone();
+        stream
+            .filter_map(move |item| {
+                let out = match item {
+                    Ok(v) => map(&kv, v).map(Ok),
+                    Err(e) => {
+                        kv.inner.liveness.set(!e.indicates_unreachable());
+                        Some(Err(kv.error_to_outer(e)))
+                    }
+                };
+                futures::future::ready(out)
+            })
+            .boxed()
+    }
+}
+
+#[async_trait]
+impl Store for Kv {
+    fn backend(&self) -> &'static str {
+        self.inner.backend
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<KvPair>> {
+        let k = self.to_inner(key);
+        let found = self
+            .call("get", Some(key.as_str()), true, || {
+                self.inner.driver.get(&k)
+            })
+            .await?;
+        Ok(found.and_then(|kv| self.pair_to_outer(kv)))
+    }
+
+    async fn put(&self, key: &Key, value: Bytes, opts: PutOptions) -> Result<Version> {
+        self.check_value(key, &value)?;
+        self.check_ttl(opts.ttl)?;
+        let k = self.to_inner(key);
+        // Only an unconditional put without TTL gives the same outcome twice.
+        let idempotent = opts.condition == Condition::Always && opts.ttl.is_none();
+        self.call("put", Some(key.as_str()), idempotent, || {
+            self.inner.driver.put(&k, value.clone(), opts)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &Key, condition: Condition) -> Result<bool> {
+        if condition == Condition::IfAbsent {
+            return Err(self.invalid_argument("delete cannot be conditional on absence"));
+        }
+        let k = self.to_inner(key);
+        self.call("delete", Some(key.as_str()), false, || {
+            self.inner.driver.delete(&k, condition)
+        })
+        .await
+    }
+
+    async fn exists(&self, key: &Key) -> Result<bool> {
+        let k = self.to_inner(key);
+        self.call("exists", Some(key.as_str()), true, || {
+            self.inner.driver.exists(&k)
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &Prefix) -> Result<Vec<KvPair>> {
+        let p = self.prefix_to_inner(prefix);
+        let pairs = self
+            .call("list", Some(prefix.as_str()), true, || {
+                self.inner.driver.list(&p)
+            })
+            .await?;
+        Ok(pairs
+            .into_iter()
+            .filter_map(|kv| self.pair_to_outer(kv))
+            .collect())
+    }
+
+    async fn keys(&self, prefix: &Prefix) -> Result<Vec<String>> {
+        let p = self.prefix_to_inner(prefix);
+        let mut names = self
+            .call("keys", Some(prefix.as_str()), true, || {
+                self.inner.driver.keys(&p)
+            })
+            .await?;
+        if p.is_root() {
+            names.retain(|n| n != RESERVED_ROOT);
+        }
+        Ok(names)
+    }
+
+    async fn delete_prefix(&self, prefix: &Prefix) -> Result<u64> {
+        let p = self.prefix_to_inner(prefix);
+        if !p.is_root() {
+            return self
+                .call("delete_prefix", Some(prefix.as_str()), false, || {
+                    self.inner.driver.delete_prefix(&p)
+                })
+                .await;
+        }
+        // The whole backend: spare anykv's own records (held locks) by
+        // deleting each top-level name but the reserved one.
+        let mut total = 0;
+        for name in self.keys(prefix).await? {
+            let Ok(top) = Prefix::new(name) else { continue };
+            total += self
+                .call("delete_prefix", Some(top.as_str()), false, || {
+                    self.inner.driver.delete_prefix(&top)
+                })
+                .await?;
+            let Ok(k) = Key::new(top.as_str()) else {
+                continue;
+            };
+            if self
+                .call("delete", Some(k.as_str()), false, || {
+                    self.inner.driver.delete(&k, Condition::Always)
+                })
+                .await?
+            {
+                total += 1;
+            }
+        }
+        Ok(total)
+    }
+
+    async fn watch(&self, target: Target, start: Start) -> Result<WatchStream> {
+        let (shown, inner_target) = match &target {
+            Target::Key(k) => (k.to_string(), Target::Key(self.to_inner(k))),
+            Target::Prefix(p) => (p.to_string(), Target::Prefix(self.prefix_to_inner(p))),
+        };
+        let stream = self
+            .call("watch", Some(&shown), true, || {
+                self.inner.driver.watch(inner_target.clone(), start)
+            })
+            .await?;
+        Ok(self.outer_stream(stream, |kv, ev| match ev {
+            Event::Put { kv: pair, prev } => Some(Event::Put {
+                kv: kv.pair_to_outer(pair)?,
+                prev: prev.and_then(|p| kv.pair_to_outer(p)),
+            }),
+            Event::Delete { key, revision } => Some(Event::Delete {
+                key: kv.to_outer(&key)?,
+                revision,
+            }),
+        }))
+    }
+
+    async fn lock(&self, key: &Key, opts: LockOptions) -> Result<LockGuard> {
+        self.check_locks("lock")?;
+        if opts.ttl.is_zero() {
+            return Err(self.invalid_argument("lock ttl must be positive"));
+        }
+        let k = self.lock_key(key);
+        let span = tracing::debug_span!(
+            "anykv",
+            backend = self.inner.backend,
+            operation = "lock",
+            key = key.as_str()
+        );
+        // Waiting for a lock is not bounded by the per-operation timeout:
+        // `opts.wait` is, plus one timeout for the final round trip.
+        let outcome = match opts.wait {
+            None => {
+                self.inner
+                    .driver
+                    .lock(&k, opts.clone())
+                    .instrument(span)
+                    .await
+            }
+            Some(wait) => {
+                let limit = wait + self.inner.cfg.timeout;
+                match tokio::time::timeout(
+                    limit,
+                    self.inner.driver.lock(&k, opts.clone()).instrument(span),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::Timeout {
+                        backend: self.inner.backend,
+                        operation: "lock",
+                        after: wait,
+                    }),
+                }
+            }
+        };
+        // Running out of wait while the lock is held proves the backend answered.
+        if !matches!(&outcome, Err(Error::Timeout { .. })) {
+            self.inner.liveness.record(&outcome);
+        }
+        outcome
+            .map(|g| g.with_key(key.clone()))
+            .map_err(|e| self.error_to_outer(e))
+    }
+
+    async fn try_lock(&self, key: &Key, opts: LockOptions) -> Result<Option<LockGuard>> {
+        self.check_locks("try_lock")?;
+        if opts.ttl.is_zero() {
+            return Err(self.invalid_argument("lock ttl must be positive"));
+        }
+        let k = self.lock_key(key);
+        let guard = self
+            .call("try_lock", Some(key.as_str()), false, || {
+                self.inner.driver.try_lock(&k, opts.clone())
+            })
+            .await?;
+        Ok(guard.map(|g| g.with_key(key.clone())))
+    }
+
+    async fn lock_holder(&self, key: &Key) -> Result<Option<LockInfo>> {
+        self.check_locks("lock_holder")?;
+        let k = self.lock_key(key);
+        self.call("lock_holder", Some(key.as_str()), true, || {
+            self.inner.driver.lock_holder(&k)
+        })
+        .await
+    }
+
+    async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {
+        if let Some(max) = self.inner.caps.max_atomic_ops
+            && checks.len() + ops.len() > max
+        {
+            return Err(self.invalid_argument(format!(
+                "atomic has {} checks and operations; this backend takes at most {max}",
+                checks.len() + ops.len()
+            )));
+        }
+        let mut written = HashSet::new();
+        for op in &ops {
+            if !written.insert(op.key().as_str()) {
+                return Err(self.invalid_argument(format!("atomic writes {} twice", op.key())));
+            }
+            if let Op::Put(k, v) = op {
+                self.check_value(k, v)?;
+            }
+        }
+        let checks: Vec<Check> = checks
+            .into_iter()
+            .map(|c| match c {
+                Check::Exists(k) => Check::Exists(self.to_inner(&k)),
+                Check::Absent(k) => Check::Absent(self.to_inner(&k)),
+                Check::Version(k, v) => Check::Version(self.to_inner(&k), v),
+                Check::Value(k, v) => Check::Value(self.to_inner(&k), v),
+            })
+            .collect();
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .map(|o| match o {
+                Op::Put(k, v) => Op::Put(self.to_inner(&k), v),
+                Op::Delete(k) => Op::Delete(self.to_inner(&k)),
+            })
+            .collect();
+        self.call("atomic", None, false, || {
+            self.inner.driver.atomic(checks.clone(), ops.clone())
+        })
+        .await
+    }
+
+    async fn export(&self, prefix: &Prefix) -> Result<PairStream> {
+        let p = self.prefix_to_inner(prefix);
+        let stream = self
+            .call("export", Some(prefix.as_str()), true, || {
+                self.inner.driver.export(&p)
+            })
+            .await?;
+        Ok(self.outer_stream(stream, |kv, pair| kv.pair_to_outer(pair)))
+    }
+
+    async fn import(&self, pairs: PairStream) -> Result<u64> {
+        let kv = self.clone();
+        let mapped = pairs
+            .and_then(move |mut pair| {
+                let checked = kv.check_value(&pair.key, &pair.value).map(|()| {
+                    pair.key = kv.to_inner(&pair.key);
+                    pair
+                });
+                futures::future::ready(checked)
+            })
+            .boxed();
+        // One call: retrying would need to replay a consumed stream.
+        let mut once = Some(mapped);
+        self.call("import", None, false, || {
+            let s = once.take();
+            async move {
+                match s {
+                    Some(s) => self.inner.driver.import(s).await,
+                    None => Err(self.invalid_argument("import stream already consumed")),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn probe(&self) -> Result<()> {
+        self.call("probe", None, false, || self.inner.driver.probe())
+            .await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if let Some(h) = self
+            .inner
+            .prober
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            h.abort();
+        }
+        self.inner.driver.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.backoff(1), Duration::from_millis(50));
+        assert_eq!(p.backoff(2), Duration::from_millis(100));
+        assert_eq!(p.backoff(30), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,44 @@
+//! The contract of anykv: one async key-value API over etcd, Consul,
+//! ZooKeeper, redb and memory.
+//!
+//! - [`Store`]: the trait every driver implements (keys already namespaced).
+//! - [`Kv`]: a driver wrapped in the standard layers (namespace, capability
+//!   checks, tracing, liveness, retry, timeout); what applications hold.
+//! - [`Key`] / [`Prefix`]: the key rules, checked before any network call.
+//! - [`Error`]: one taxonomy for every backend.
+//! - [`LivenessMonitor`]: the voltha-style liveness channel.
+//! - [`registry`]: drivers register with `inventory`; [`open`] picks one by URL.
+//!
+//! Applications normally use the `anykv` facade crate, which re-exports all of this.
+
+pub mod capability;
+pub mod config;
+pub mod error;
+pub mod ext;
+pub mod key;
+pub mod layer;
+pub mod liveness;
+pub mod lock;
+pub mod registry;
+pub mod store;
+pub mod types;
+
+pub use capability::{Capabilities, WatchHistory};
+pub use config::{Config, Secret};
+pub use error::{BoxError, Error, ErrorKind, Result};
+pub use ext::StoreExt;
+pub use key::{Key, MAX_KEY_LEN, Prefix, RESERVED_ROOT};
+pub use layer::{Kv, LayerConfig, RetryPolicy};
+pub use liveness::LivenessMonitor;
+pub use lock::{LockGuard, LockRelease, LostNotifier, LostSignal, lost_pair};
+pub use registry::{drivers, open};
+pub use store::{PairStream, Store, WatchStream};
+pub use types::{
+    Check, Condition, Event, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Start,
+    Target, Version,
+};
+
+// Re-exported so that driver crates and third parties use the same versions.
+pub use async_trait::async_trait;
+pub use bytes::Bytes;
+pub use inventory;
