@@ -1,1 +1,259 @@
-fn main() {}
+//! `cargo xtask`: the project's automation.
+//!
+//! - `cargo xtask test`: fmt, clippy, cargo-deny, then every test of the
+//!   workspace with real etcd, ZooKeeper and Consul servers started here.
+//! - `cargo xtask bench [BACKEND…]`: anykv vs the raw client, same server, one run.
+//! - `cargo xtask servers`: start the servers and print their env, for development.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod servers;
+
+use servers::{Ctx, Started};
+
+#[derive(Parser)]
+#[command(about = "anykv project automation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Lint, then run every test against real servers.
+    Test {
+        /// Skip fmt, clippy and cargo-deny.
+        #[arg(long)]
+        no_lint: bool,
+        /// Start only these servers (default: all).
+        #[arg(long = "server", value_name = "NAME")]
+        servers: Vec<String>,
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Lints only: fmt check, clippy -D warnings, cargo-deny.
+    Lint,
+    /// Benchmarks anykv against the raw client crates.
+    Bench {
+        /// Backends to bench (default: all): redb, etcd, zookeeper, consul.
+        backends: Vec<String>,
+    },
+    /// Starts the servers, prints their environment and waits for Ctrl-C.
+    Servers {
+        /// Start only these servers (default: all).
+        names: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    env::set_current_dir(&root)?;
+    set_protoc()?;
+    let ctx = Ctx::new(root)?;
+    match cli.cmd {
+        Cmd::Lint => lint(),
+        Cmd::Test {
+            no_lint,
+            servers,
+            cargo_args,
+        } => {
+            if !no_lint {
+                lint()?;
+            }
+            let started = start_servers(&ctx, &servers)?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--all-features"])
+                .args(&cargo_args)
+                .env("ANYKV_REQUIRE_SERVERS", "1");
+            apply_env(&mut cmd, &started);
+            let status = cmd.status().context("running cargo test")?;
+            drop(started);
+            if !status.success() {
+                bail!("tests failed ({status}); server logs are in target/xtask/logs");
+            }
+            println!("xtask: all tests passed against real servers");
+            Ok(())
+        }
+        Cmd::Bench { backends } => bench(&ctx, &backends),
+        Cmd::Servers { names } => {
+            let started = start_servers(&ctx, &names)?;
+            for (k, v) in started.iter().flat_map(|s| s.env.iter()) {
+                println!("export {k}={v}");
+            }
+            println!("# servers running; Ctrl-C to stop");
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            // Wait for stdin EOF or the process being interrupted.
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                while std::io::stdin().read_line(&mut s).map(|n| n > 0).unwrap_or(false) {}
+                let _ = tx.send(());
+            });
+            let _ = rx.recv();
+            Ok(())
+        }
+    }
+}
+
+/// The workspace root: the parent of this crate's manifest dir.
+fn workspace_root() -> Result<PathBuf> {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent()
+        .map(Path::to_owned)
+        .context("xtask has no parent directory")
+}
+
+/// etcd-client compiles its protos at build time; use the vendored protoc so
+/// no manual install is needed.
+fn set_protoc() -> Result<()> {
+    if env::var_os("PROTOC").is_none() {
+        let protoc = protoc_bin_vendored::protoc_bin_path()
+            .map_err(|e| anyhow::anyhow!("vendored protoc unavailable: {e}"))?;
+        // SAFETY: single-threaded at this point; set before any thread or child.
+        unsafe_free_set_env("PROTOC", &protoc);
+    }
+    Ok(())
+}
+
+/// `env::set_var` is `unsafe` in edition 2024 and the workspace forbids
+/// unsafe code, so children get the variable through `Command::env` instead:
+/// remember it here.
+fn unsafe_free_set_env(key: &str, value: &Path) {
+    EXTRA_ENV.with(|e| e.borrow_mut().push((key.to_owned(), value.display().to_string())));
+}
+
+thread_local! {
+    static EXTRA_ENV: std::cell::RefCell<Vec<(String, String)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A `cargo` command carrying the xtask environment (PROTOC).
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    EXTRA_ENV.with(|e| {
+        for (k, v) in e.borrow().iter() {
+            cmd.env(k, v);
+        }
+    });
+    cmd
+}
+
+fn apply_env(cmd: &mut Command, started: &[Started]) {
+    for (k, v) in started.iter().flat_map(|s| s.env.iter()) {
+        cmd.env(k, v);
+    }
+}
+
+fn step(name: &str, cmd: &mut Command) -> Result<()> {
+    println!("xtask: {name}");
+    let status = cmd.status().with_context(|| format!("running {name}"))?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    Ok(())
+}
+
+fn lint() -> Result<()> {
+    step("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "cargo clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    ensure_cargo_deny()?;
+    step(
+        "cargo deny",
+        cargo().args(["deny", "--all-features", "check", "licenses", "bans", "sources"]),
+    )?;
+    step(
+        "cargo doc",
+        cargo()
+            .args(["doc", "--no-deps", "--workspace", "--all-features"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )
+}
+
+/// Installs cargo-deny from crates.io if this machine lacks it.
+fn ensure_cargo_deny() -> Result<()> {
+    let present = cargo()
+        .args(["deny", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !present {
+        step(
+            "cargo install cargo-deny",
+            cargo().args(["install", "--locked", "cargo-deny"]),
+        )?;
+    }
+    Ok(())
+}
+
+fn start_servers(ctx: &Ctx, only: &[String]) -> Result<Vec<Started>> {
+    let mut all = Vec::new();
+    for (name, start) in servers::ALL {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            continue;
+        }
+        println!("xtask: starting {name}");
+        let started = start(ctx).with_context(|| format!("starting {name}"))?;
+        for (k, v) in &started.env {
+            println!("xtask:   {k}={v}");
+        }
+        all.push(started);
+    }
+    Ok(all)
+}
+
+fn bench(ctx: &Ctx, backends: &[String]) -> Result<()> {
+    const ALL: &[(&str, Option<&str>)] = &[
+        ("redb", None),
+        ("etcd", Some("etcd")),
+        ("zookeeper", Some("zookeeper")),
+        ("consul", Some("consul")),
+    ];
+    for (backend, server) in ALL {
+        if !backends.is_empty() && !backends.iter().any(|b| b == backend) {
+            continue;
+        }
+        let started = match server {
+            Some(s) => start_servers(ctx, &[s.to_string()])?,
+            None => Vec::new(),
+        };
+        let mut cmd = cargo();
+        cmd.args([
+            "bench",
+            "-p",
+            &format!("anykv-{backend}"),
+            "--bench",
+            "raw_vs_anykv",
+        ]);
+        apply_env(&mut cmd, &started);
+        step(&format!("bench {backend}"), &mut cmd)?;
+    }
+    Ok(())
+}

@@ -116,6 +116,10 @@ struct KvInner {
     cfg: LayerConfig,
     liveness: Arc<LivenessMonitor>,
     prober: Mutex<Option<JoinHandle<()>>>,
+    /// Set by `close()`: ends this handle's watch streams.
+    closed: tokio::sync::watch::Sender<bool>,
+    /// Scoped views share the driver and must not close it.
+    owns_driver: bool,
 }
 
 impl Drop for KvInner {
@@ -148,6 +152,8 @@ impl Kv {
                 driver,
                 cfg,
                 prober: Mutex::new(None),
+                closed: tokio::sync::watch::Sender::new(false),
+                owns_driver: true,
             }),
         };
         if let Some(every) = kv.inner.cfg.probe_interval {
@@ -171,7 +177,9 @@ impl Kv {
         &self.inner.cfg
     }
 
-    /// The same driver and liveness monitor, scoped to a sub-namespace.
+    /// A view of the same driver scoped to a sub-namespace, with its own
+    /// liveness monitor. Closing the view ends its watches but leaves the
+    /// driver open for the other handles.
     pub fn scoped(&self, sub: &Prefix) -> Kv {
         let mut cfg = self.inner.cfg.clone();
         cfg.namespace = cfg.namespace.join_prefix(sub);
@@ -181,9 +189,11 @@ impl Kv {
                 driver: self.inner.driver.clone(),
                 backend: self.inner.backend,
                 caps: self.inner.caps.clone(),
+                liveness: Arc::new(LivenessMonitor::new(cfg.liveness_interval)),
                 cfg,
-                liveness: self.inner.liveness.clone(),
                 prober: Mutex::new(None),
+                closed: tokio::sync::watch::Sender::new(false),
+                owns_driver: false,
             }),
         }
     }
@@ -347,24 +357,70 @@ impl Kv {
         .await
     }
 
+    /// Maps a driver's stream to the caller's keys, feeds stream errors to
+    /// the liveness monitor, ends with `Err(Cancelled)` when this handle is
+    /// closed, and turns a driver stream that ends on its own (which the
+    /// contract forbids for watches) into a final `Err(Unavailable)`.
     fn outer_stream<T: Send + 'static>(
         &self,
         stream: futures::stream::BoxStream<'static, Result<T>>,
+        endless: bool,
         map: impl Fn(&Kv, T) -> Option<T> + Send + Sync + 'static,
     ) -> futures::stream::BoxStream<'static, Result<T>> {
-        let kv = self.clone();
-        stream
-            .filter_map(move |item| {
-                let out = match item {
-                    Ok(v) => map(&kv, v).map(Ok),
-                    Err(e) => {
-                        kv.inner.liveness.set(!e.indicates_unreachable());
-                        Some(Err(kv.error_to_outer(e)))
-                    }
+        struct St<T> {
+            kv: Kv,
+            inner: futures::stream::BoxStream<'static, Result<T>>,
+            closed: tokio::sync::watch::Receiver<bool>,
+            done: bool,
+        }
+        let st = St {
+            kv: self.clone(),
+            inner: stream,
+            closed: self.inner.closed.subscribe(),
+            done: false,
+        };
+        futures::stream::unfold((st, map), move |(mut st, map)| async move {
+            if st.done {
+                return None;
+            }
+            loop {
+                let item = tokio::select! {
+                    biased;
+                    _ = st.closed.wait_for(|c| *c) => None,
+                    item = st.inner.next() => Some(item),
                 };
-                futures::future::ready(out)
-            })
-            .boxed()
+                let Some(item) = item else {
+                    st.done = true;
+                    let e = Error::Cancelled {
+                        backend: st.kv.inner.backend,
+                        message: "store handle closed".into(),
+                    };
+                    return Some((Err(e), (st, map)));
+                };
+                match item {
+                    Some(Ok(v)) => {
+                        if let Some(v) = map(&st.kv, v) {
+                            return Some((Ok(v), (st, map)));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        st.kv.inner.liveness.set(!e.indicates_unreachable());
+                        return Some((Err(st.kv.error_to_outer(e)), (st, map)));
+                    }
+                    None if endless => {
+                        st.done = true;
+                        let e = Error::Unavailable {
+                            backend: st.kv.inner.backend,
+                            message: "watch stream ended unexpectedly".into(),
+                            source: None,
+                        };
+                        return Some((Err(e), (st, map)));
+                    }
+                    None => return None,
+                }
+            }
+        })
+        .boxed()
     }
 }
 
@@ -489,7 +545,7 @@ impl Store for Kv {
                 self.inner.driver.watch(inner_target.clone(), start)
             })
             .await?;
-        Ok(self.outer_stream(stream, |kv, ev| match ev {
+        Ok(self.outer_stream(stream, true, |kv, ev| match ev {
             Event::Put { kv: pair, prev } => Some(Event::Put {
                 kv: kv.pair_to_outer(pair)?,
                 prev: prev.and_then(|p| kv.pair_to_outer(p)),
@@ -619,7 +675,7 @@ impl Store for Kv {
                 self.inner.driver.export(&p)
             })
             .await?;
-        Ok(self.outer_stream(stream, |kv, pair| kv.pair_to_outer(pair)))
+        Ok(self.outer_stream(stream, false, |kv, pair| kv.pair_to_outer(pair)))
     }
 
     async fn import(&self, pairs: PairStream) -> Result<u64> {
@@ -652,17 +708,20 @@ impl Store for Kv {
             .await
     }
 
+    /// Ends this handle's watch streams (each yields `Err(Cancelled)`), stops
+    /// the prober and, unless this is a [`scoped`](Kv::scoped) view, closes
+    /// the driver.
     async fn close(&self) -> Result<()> {
-        if let Some(h) = self
-            .inner
-            .prober
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        self.inner.closed.send_replace(true);
+        let prober = self.inner.prober.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = prober {
             h.abort();
         }
-        self.inner.driver.close().await
+        if self.inner.owns_driver {
+            self.inner.driver.close().await
+        } else {
+            Ok(())
+        }
     }
 }
 
