@@ -713,7 +713,12 @@ impl Store for Kv {
     /// the driver.
     async fn close(&self) -> Result<()> {
         self.inner.closed.send_replace(true);
-        let prober = self.inner.prober.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let prober = self
+            .inner
+            .prober
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(h) = prober {
             h.abort();
         }

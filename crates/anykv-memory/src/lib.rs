@@ -32,9 +32,9 @@ use std::{
 };
 
 use anykv_core::{
-    Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo, LockOptions, Op, Prefix,
-    PutOptions, Result, Revision, Start, Store, Target, Version, WatchStream, async_trait, registry::Driver,
-    store::condition,
+    Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo, LockOptions,
+    Op, Prefix, PutOptions, Result, Revision, Start, Store, Target, Version, WatchStream,
+    async_trait, registry::Driver, store::condition,
 };
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -50,7 +50,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(50);
 /// Events kept for watches from a past revision, unless `?history=` says otherwise.
 pub const DEFAULT_HISTORY: usize = 10_000;
 
-const CAPS: Capabilities = Capabilities::full(MAX_VALUE_SIZE).with_ttl(Some(Duration::from_millis(100)));
+const CAPS: Capabilities =
+    Capabilities::full(MAX_VALUE_SIZE).with_ttl(Some(Duration::from_millis(100)));
 
 anykv_core::inventory::submit! {
     Driver {
@@ -104,7 +105,9 @@ impl MemoryStore {
 
     /// Opens from a URL's config (`memory://` or `memory://NAME`).
     pub fn open(config: &Config) -> Result<Arc<MemoryStore>> {
-        let history = config.parse_param::<usize>("history")?.unwrap_or(DEFAULT_HISTORY);
+        let history = config
+            .parse_param::<usize>("history")?
+            .unwrap_or(DEFAULT_HISTORY);
         let name = config.hosts.join(",");
         if name.is_empty() {
             return Ok(Self::new(history));
@@ -199,11 +202,13 @@ impl Store for MemoryStore {
         let acquire = lock::acquire(&self.shared, key, &opts);
         match opts.wait {
             None => Ok(acquire.await),
-            Some(wait) => tokio::time::timeout(wait, acquire).await.map_err(|_| Error::Timeout {
-                backend: BACKEND,
-                operation: "lock",
-                after: wait,
-            }),
+            Some(wait) => tokio::time::timeout(wait, acquire)
+                .await
+                .map_err(|_| Error::Timeout {
+                    backend: BACKEND,
+                    operation: "lock",
+                    after: wait,
+                }),
         }
     }
 

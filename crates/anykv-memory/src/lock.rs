@@ -3,7 +3,10 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use anykv_core::{Key, LockGuard, LockInfo, LockOptions, LockRelease, LostNotifier, Result, async_trait, lost_pair};
+use anykv_core::{
+    Key, LockGuard, LockInfo, LockOptions, LockRelease, LostNotifier, Result, async_trait,
+    lost_pair,
+};
 use tokio::sync::Notify;
 
 use crate::Shared;
@@ -34,7 +37,11 @@ impl Locks {
     }
 }
 
-pub(crate) fn try_acquire(shared: &Arc<Shared>, key: &Key, opts: &LockOptions) -> Option<LockGuard> {
+pub(crate) fn try_acquire(
+    shared: &Arc<Shared>,
+    key: &Key,
+    opts: &LockOptions,
+) -> Option<LockGuard> {
     let mut locks = shared.locks();
     if locks.held.contains_key(key) {
         return None;
@@ -55,7 +62,12 @@ pub(crate) fn try_acquire(shared: &Arc<Shared>, key: &Key, opts: &LockOptions) -
         key: key.clone(),
         token,
     };
-    Some(LockGuard::new(key.clone(), token, signal, Box::new(release)))
+    Some(LockGuard::new(
+        key.clone(),
+        token,
+        signal,
+        Box::new(release),
+    ))
 }
 
 pub(crate) async fn acquire(shared: &Arc<Shared>, key: &Key, opts: &LockOptions) -> LockGuard {
@@ -80,7 +92,11 @@ struct Release {
 impl Release {
     fn now(&self) {
         let mut locks = self.shared.locks();
-        if locks.held.get(&self.key).is_some_and(|h| h.token == self.token) {
+        if locks
+            .held
+            .get(&self.key)
+            .is_some_and(|h| h.token == self.token)
+        {
             locks.held.remove(&self.key);
         }
         drop(locks);

@@ -95,7 +95,10 @@ impl State {
         let dir = prefix.dir();
         // Keys sort by bytes, so everything below `dir` is one contiguous run.
         self.data
-            .range::<str, _>((std::ops::Bound::Included(dir.as_str()), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Included(dir.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(move |(k, _)| k.as_str().starts_with(&dir))
     }
 
@@ -175,7 +178,12 @@ impl State {
         if rev < self.compacted {
             return Err(self.compacted_error(rev));
         }
-        Ok(self.log.iter().filter(|(_, e)| e.revision() > rev).cloned().collect())
+        Ok(self
+            .log
+            .iter()
+            .filter(|(_, e)| e.revision() > rev)
+            .cloned()
+            .collect())
     }
 
     /// Logged events after sequence number `seq` (a watcher that fell behind
