@@ -733,6 +733,11 @@ impl Store for Kv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use crate::ErrorKind;
+
+    use futures::StreamExt;
 
     #[test]
     fn backoff_doubles_and_caps() {
@@ -740,5 +745,216 @@ mod tests {
         assert_eq!(p.backoff(1), Duration::from_millis(50));
         assert_eq!(p.backoff(2), Duration::from_millis(100));
         assert_eq!(p.backoff(30), Duration::from_secs(1));
+    }
+
+    /// How the fake answers: `hang` attempts hang, then `fail` attempts are
+    /// Unavailable, then it succeeds.
+    #[derive(Default)]
+    struct Fake {
+        hang: AtomicU32,
+        fail: AtomicU32,
+        calls: AtomicU32,
+        caps: Option<Capabilities>,
+    }
+
+    impl Fake {
+        async fn answer(&self) -> Result<()> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.hang.load(Ordering::SeqCst) > 0 {
+                self.hang.fetch_sub(1, Ordering::SeqCst);
+                futures::future::pending::<()>().await;
+            }
+            if self.fail.load(Ordering::SeqCst) > 0 {
+                self.fail.fetch_sub(1, Ordering::SeqCst);
+                return Err(Error::unavailable("fake", "down", "connection refused"));
+            }
+            Ok(())
+        }
+    }
+
+    const FAKE_CAPS: Capabilities = Capabilities::full(8)
+        .with_ttl(None)
+        .with_locks(false, false);
+
+    #[async_trait]
+    impl Store for Fake {
+        fn backend(&self) -> &'static str {
+            "fake"
+        }
+        fn capabilities(&self) -> &Capabilities {
+            self.caps.as_ref().unwrap_or(&FAKE_CAPS)
+        }
+        async fn get(&self, _: &Key) -> Result<Option<KvPair>> {
+            self.answer().await.map(|()| None)
+        }
+        async fn put(&self, _: &Key, _: Bytes, _: PutOptions) -> Result<Version> {
+            self.answer().await.map(|()| Version::new(1))
+        }
+        async fn delete(&self, _: &Key, _: Condition) -> Result<bool> {
+            self.answer().await.map(|()| false)
+        }
+        async fn list(&self, _: &Prefix) -> Result<Vec<KvPair>> {
+            self.answer().await.map(|()| Vec::new())
+        }
+        async fn delete_prefix(&self, _: &Prefix) -> Result<u64> {
+            self.answer().await.map(|()| 0)
+        }
+        async fn probe(&self) -> Result<()> {
+            self.answer().await
+        }
+    }
+
+    fn layered(fake: Arc<Fake>) -> Kv {
+        let cfg = LayerConfig {
+            timeout: Duration::from_secs(1),
+            ..LayerConfig::default()
+        };
+        Kv::new(fake, cfg)
+    }
+
+    fn k() -> Key {
+        Key::new("k").unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_applies_to_each_attempt_inside_retry() {
+        let fake = Arc::new(Fake::default());
+        fake.hang.store(2, Ordering::SeqCst);
+        let kv = layered(fake.clone());
+        let started = Instant::now();
+        assert_eq!(kv.get(&k()).await.unwrap(), None, "third attempt succeeds");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 3);
+        // Two 1 s attempt timeouts plus 50 ms + 100 ms of backoff.
+        assert_eq!(started.elapsed(), Duration::from_millis(2150));
+        assert!(kv.liveness().is_alive());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_give_up_with_the_last_error() {
+        let fake = Arc::new(Fake::default());
+        fake.fail.store(10, Ordering::SeqCst);
+        let kv = layered(fake.clone());
+        let e = kv.get(&k()).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 3, "max_attempts");
+        assert!(!kv.liveness().is_alive());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_idempotent_writes_are_not_retried() {
+        let fake = Arc::new(Fake::default());
+        fake.fail.store(10, Ordering::SeqCst);
+        let kv = layered(fake.clone());
+        let e = kv
+            .put(&k(), "v".into(), PutOptions::if_absent())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            fake.calls.load(Ordering::SeqCst),
+            1,
+            "a conditional put is tried once"
+        );
+        kv.delete(&k(), Condition::Always).await.unwrap_err();
+        assert_eq!(
+            fake.calls.load(Ordering::SeqCst),
+            2,
+            "a delete is tried once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probe_is_bounded_by_the_timeout() {
+        let fake = Arc::new(Fake::default());
+        fake.hang.store(1, Ordering::SeqCst);
+        let kv = layered(fake.clone());
+        let started = Instant::now();
+        let e = kv.probe().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(1),
+            "probe is not retried"
+        );
+        assert!(!kv.liveness().is_alive());
+        kv.probe().await.unwrap();
+        assert!(kv.liveness().is_alive());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn background_prober_moves_liveness_without_traffic() {
+        let fake = Arc::new(Fake::default());
+        let cfg = LayerConfig {
+            timeout: Duration::from_secs(1),
+            probe_interval: Some(Duration::from_secs(5)),
+            ..LayerConfig::default()
+        };
+        let kv = Kv::new(fake.clone(), cfg);
+        let mut states = kv.liveness().subscribe();
+        assert_eq!(states.next().await, Some(false));
+        assert_eq!(
+            states.next().await,
+            Some(true),
+            "first probe makes it alive"
+        );
+        fake.fail.store(1, Ordering::SeqCst);
+        assert_eq!(
+            states.next().await,
+            Some(false),
+            "a failed probe makes it not alive"
+        );
+        assert_eq!(
+            states.next().await,
+            Some(true),
+            "and the next one alive again"
+        );
+        kv.close().await.unwrap();
+        let calls = fake.calls.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(
+            fake.calls.load(Ordering::SeqCst),
+            calls,
+            "close stops the prober"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejected_arguments_never_reach_the_driver_nor_liveness() {
+        let fake = Arc::new(Fake::default());
+        let kv = layered(fake.clone());
+        let ttl = PutOptions::default().with_ttl(Duration::from_secs(1));
+        assert_eq!(
+            kv.put(&k(), "v".into(), ttl).await.unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+        let big = Bytes::from(vec![0u8; 9]);
+        assert_eq!(
+            kv.put(&k(), big, PutOptions::default())
+                .await
+                .unwrap_err()
+                .kind(),
+            ErrorKind::ValueTooLarge
+        );
+        let lock = kv.lock(&k(), LockOptions::default()).await.unwrap_err();
+        assert_eq!(lock.kind(), ErrorKind::Unsupported);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
+        let mut states = kv.liveness().subscribe();
+        assert_eq!(states.next().await, Some(false), "liveness untouched");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_liveness_subscriber_never_slows_operations() {
+        let fake = Arc::new(Fake::default());
+        let kv = layered(fake.clone());
+        let _never_polled = kv.liveness().subscribe();
+        let started = Instant::now();
+        for _ in 0..1000 {
+            kv.get(&k()).await.unwrap();
+        }
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no operation waited on the subscriber"
+        );
     }
 }

@@ -125,9 +125,10 @@ impl Ctx {
                 .arg("Debug::NoLocking=1")
                 .arg("-q");
         };
-        let has_lists = fs::read_dir(&lists)?
-            .filter_map(|e| e.ok())
-            .any(|e| e.file_name().to_string_lossy().ends_with("Packages") || e.file_name().to_string_lossy().contains("Packages"));
+        let has_lists = fs::read_dir(&lists)?.filter_map(|e| e.ok()).any(|e| {
+            e.file_name().to_string_lossy().ends_with("Packages")
+                || e.file_name().to_string_lossy().contains("Packages")
+        });
         if !has_lists {
             let mut update = Command::new("apt-get");
             apt_opts(&mut update);
@@ -196,22 +197,21 @@ fn mirror_uri() -> Result<String> {
     let deb822 = Path::new("/etc/apt/sources.list.d/debian.sources");
     if let Ok(text) = fs::read_to_string(deb822) {
         for line in text.lines() {
-            if let Some(u) = line.strip_prefix("URIs:") {
-                if let Some(u) = u.split_whitespace().find(|u| !u.contains("security")) {
-                    return Ok(u.to_owned());
-                }
+            if let Some(u) = line.strip_prefix("URIs:")
+                && let Some(u) = u.split_whitespace().find(|u| !u.contains("security"))
+            {
+                return Ok(u.to_owned());
             }
         }
     }
     let legacy = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
     for line in legacy.lines() {
         let mut parts = line.split_whitespace().filter(|p| !p.starts_with('['));
-        if parts.next() == Some("deb") {
-            if let Some(u) = parts.next() {
-                if !u.contains("security") {
-                    return Ok(u.to_owned());
-                }
-            }
+        if parts.next() == Some("deb")
+            && let Some(u) = parts.next()
+            && !u.contains("security")
+        {
+            return Ok(u.to_owned());
         }
     }
     bail!("no Debian mirror found in the machine's apt sources")
