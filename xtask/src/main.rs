@@ -104,7 +104,11 @@ fn real_main() -> Result<()> {
             // Wait for stdin EOF or the process being interrupted.
             std::thread::spawn(move || {
                 let mut s = String::new();
-                while std::io::stdin().read_line(&mut s).map(|n| n > 0).unwrap_or(false) {}
+                while std::io::stdin()
+                    .read_line(&mut s)
+                    .map(|n| n > 0)
+                    .unwrap_or(false)
+                {}
                 let _ = tx.send(());
             });
             let _ = rx.recv();
@@ -127,8 +131,7 @@ fn set_protoc() -> Result<()> {
     if env::var_os("PROTOC").is_none() {
         let protoc = protoc_bin_vendored::protoc_bin_path()
             .map_err(|e| anyhow::anyhow!("vendored protoc unavailable: {e}"))?;
-        // SAFETY: single-threaded at this point; set before any thread or child.
-        unsafe_free_set_env("PROTOC", &protoc);
+        child_env("PROTOC", &protoc);
     }
     Ok(())
 }
@@ -136,8 +139,11 @@ fn set_protoc() -> Result<()> {
 /// `env::set_var` is `unsafe` in edition 2024 and the workspace forbids
 /// unsafe code, so children get the variable through `Command::env` instead:
 /// remember it here.
-fn unsafe_free_set_env(key: &str, value: &Path) {
-    EXTRA_ENV.with(|e| e.borrow_mut().push((key.to_owned(), value.display().to_string())));
+fn child_env(key: &str, value: &Path) {
+    EXTRA_ENV.with(|e| {
+        e.borrow_mut()
+            .push((key.to_owned(), value.display().to_string()))
+    });
 }
 
 thread_local! {
@@ -171,7 +177,10 @@ fn step(name: &str, cmd: &mut Command) -> Result<()> {
 }
 
 fn lint() -> Result<()> {
-    step("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
     step(
         "cargo clippy",
         cargo().args([
@@ -187,7 +196,14 @@ fn lint() -> Result<()> {
     ensure_cargo_deny()?;
     step(
         "cargo deny",
-        cargo().args(["deny", "--all-features", "check", "licenses", "bans", "sources"]),
+        cargo().args([
+            "deny",
+            "--all-features",
+            "check",
+            "licenses",
+            "bans",
+            "sources",
+        ]),
     )?;
     step(
         "cargo doc",
