@@ -1,0 +1,275 @@
+//! Watches that survive a lost connection without gap or duplicate.
+//!
+//! A background task owns the etcd watch stream and forwards events into a
+//! bounded channel; the [`WatchStream`] handed out reads that channel. The
+//! task remembers the last revision it delivered completely (or that a
+//! progress notification vouched for) and, when the stream breaks (member
+//! killed, connection reset, leader lost), opens a new watch from that
+//! revision + 1 — on any member, through the balanced channel. Events at or
+//! below the remembered revision are dropped, so a replay never duplicates.
+//! etcd keeps history until it is compacted: if the revision to resume from
+//! is gone, the stream yields [`Error::Compacted`] and ends
+//! (`WatchHistory::Full`: there is no silent gap).
+//!
+//! Dropping the stream closes the channel; the task sees it at once (even
+//! with no traffic), drops the gRPC stream, and the server cancels its watcher.
+
+use std::time::Duration;
+
+use anykv_core::{Error, Event, Result, Start, Target, WatchStream};
+use etcd_client::{WatchClient, WatchOptions, WatchResponse, WatchStream as EtcdWatchStream};
+use futures::StreamExt;
+use tokio::{sync::mpsc, time::Instant};
+
+use crate::{
+    conn::Conn,
+    error::{self, BACKEND, Ctx},
+    range::{Range, key_of, pair, rev},
+};
+
+/// Events buffered between the task and a slow consumer; when full the task
+/// waits, and etcd buffers on its side.
+const CHANNEL: usize = 256;
+
+/// etcd's event type numbers (mvccpb.Event.EventType).
+const PUT: i32 = 0;
+const DELETE: i32 = 1;
+
+struct Watcher {
+    client: WatchClient,
+    range: Range,
+    timeout: Duration,
+}
+
+/// Starts a watch. Returns once etcd has confirmed it, so any write made
+/// after this returns is seen (for `Start::Now`).
+pub(crate) async fn watch(conn: &Conn, target: Target, start: Start) -> Result<WatchStream> {
+    let clients = conn.clients().await?;
+    let mut w = Watcher {
+        client: clients.watch.clone(),
+        range: Range::of_target(&target),
+        timeout: conn.timeout(),
+    };
+    let (stream, last) = match start {
+        // The watch starts after the revision current at its creation.
+        Start::Now => w.open(None).await?,
+        Start::After(r) => (w.open(Some(r.saturating_add(1))).await?.0, r),
+    };
+    let (tx, rx) = mpsc::channel(CHANNEL);
+    tokio::spawn(w.run(stream, last, tx));
+    Ok(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .boxed())
+}
+
+impl Watcher {
+    /// Opens a watch from `from` (`None`: now) and waits for etcd to confirm
+    /// it. Returns the stream and the revision it was created at.
+    async fn open(&mut self, from: Option<u64>) -> Result<(EtcdWatchStream, u64)> {
+        let ctx = Ctx::new("watch", None, self.timeout);
+        let mut opts = WatchOptions::new()
+            .with_prev_key()
+            // Empty responses that advance the resume point of a quiet watch,
+            // so that it does not resume from a compacted revision.
+            .with_progress_notify();
+        if !self.range.end.is_empty() {
+            opts = opts.with_range(self.range.end.clone());
+        }
+        if let Some(r) = from {
+            opts = opts.with_start_revision(i64::try_from(r).unwrap_or(i64::MAX));
+        }
+        let start = self.range.start.clone();
+        let client = &mut self.client;
+        let opening = async move {
+            let mut stream = client.watch(start, Some(opts)).await?;
+            let created = stream.message().await?;
+            Ok::<_, etcd_client::Error>((stream, created))
+        };
+        let (stream, created) = match tokio::time::timeout(self.timeout, opening).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(error::map(e, ctx)),
+            Err(_) => return Err(ctx.timeout_error()),
+        };
+        match created {
+            Some(resp) if resp.created() && !resp.canceled() => {
+                let at = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
+                Ok((stream, at))
+            }
+            Some(resp) => Err(cancel_error(&resp, from.unwrap_or(0))),
+            None => Err(Error::Unavailable {
+                backend: BACKEND,
+                message: "watch: stream closed before the watch was created".into(),
+                source: None,
+            }),
+        }
+    }
+
+    /// Forwards events until the consumer goes away or an error ends the watch.
+    async fn run(
+        mut self,
+        mut stream: EtcdWatchStream,
+        mut last: u64,
+        tx: mpsc::Sender<Result<Event>>,
+    ) {
+        // Events at or below `floor` were delivered before a re-open.
+        let mut floor = last;
+        loop {
+            let broken = loop {
+                let msg = tokio::select! {
+                    _ = tx.closed() => return,
+                    m = stream.message() => m,
+                };
+                let resp = match msg {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => {
+                        break Error::Unavailable {
+                            backend: BACKEND,
+                            message: "watch: stream closed by the server".into(),
+                            source: None,
+                        };
+                    }
+                    Err(e) => break error::map(e, Ctx::new("watch", None, self.timeout)),
+                };
+                if resp.canceled() {
+                    let e = cancel_error(&resp, last.saturating_add(1));
+                    if e.indicates_unreachable() {
+                        break e; // e.g. the member lost its leader: go elsewhere
+                    }
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                if resp.created() {
+                    continue;
+                }
+                match forward(resp, floor, &tx).await {
+                    Forwarded::Upto(r) => last = last.max(r),
+                    Forwarded::ConsumerGone => return,
+                }
+            };
+            tracing::debug!(error = %broken, last, "etcd watch broken; resuming");
+            drop(stream);
+            match self.reopen(last, &tx).await {
+                Some(s) => {
+                    stream = s;
+                    floor = last;
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Re-opens the watch from `last + 1`, retrying with backoff while the
+    /// cluster is unreachable. An outage longer than the timeout is reported
+    /// once as an `Unavailable` item (the stream goes on); an error that says
+    /// the watch cannot work (permissions, auth) ends it.
+    async fn reopen(
+        &mut self,
+        last: u64,
+        tx: &mpsc::Sender<Result<Event>>,
+    ) -> Option<EtcdWatchStream> {
+        let since = Instant::now();
+        let mut reported = false;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match self.open(Some(last.saturating_add(1))).await {
+                Ok((s, _)) => return Some(s),
+                Err(e) if !e.indicates_unreachable() => {
+                    let _ = tx.send(Err(e)).await;
+                    return None;
+                }
+                Err(e) => {
+                    if !reported && since.elapsed() >= self.timeout {
+                        reported = true;
+                        if tx.send(Err(e)).await.is_err() {
+                            return None;
+                        }
+                    }
+                    tokio::select! {
+                        _ = tx.closed() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+enum Forwarded {
+    /// Every event up to this revision was delivered.
+    Upto(u64),
+    ConsumerGone,
+}
+
+/// Sends the events of one response (a whole number of revisions: etcd never
+/// splits a revision across responses without `fragment`).
+async fn forward(
+    mut resp: WatchResponse,
+    floor: u64,
+    tx: &mpsc::Sender<Result<Event>>,
+) -> Forwarded {
+    let header = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
+    let events = std::mem::take(&mut resp.0.events);
+    if events.is_empty() {
+        // A progress notification: every event up to `header` was sent.
+        return Forwarded::Upto(header);
+    }
+    let mut upto = 0;
+    for ev in events {
+        let Some(kv) = ev.kv else { continue };
+        let r = rev(kv.mod_revision);
+        upto = upto.max(r);
+        if r <= floor {
+            continue; // replayed after a re-open: already delivered
+        }
+        let event = match ev.r#type {
+            PUT => pair(kv, None).map(|kv| Event::Put {
+                kv,
+                prev: ev.prev_kv.and_then(|p| pair(p, None)),
+            }),
+            DELETE => key_of(&kv.key).map(|key| Event::Delete { key, revision: r }),
+            _ => None,
+        };
+        // Keys no anykv client could write (foreign tools) are skipped.
+        if let Some(event) = event
+            && tx.send(Ok(event)).await.is_err()
+        {
+            return Forwarded::ConsumerGone;
+        }
+    }
+    Forwarded::Upto(upto)
+}
+
+/// The error for a watch etcd cancelled.
+fn cancel_error(resp: &WatchResponse, asked: u64) -> Error {
+    if resp.compact_revision() > 0 {
+        return Error::Compacted {
+            backend: BACKEND,
+            revision: asked,
+            oldest: rev(resp.compact_revision()),
+        };
+    }
+    let reason = resp.cancel_reason();
+    let lower = reason.to_ascii_lowercase();
+    if lower.contains("permission denied") {
+        Error::PermissionDenied {
+            backend: BACKEND,
+            message: format!("watch: {reason}"),
+            source: None,
+        }
+    } else if lower.contains("auth") {
+        Error::Unauthenticated {
+            backend: BACKEND,
+            message: format!("watch: {reason}"),
+            source: None,
+        }
+    } else {
+        // "no leader", shutdown, or no reason: try again elsewhere.
+        Error::Unavailable {
+            backend: BACKEND,
+            message: format!("watch cancelled by the server: {reason}"),
+            source: None,
+        }
+    }
+}
