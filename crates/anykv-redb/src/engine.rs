@@ -1,0 +1,465 @@
+//! One open redb file: the database, its writer thread, the live event
+//! channel and the lock table, shared by every store handle on that file in
+//! this process.
+//!
+//! redb lets one process open a file at a time (a second open is
+//! `DatabaseAlreadyOpen`). Within a process, several `redb://same.redb` URLs
+//! (different `?prefix=` namespaces, say) share one engine instead of
+//! failing, so they also share locks and watches as they would on a server.
+//! Another process gets `Error::Unavailable` saying the file is in use.
+
+use std::{
+    collections::HashMap,
+    ops::Bound,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anykv_core::{Error, Event, Key, KvPair, Prefix, Result, Revision};
+use redb::{Database, ReadTransaction, ReadableDatabase, TableDefinition};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::{
+    codec,
+    error::{self, BACKEND, Failure},
+    lock::LockTable,
+    writer::{Cmd, WriteOp, WriteReq, Writer, WriterSettings, now_ms},
+};
+
+/// Key → record (see [`codec::encode_record`]).
+pub(crate) const KV: TableDefinition<'static, &'static str, &'static [u8]> =
+    TableDefinition::new("anykv_kv");
+/// (expiry in Unix ms, key) → (): the sweep's work list, in deadline order.
+pub(crate) const EXPIRY: TableDefinition<'static, (u64, &'static str), ()> =
+    TableDefinition::new("anykv_expiry");
+/// Revision → the events of that revision: the bounded watch history.
+pub(crate) const EVENTS: TableDefinition<'static, u64, &'static [u8]> =
+    TableDefinition::new("anykv_events");
+/// Counters: revision, compacted floor, format.
+pub(crate) const META: TableDefinition<'static, &'static str, u64> =
+    TableDefinition::new("anykv_meta");
+
+pub(crate) const META_REVISION: &str = "revision";
+pub(crate) const META_COMPACTED: &str = "compacted";
+pub(crate) const META_FORMAT: &str = "format";
+/// Bumped on any incompatible change of the layout above.
+pub(crate) const FORMAT: u64 = 1;
+
+/// The events of one committed transaction, in revision order.
+pub(crate) type Batch = Arc<Vec<Event>>;
+
+/// Live batches kept for slow watchers before they fall back to the log.
+const LIVE_CAPACITY: usize = 1024;
+
+/// The key range strictly below `prefix`: `[prefix/, prefix0)` (`'0'` is the
+/// byte after `'/'`), or everything for the root.
+pub(crate) fn prefix_range(prefix: &Prefix) -> (String, Option<String>) {
+    if prefix.is_root() {
+        (String::new(), None)
+    } else {
+        (prefix.dir(), Some(format!("{}0", prefix.as_str())))
+    }
+}
+
+/// Per-file options from the URL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Revisions of history kept for watches (`?history=`).
+    pub history: u64,
+    /// Longest delay between a TTL running out and the key's deletion being
+    /// committed and sent to watchers (`?sweep_interval=`). Reads treat an
+    /// expired key as absent at once.
+    pub sweep_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            history: 10_000,
+            sweep_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// One open file.
+pub(crate) struct Engine {
+    pub(crate) path: PathBuf,
+    pub(crate) settings: Settings,
+    db: RwLock<Option<Arc<Database>>>,
+    tx: mpsc::Sender<Cmd>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    committed: Arc<AtomicU64>,
+    events: Mutex<Option<broadcast::Sender<Batch>>>,
+    pub(crate) locks: LockTable,
+    handles: AtomicUsize,
+    closed: AtomicBool,
+}
+
+struct Registry {
+    open: HashMap<PathBuf, Weak<Engine>>,
+    /// Files this process closed recently: a read transaction still ending
+    /// on another thread may hold redb's file lock for a moment.
+    recently_closed: HashMap<PathBuf, Instant>,
+}
+
+fn registry() -> MutexGuard<'static, Registry> {
+    static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
+    REGISTRY
+        .get_or_init(|| {
+            Mutex::new(Registry {
+                open: HashMap::new(),
+                recently_closed: HashMap::new(),
+            })
+        })
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The absolute path of `location` with its directory resolved, so that
+/// two spellings of one file share one engine.
+pub(crate) fn resolve(location: &Path) -> std::io::Result<PathBuf> {
+    let abs = std::path::absolute(location)?;
+    if let Ok(real) = abs.canonicalize() {
+        return Ok(real);
+    }
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => Ok(dir.canonicalize()?.join(name)),
+        _ => Ok(abs),
+    }
+}
+
+impl Engine {
+    /// Opens (or joins) the engine of `path`, which must be resolved.
+    /// Blocking: run it on a blocking thread.
+    pub(crate) fn open(path: PathBuf, settings: Settings) -> Result<Arc<Engine>> {
+        let mut reg = registry();
+        if let Some(engine) = reg.open.get(&path).and_then(Weak::upgrade) {
+            if engine.settings != settings {
+                return Err(Error::InvalidArgument {
+                    backend: BACKEND,
+                    message: format!(
+                        "{} is already open in this process with history={} and sweep_interval={:?}",
+                        path.display(),
+                        engine.settings.history,
+                        engine.settings.sweep_interval
+                    ),
+                });
+            }
+            engine.handles.fetch_add(1, Ordering::SeqCst);
+            return Ok(engine);
+        }
+        let grace = reg
+            .recently_closed
+            .get(&path)
+            .map(|at| Duration::from_secs(2).saturating_sub(at.elapsed()))
+            .unwrap_or_default();
+        reg.recently_closed
+            .retain(|_, at| at.elapsed() < Duration::from_secs(2));
+        let engine = Arc::new(Engine::create(path.clone(), settings, grace)?);
+        reg.open.insert(path, Arc::downgrade(&engine));
+        Ok(engine)
+    }
+
+    fn create(path: PathBuf, settings: Settings, grace: Duration) -> Result<Engine> {
+        let context = format!("open {}", path.display());
+        let started = Instant::now();
+        let db = loop {
+            match Database::builder().create(&path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if started.elapsed() < grace => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(error::from(&context, e)),
+            }
+        };
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let (events, _) = broadcast::channel(LIVE_CAPACITY);
+        let committed = Arc::new(AtomicU64::new(0));
+        let handle = Writer::start(
+            db.clone(),
+            rx,
+            committed.clone(),
+            events.clone(),
+            WriterSettings {
+                history: settings.history,
+                sweep_interval: settings.sweep_interval,
+            },
+        )?;
+        Ok(Engine {
+            path,
+            settings,
+            db: RwLock::new(Some(db)),
+            tx,
+            writer: Mutex::new(Some(handle)),
+            committed,
+            events: Mutex::new(Some(events)),
+            locks: LockTable::default(),
+            handles: AtomicUsize::new(1),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Gives up one store handle; the last one shuts the engine down.
+    /// Blocking (joins the writer thread).
+    pub(crate) fn release_handle(self: &Arc<Self>) {
+        let last = {
+            let mut reg = registry();
+            let last = self.handles.fetch_sub(1, Ordering::SeqCst) == 1;
+            if last {
+                let ours = reg
+                    .open
+                    .get(&self.path)
+                    .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(self)));
+                if ours {
+                    reg.open.remove(&self.path);
+                }
+                reg.recently_closed
+                    .insert(self.path.clone(), Instant::now());
+            }
+            last
+        };
+        if last {
+            self.shutdown();
+        }
+    }
+
+    /// Finishes queued writes, stops the writer, closes the file, ends
+    /// watches (with an error item) and marks held locks lost.
+    fn shutdown(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let _ = self.tx.send(Cmd::Shutdown);
+        if let Some(h) = lock(&self.writer).take()
+            && h.join().is_err()
+        {
+            tracing::error!(path = %self.path.display(), "redb writer thread panicked");
+        }
+        lock(&self.events).take();
+        self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.locks.clear();
+    }
+
+    /// True once the engine is shut down.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// The last committed revision.
+    pub(crate) fn committed(&self) -> Revision {
+        self.committed.load(Ordering::SeqCst)
+    }
+
+    // ---- writes ---------------------------------------------------------------
+
+    /// Queues a write and waits until it is durable.
+    pub(crate) async fn write(&self, op: WriteOp) -> Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Write(WriteReq {
+                op,
+                reply: Some(reply),
+            }))
+            .map_err(|_| error::closed())?;
+        rx.await.map_err(|_| error::closed())?
+    }
+
+    /// Queues a write without waiting for it (lock release from `Drop`).
+    pub(crate) fn write_detached(&self, op: WriteOp) {
+        let _ = self.tx.send(Cmd::Write(WriteReq { op, reply: None }));
+    }
+
+    // ---- reads ----------------------------------------------------------------
+
+    /// A read transaction on the latest committed state.
+    pub(crate) fn read_txn(&self) -> Result<ReadTransaction> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let db = guard.as_ref().ok_or_else(error::closed)?;
+        db.begin_read()
+            .map_err(|e| error::from("begin a read transaction", e))
+    }
+
+    /// Reads one key. Cheap enough (a B-tree lookup in redb's cache) to run
+    /// on the async thread: see the crate docs for the measurement.
+    pub(crate) fn get(&self, key: &Key) -> Result<Option<KvPair>> {
+        let txn = self.read_txn()?;
+        let table = txn
+            .open_table(KV)
+            .map_err(|e| error::from("open table", e))?;
+        let Some(raw) = table
+            .get(key.as_str())
+            .map_err(|e| error::from("read", e))?
+        else {
+            return Ok(None);
+        };
+        let rec = codec::decode_record(raw.value()).map_err(error::corrupt)?;
+        if rec.expired(now_ms()) {
+            return Ok(None);
+        }
+        Ok(Some(rec.into_pair(key.clone())))
+    }
+
+    /// Whether a key exists, without copying its value.
+    pub(crate) fn exists(&self, key: &Key) -> Result<bool> {
+        let txn = self.read_txn()?;
+        let table = txn
+            .open_table(KV)
+            .map_err(|e| error::from("open table", e))?;
+        let Some(raw) = table
+            .get(key.as_str())
+            .map_err(|e| error::from("read", e))?
+        else {
+            return Ok(false);
+        };
+        let (_, _, expires) = codec::record_header(raw.value()).map_err(error::corrupt)?;
+        Ok(expires == 0 || expires > now_ms())
+    }
+
+    /// Visits every live pair strictly below `prefix` in key order, in one
+    /// snapshot, until `visit` returns false. Blocking.
+    pub(crate) fn scan(
+        &self,
+        prefix: &Prefix,
+        mut visit: impl FnMut(Key, codec::Record) -> bool,
+    ) -> Result<()> {
+        let mut run = || -> Result<(), Failure> {
+            let txn = self.read_txn().map_err(Failure::Kv)?;
+            let table = txn.open_table(KV)?;
+            let now = now_ms();
+            let (lo, hi) = prefix_range(prefix);
+            let range = match &hi {
+                Some(hi) => table.range(lo.as_str()..hi.as_str())?,
+                None => table.range::<&str>(lo.as_str()..)?,
+            };
+            for item in range {
+                let (k, v) = item?;
+                let rec =
+                    codec::decode_record(v.value()).map_err(|c| Failure::Kv(error::corrupt(c)))?;
+                if rec.expired(now) {
+                    continue;
+                }
+                let Some(key) = Key::from_backend(k.value()) else {
+                    continue;
+                };
+                if !visit(key, rec) || self.is_closed() {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        run().map_err(|f| f.into_error("scan"))
+    }
+
+    /// The distinct names one level below `prefix`, without copying values.
+    /// Blocking.
+    pub(crate) fn child_names(&self, prefix: &Prefix) -> Result<Vec<String>> {
+        let run = || -> Result<Vec<String>, Failure> {
+            let txn = self.read_txn().map_err(Failure::Kv)?;
+            let table = txn.open_table(KV)?;
+            let now = now_ms();
+            let (lo, hi) = prefix_range(prefix);
+            let mut names: Vec<String> = Vec::new();
+            let mut next_lo = lo;
+            // Skips each child's subtree with one seek instead of visiting it.
+            loop {
+                let mut range = match &hi {
+                    Some(hi) => table.range(next_lo.as_str()..hi.as_str())?,
+                    None => table.range::<&str>(next_lo.as_str()..)?,
+                };
+                let mut advanced = false;
+                for item in range.by_ref() {
+                    let (k, v) = item?;
+                    let raw = k.value();
+                    let (_, _, expires) = codec::record_header(v.value())
+                        .map_err(|c| Failure::Kv(error::corrupt(c)))?;
+                    if (expires != 0 && expires <= now) || Key::from_backend(raw).is_none() {
+                        continue;
+                    }
+                    let Some(name) = prefix.child_name(raw) else {
+                        continue;
+                    };
+                    if names.last().map(String::as_str) != Some(name) {
+                        names.push(name.to_owned());
+                    }
+                    // Next candidate: past "<dir><name>/…" when inside the
+                    // child's subtree; right after the key itself when it is
+                    // exactly "<dir><name>" (keys like "<name>-x" sort
+                    // between it and its subtree).
+                    let dir = prefix.dir();
+                    next_lo = if raw.len() == dir.len() + name.len() {
+                        format!("{raw}\0")
+                    } else {
+                        format!("{dir}{name}0")
+                    };
+                    advanced = true;
+                    break;
+                }
+                if !advanced {
+                    break;
+                }
+            }
+            Ok(names)
+        };
+        run().map_err(|f| f.into_error("list names"))
+    }
+
+    /// Subscribes to live batches; `None` once closed.
+    pub(crate) fn subscribe(&self) -> Option<broadcast::Receiver<Batch>> {
+        lock(&self.events)
+            .as_ref()
+            .map(broadcast::Sender::subscribe)
+    }
+
+    /// Up to `max` logged revisions after `after`, with their events, from
+    /// one snapshot; `Error::Compacted` if `after` is older than the log.
+    /// Blocking.
+    pub(crate) fn replay(
+        &self,
+        after: Revision,
+        max: usize,
+    ) -> Result<Vec<(Revision, Vec<Event>)>> {
+        let run = || -> Result<Vec<(Revision, Vec<Event>)>, Failure> {
+            let txn = self.read_txn().map_err(Failure::Kv)?;
+            let meta = txn.open_table(META)?;
+            let compacted = meta.get(META_COMPACTED)?.map_or(0, |v| v.value());
+            if after < compacted {
+                return Err(Failure::Kv(Error::Compacted {
+                    backend: BACKEND,
+                    revision: after,
+                    oldest: compacted + 1,
+                }));
+            }
+            let events = txn.open_table(EVENTS)?;
+            let mut out = Vec::new();
+            for item in events.range((Bound::Excluded(after), Bound::Unbounded))? {
+                let (k, v) = item?;
+                let rev = k.value();
+                let evs = codec::decode_events(rev, v.value())
+                    .map_err(|c| Failure::Kv(error::corrupt(c)))?;
+                out.push((rev, evs));
+                if out.len() >= max {
+                    break;
+                }
+            }
+            Ok(out)
+        };
+        run().map_err(|f| f.into_error("read the event log"))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
