@@ -389,9 +389,7 @@ impl Engine {
                     let Some(name) = prefix.child_name(raw) else {
                         continue;
                     };
-                    if names.last().map(String::as_str) != Some(name) {
-                        names.push(name.to_owned());
-                    }
+                    names.push(name.to_owned());
                     // Next candidate: past "<dir><name>/…" when inside the
                     // child's subtree; right after the key itself when it is
                     // exactly "<dir><name>" (keys like "<name>-x" sort
@@ -409,6 +407,9 @@ impl Engine {
                     break;
                 }
             }
+            // Key order is not name order: "a", "a-x", "a/b" give a, a-x, a.
+            names.sort_unstable();
+            names.dedup();
             Ok(names)
         };
         run().map_err(|f| f.into_error("list names"))
