@@ -54,6 +54,11 @@ pub(crate) const FORMAT: u64 = 1;
 /// The events of one committed transaction, in revision order.
 pub(crate) type Batch = Arc<Vec<Event>>;
 
+/// How long an open waits for this process's own just-closed handle on the
+/// same file to let go of redb's lock (a read finishing on another thread).
+/// Another process holding the file is reported after at most this long.
+const REOPEN_GRACE: Duration = Duration::from_millis(500);
+
 /// Live batches kept for slow watchers before they fall back to the log.
 const LIVE_CAPACITY: usize = 1024;
 
@@ -161,10 +166,10 @@ impl Engine {
         let grace = reg
             .recently_closed
             .get(&path)
-            .map(|at| Duration::from_secs(2).saturating_sub(at.elapsed()))
+            .map(|at| REOPEN_GRACE.saturating_sub(at.elapsed()))
             .unwrap_or_default();
         reg.recently_closed
-            .retain(|_, at| at.elapsed() < Duration::from_secs(2));
+            .retain(|_, at| at.elapsed() < REOPEN_GRACE);
         let engine = Arc::new(Engine::create(path.clone(), settings, grace)?);
         reg.open.insert(path, Arc::downgrade(&engine));
         Ok(engine)

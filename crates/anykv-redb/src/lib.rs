@@ -224,6 +224,31 @@ impl Drop for RedbStore {
     }
 }
 
+/// Sends one exported item, waiting for room, but gives up when the consumer
+/// is gone or the store closes (so an unread export never pins the file).
+fn send_unless_closed(
+    rt: &tokio::runtime::Handle,
+    engine: &Engine,
+    tx: &tokio::sync::mpsc::Sender<Result<KvPair>>,
+    item: Result<KvPair>,
+) -> bool {
+    loop {
+        let sent = rt.block_on(tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            tx.reserve(),
+        ));
+        match sent {
+            Ok(Ok(permit)) => {
+                permit.send(item);
+                return true;
+            }
+            Ok(Err(_)) => return false,
+            Err(_) if engine.is_closed() => return false,
+            Err(_) => {} // still full: wait again
+        }
+    }
+}
+
 #[async_trait]
 impl Store for RedbStore {
     fn backend(&self) -> &'static str {
@@ -325,12 +350,13 @@ impl Store for RedbStore {
         let (tx, rx) = tokio::sync::mpsc::channel(EXPORT_BUFFER);
         // One read snapshot streamed by a blocking thread; the bounded channel
         // keeps memory flat and a dropped stream stops the thread.
+        let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let result = engine.scan(&prefix, |key, rec| {
-                tx.blocking_send(Ok(rec.into_pair(key))).is_ok()
+                send_unless_closed(&rt, &engine, &tx, Ok(rec.into_pair(key)))
             });
             if let Err(e) = result {
-                let _ = tx.blocking_send(Err(e));
+                send_unless_closed(&rt, &engine, &tx, Err(e));
             }
         });
         Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())

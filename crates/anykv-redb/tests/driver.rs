@@ -1,6 +1,8 @@
 //! redb-specific behaviour beyond the shared suite: persistence across
 //! restarts, history bounds, TTL sweeping, group commit, file ownership.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use anykv_core::{
