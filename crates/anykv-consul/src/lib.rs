@@ -1,1 +1,277 @@
-//! placeholder
+//! Consul KV driver for anykv.
+//!
+//! ```text
+//! consul://host:port/prefix?token=…&dc=…&consistency=consistent|default&timeout=5s
+//! consuls://host:port/prefix?…&ca_file=/path/ca.pem        (HTTPS)
+//! ```
+//!
+//! Options: `token` (ACL token, sent as `X-Consul-Token`, never shown in
+//! `Debug`, `Display`, logs or errors), `dc` (datacenter), `consistency`
+//! (mode of plain reads, `default` unless set), `lock_delay` (see Locks,
+//! default `0s`), `ca_file` (extra CA for `consuls://`) and the common
+//! options (`timeout`, `retries`, …). The driver talks to one agent
+//! (`host:port`, default port 8500, 8501 for `consuls`), which forwards to
+//! the servers.
+//!
+//! The driver is built on consulrs 0.1.0's request and response types,
+//! executed on one `reqwest` client; `/v1/txn` and `/v1/status/leader`, which
+//! consulrs lacks, go through that same client (see the `http` module for why
+//! consulrs' own executor is not used).
+//!
+//! # How the contract maps onto Consul
+//!
+//! - **Version** = the key's `ModifyIndex` (Consul's Raft index of the last
+//!   write). It changes on every write and a re-created key gets a new,
+//!   larger index, so versions are never reused. `create_revision` =
+//!   `CreateIndex`, `mod_revision` = `ModifyIndex`.
+//! - **Writes** go through `/v1/txn`, because Consul's plain `PUT` answers
+//!   only `true`/`false` and `put` must return the new version: `set` (plain),
+//!   `check-not-exists` + `set` (create-only), `get` + `set` (update-only),
+//!   `cas` with the index (compare-and-swap). Deletes are `get` + `delete`
+//!   (whether the key existed) and `check-index` + `delete` (compare-and-delete).
+//!   A failed condition is classified with a `consistent` read, so errors
+//!   are `AlreadyExists`, `NotFound` or `Conflict { actual }` as everywhere.
+//! - **Values** up to [`MAX_VALUE_SIZE`] (512 KiB, Consul's `kv_max_value_size`);
+//!   larger values are refused before any call. `/v1/txn` carries values
+//!   base64-encoded in a body limited to 512 KiB, so values too big for a
+//!   transaction (over ≈ 380 KiB) are written with a plain `PUT` (`?cas=`
+//!   for conditions, `?acquire=` for TTLs) and their version read back with
+//!   a `consistent` read; if another writer overwrote such a value in
+//!   between, `put` returns a version that matches no write (so a later CAS
+//!   on it fails) instead of the other writer's. Inside `atomic`, values
+//!   share the transaction's 512 KiB body: a bigger transaction is
+//!   `InvalidArgument`.
+//! - **list** reads `prefix/` with `?recurse` (directory semantics: never
+//!   `prefixx`); **keys** uses `?keys&separator=/`; **delete_prefix** is one
+//!   transaction `get-tree` + `delete-tree` on `prefix/` (so the count is
+//!   exact).
+//! - **TTL** = a session with `TTL`, `Behavior=delete`, `LockDelay=0s` and no
+//!   health checks, which acquires the key (`lock` verb): when the session
+//!   expires, Consul deletes the key. Consul's session TTLs are 10 s to 24 h
+//!   and a session is invalidated 2 × TTL after its last renewal, so the
+//!   driver gives a key with TTL `t` a session of `max(10 s, t/2)`: the key
+//!   disappears after `max(20 s, t)` (plus timer slack, and up to one more
+//!   2 × TTL after a leader change). Hence the declared granularity of
+//!   [`TTL_GRANULARITY`] = 20 s. TTLs above 48 h are `InvalidArgument`.
+//!   Re-putting a key with a TTL moves it to a new session in one transaction
+//!   (`unlock` old + `lock` new); a put without TTL detaches the key from its
+//!   session (`unlock`), so it stays. Sessions of deleted or overwritten keys
+//!   are destroyed in the background.
+//! - **Watch** = blocking queries (`?index=&wait=`) on the key, or on
+//!   `prefix/` with `?recurse`, diffed into `Put`/`Delete` events. Watchers
+//!   of the same key or prefix in one store share one blocking loop. The
+//!   index rules of Consul's documentation apply: an index that goes
+//!   backwards (tombstone reaping, snapshot restore) resets the loop and the
+//!   next answer is taken as a fresh baseline; an index is never below 1.
+//!   Consul keeps no event history, so `watch_history` is
+//!   [`Converge`](WatchHistory::Converge): `Start::After(r)` first emits the
+//!   keys in range whose `ModifyIndex > r` as puts (deletes before the watch
+//!   started are not replayed), then live events. A delete carries the
+//!   `X-Consul-Index` of the answer that showed it; if several writes land
+//!   between two answers, only the resulting state is seen (intermediate
+//!   values are skipped). After a lost connection the loop retries with
+//!   backoff, yields one `Unavailable` item, and converges when the agent is
+//!   back. `close()` ends every watch with `Cancelled`.
+//! - **Locks** = a session (`TTL = max(10 s, ttl/2)`, `Behavior=delete`,
+//!   `serfHealth` check, lock-delay from `?lock_delay=`) acquiring the lock
+//!   record `__anykv/locks/<namespace>/<key>` with the `lock` verb of
+//!   `/v1/txn`. The **fencing token** is the record's `ModifyIndex` at
+//!   acquisition (a Raft index, so strictly increasing across holders). The
+//!   guard renews the session every third of its TTL and blocks on the record;
+//!   `lost()` fires when the session is invalidated, the record stops naming
+//!   the session, or no renewal succeeded for one session TTL (before Consul
+//!   can give the lock to anyone else, which takes 2 × TTL). Release deletes
+//!   the record if still held (`check-session` + `delete`) and destroys the
+//!   session. Waiting uses blocking queries on the record. `lock_holder`
+//!   reads the record's `Session` field; the owner name is the record's value.
+//!   **Lock-delay** defaults to `0s`, unlike Consul's 15 s: Consul's delay
+//!   protects holders that cannot tell they lost a lock; anykv holders get
+//!   `lost()` and a fencing token instead, and a 15 s pause after every crash
+//!   would make `lock` slow for everyone. Set `?lock_delay=15s` to get
+//!   Consul's behaviour back (a lock then cannot be re-taken for that long
+//!   after its session is invalidated — not after a normal release).
+//! - **atomic** = one `/v1/txn`: `get` (exists), `check-not-exists` (absent),
+//!   `check-index` (version), and for a value check a `consistent` read whose
+//!   `ModifyIndex` becomes a `check-index`; writes are `set` and `delete`. At
+//!   most 64 operations (Consul's limit), declared as `max_atomic_ops`. The
+//!   revision returned is the commit's index (for a transaction that only
+//!   deletes, the KV index read right after it).
+//! - **Reads that feed a decision** (condition classification, lock state,
+//!   watch baselines, value checks) use `?consistent`; plain reads use the
+//!   `consistency` option.
+//! - **Errors**: connect/IO errors and 5xx/429 → `Unavailable`, our own
+//!   deadlines → `Timeout` (both flip liveness to not-alive); 403 →
+//!   `PermissionDenied` (`Unauthenticated` for an unknown token); 404 on a
+//!   read → absent. See the `error` module's table.
+//! - **probe** = `GET /v1/status/leader` within the timeout; an empty leader
+//!   is `Unavailable`.
+//!
+//! ```no_run
+//! # async fn demo() -> anykv_core::Result<()> {
+//! use anykv_consul as _; // link the driver
+//! use anykv_core::StoreExt;
+//! let kv = anykv_core::open("consul://127.0.0.1:8500/app?consistency=consistent").await?;
+//! kv.set("feature/x", "on").await?;
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod http;
+mod kv;
+mod lock;
+mod session;
+mod settings;
+mod txn;
+mod watch;
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use anykv_core::{
+    Capabilities, Check, Condition, Config, Key, KvPair, LockGuard, LockInfo, LockOptions, Op,
+    Prefix, PutOptions, Result, Revision, Start, Store, Target, Version, WatchHistory, WatchStream,
+    async_trait, registry::Driver,
+};
+use bytes::Bytes;
+
+use crate::{error::BACKEND, http::Transport, settings::Settings};
+
+/// Largest value accepted: Consul's default `kv_max_value_size` (512 KiB).
+pub const MAX_VALUE_SIZE: usize = 512 * 1024;
+
+/// How late a key with a TTL may disappear: Consul's shortest session TTL
+/// (10 s) doubled, as Consul invalidates a session 2 × TTL after its last
+/// renewal. Keys with TTLs of 20 s or more disappear within about a second
+/// of their TTL.
+pub const TTL_GRANULARITY: Duration = Duration::from_secs(20);
+
+/// Most checks + writes in one `atomic` call: Consul's `/v1/txn` limit.
+pub const MAX_ATOMIC_OPS: usize = 64;
+
+const CAPS: Capabilities = Capabilities::full(MAX_VALUE_SIZE)
+    .with_ttl(Some(TTL_GRANULARITY))
+    .with_watch(WatchHistory::Converge)
+    .with_locks(true, true)
+    .with_max_atomic_ops(Some(MAX_ATOMIC_OPS))
+    .with_durable(true);
+
+anykv_core::inventory::submit! {
+    Driver {
+        name: "consul",
+        schemes: &["consul", "consuls"],
+        description: "Consul KV (consul://host:8500/prefix?token=…; consuls:// for TLS)",
+        params: settings::PARAMS,
+        path_is_namespace: true,
+        capabilities: || CAPS,
+        open: |config| Box::pin(async move {
+            Ok(ConsulStore::connect(&config)? as Arc<dyn Store>)
+        }),
+    }
+}
+
+/// A Consul KV store (one agent, one HTTP client).
+///
+/// Usually opened through `anykv_core::open("consul://…")`, which adds the
+/// standard layers; [`ConsulStore::connect`] gives the bare driver.
+pub struct ConsulStore {
+    inner: Arc<Inner>,
+}
+
+/// What the store's background tasks share with it.
+pub(crate) struct Inner {
+    pub(crate) http: Arc<Transport>,
+    pub(crate) watches: watch::Registry,
+}
+
+impl fmt::Debug for ConsulStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.inner.http.settings();
+        f.debug_struct("ConsulStore")
+            .field("address", &s.address)
+            .field("token", &s.token.as_ref().map(|_| "***"))
+            .field("dc", &s.dc)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsulStore {
+    /// Builds the driver from a parsed URL. No network I/O happens here:
+    /// Consul's HTTP API needs no session, so the first operation (or
+    /// `probe`) is the first contact.
+    pub fn connect(config: &Config) -> Result<Arc<ConsulStore>> {
+        let settings = Settings::from_config(config)?;
+        let http = Arc::new(Transport::new(settings)?);
+        Ok(Arc::new(ConsulStore {
+            inner: Arc::new(Inner {
+                http,
+                watches: watch::Registry::default(),
+            }),
+        }))
+    }
+}
+
+#[async_trait]
+impl Store for ConsulStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &CAPS
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<KvPair>> {
+        self.inner.get(key).await
+    }
+
+    async fn put(&self, key: &Key, value: Bytes, opts: PutOptions) -> Result<Version> {
+        self.inner.put(key, value, opts).await
+    }
+
+    async fn delete(&self, key: &Key, condition: Condition) -> Result<bool> {
+        self.inner.delete(key, condition).await
+    }
+
+    async fn list(&self, prefix: &Prefix) -> Result<Vec<KvPair>> {
+        self.inner.list(prefix).await
+    }
+
+    async fn keys(&self, prefix: &Prefix) -> Result<Vec<String>> {
+        self.inner.keys(prefix).await
+    }
+
+    async fn delete_prefix(&self, prefix: &Prefix) -> Result<u64> {
+        self.inner.delete_prefix(prefix).await
+    }
+
+    async fn watch(&self, target: Target, start: Start) -> Result<WatchStream> {
+        watch::watch(&self.inner, target, start).await
+    }
+
+    async fn lock(&self, key: &Key, opts: LockOptions) -> Result<LockGuard> {
+        lock::lock(&self.inner, key, opts).await
+    }
+
+    async fn try_lock(&self, key: &Key, opts: LockOptions) -> Result<Option<LockGuard>> {
+        lock::try_lock(&self.inner, key, opts).await
+    }
+
+    async fn lock_holder(&self, key: &Key) -> Result<Option<LockInfo>> {
+        lock::holder(&self.inner, key).await
+    }
+
+    async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {
+        self.inner.atomic(checks, ops).await
+    }
+
+    async fn probe(&self) -> Result<()> {
+        self.inner.probe().await
+    }
+
+    /// Ends every watch of this store with `Cancelled`. The store itself
+    /// stays usable (its HTTP connections are pooled and freed on drop);
+    /// held locks keep their sessions until released.
+    async fn close(&self) -> Result<()> {
+        self.inner.watches.close();
+        Ok(())
+    }
+}

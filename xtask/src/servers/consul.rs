@@ -1,10 +1,201 @@
-//! consul server for tests (being written).
+//! Consul for the tests: Consul 1.8.7 from Debian bullseye (the only Debian
+//! release that ships it), extracted under `target/xtask`, run as two `-dev`
+//! agents on free loopback ports:
+//!
+//! - a plain agent for the conformance, liveness and interop tests
+//!   (`ANYKV_TEST_CONSUL`);
+//! - an agent with ACLs enabled, default policy `deny` and a known management
+//!   token, for the permission tests (`ANYKV_TEST_CONSUL_ACL`,
+//!   `ANYKV_TEST_CONSUL_ACL_TOKEN`).
+//!
+//! `ANYKV_CONSUL_BIN` points at the same binary, for the `consul kv` interop
+//! test. DNS and gRPC are off; `-dev` keeps all data in memory.
 
-use anyhow::Result;
+use std::{
+    collections::hash_map::RandomState,
+    fs,
+    hash::{BuildHasher, Hasher},
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
-use super::{Ctx, Started};
+use anyhow::{Context, Result, bail};
 
-/// Starts consul (not provisioned yet: no env exported).
-pub fn start(_ctx: &Ctx) -> Result<Started> {
-    Ok(Started::default())
+use super::{Ctx, Proc, Started, free_port, wait_until};
+
+/// How long an agent may take to elect itself leader.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Starts both agents and exports their URLs, the ACL token and the binary.
+pub fn start(ctx: &Ctx) -> Result<Started> {
+    let root = ctx.apt_package("consul", Some("bullseye"))?;
+    let bin = root.join("usr/bin/consul");
+    if !bin.exists() {
+        bail!(
+            "the consul package has no usr/bin/consul under {}",
+            root.display()
+        );
+    }
+
+    let mut started = Started::default();
+
+    let plain = spawn_agent(ctx, &bin, "consul", None)?;
+    started.env.push((
+        "ANYKV_TEST_CONSUL".into(),
+        format!("consul://127.0.0.1:{}", plain.http_port),
+    ));
+    started.procs.push(plain.proc);
+
+    let token = uuid_like();
+    let acl = spawn_agent(ctx, &bin, "consul-acl", Some(&token))?;
+    started.env.push((
+        "ANYKV_TEST_CONSUL_ACL".into(),
+        format!("consul://127.0.0.1:{}", acl.http_port),
+    ));
+    started
+        .env
+        .push(("ANYKV_TEST_CONSUL_ACL_TOKEN".into(), token));
+    started.procs.push(acl.proc);
+
+    started
+        .env
+        .push(("ANYKV_CONSUL_BIN".into(), bin.display().to_string()));
+    Ok(started)
+}
+
+struct Agent {
+    proc: Proc,
+    http_port: u16,
+}
+
+/// Starts one `-dev` agent; with `acl_token`, ACLs are on (default deny) and
+/// the token is the management ("master") token.
+fn spawn_agent(ctx: &Ctx, bin: &Path, name: &str, acl_token: Option<&str>) -> Result<Agent> {
+    let dir = ctx.tempdir(name)?;
+    let http_port = free_port()?;
+    let serf_lan = free_port()?;
+    let serf_wan = free_port()?;
+    let server = free_port()?;
+
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "agent",
+        "-dev",
+        "-client",
+        "127.0.0.1",
+        "-bind",
+        "127.0.0.1",
+    ])
+    .args(["-node", name])
+    .args(["-http-port", &http_port.to_string()])
+    .args(["-dns-port", "-1", "-grpc-port", "-1"])
+    .args(["-serf-lan-port", &serf_lan.to_string()])
+    .args(["-serf-wan-port", &serf_wan.to_string()])
+    .args(["-server-port", &server.to_string()])
+    .env("HOME", &dir)
+    .current_dir(&dir);
+    if let Some(token) = acl_token {
+        let config = write_acl_config(&dir, token)?;
+        cmd.arg("-config-file").arg(config);
+    }
+    let mut proc = Proc::spawn(ctx, name, cmd)?;
+
+    let ready = wait_until(&format!("{name} leader"), READY_TIMEOUT, || {
+        if proc.check_running().is_err() {
+            return true; // reported below
+        }
+        match acl_token {
+            // A leader, and the ACL system bootstrapped with our token.
+            Some(token) => {
+                has_leader(http_port)
+                    && http_get(http_port, "/v1/acl/token/self", Some(token))
+                        .is_some_and(|(status, _)| status == 200)
+            }
+            None => has_leader(http_port),
+        }
+    });
+    proc.check_running()?;
+    ready?;
+    Ok(Agent { proc, http_port })
+}
+
+/// The ACL configuration of the auth agent. `master` is the 1.8 name of the
+/// bootstrap (initial management) token; the agent uses it too, so that its
+/// own catalog updates are allowed under `default_policy = "deny"`.
+fn write_acl_config(dir: &Path, token: &str) -> Result<PathBuf> {
+    let path = dir.join("acl.hcl");
+    fs::write(
+        &path,
+        format!(
+            r#"acl {{
+  enabled = true
+  default_policy = "deny"
+  down_policy = "extend-cache"
+  enable_token_persistence = false
+  tokens {{
+    master = "{token}"
+    agent = "{token}"
+  }}
+}}
+"#
+        ),
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// True once `/v1/status/leader` names a leader.
+fn has_leader(port: u16) -> bool {
+    http_get(port, "/v1/status/leader", None)
+        .is_some_and(|(status, body)| status == 200 && body.trim().trim_matches('"').contains(':'))
+}
+
+/// A minimal HTTP/1.0 GET on 127.0.0.1 (xtask carries no HTTP client):
+/// status code and body.
+fn http_get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let auth = token
+        .map(|t| format!("X-Consul-Token: {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    let status = reply.split_whitespace().nth(1)?.parse().ok()?;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// A random token in UUID shape (Consul wants its secrets to look like UUIDs);
+/// std's per-process random hasher keys are the entropy source, which is
+/// plenty for a throw-away test token.
+fn uuid_like() -> String {
+    let mut words = [0u64; 2];
+    for (i, w) in words.iter_mut().enumerate() {
+        let mut h = RandomState::new().build_hasher();
+        h.write_usize(i);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+        );
+        *w = h.finish();
+    }
+    let hex = format!("{:016x}{:016x}", words[0], words[1]);
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
 }

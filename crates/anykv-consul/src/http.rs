@@ -1,0 +1,318 @@
+//! One HTTP client for everything: consulrs' endpoint definitions executed on
+//! a single `reqwest` 0.11 client, plus the calls consulrs lacks (`/v1/txn`,
+//! `/v1/status/leader`) on that same client.
+//!
+//! Why not consulrs' own `kv::read`/`kv::set`/… helpers and its
+//! `ConsulClient`: its middleware re-inserts already percent-encoded path
+//! segments with `url`'s segment setter, which encodes the `%` again (a key
+//! `ü` or `a b` reaches Consul as a different key); it `unwrap()`s the token
+//! into a header value (a panic on a user-supplied string); its executor
+//! turns every non-2xx reply into an error without headers, and blocking
+//! queries need `X-Consul-Index` from the 404 of an absent key; and
+//! `kv::set` takes only `&'static [u8]` values. So the driver builds
+//! requests from consulrs' request types (`ReadKeyRequest`,
+//! `CreateSessionRequest`, …, with their `Features` for consistency and
+//! blocking) through rustify's `Endpoint::request`, against a base URL that
+//! already ends in `/v1`, and sends them itself.
+
+use std::time::Duration;
+
+use anykv_core::{Error, Result};
+use bytes::Bytes;
+use consulrs::api::features::FeaturedEndpoint;
+use reqwest::header::{HeaderName, HeaderValue};
+use rustify::endpoint::Endpoint;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::{self, BACKEND},
+    settings::Settings,
+};
+
+/// `X-Consul-Token`.
+static TOKEN_HEADER: HeaderName = HeaderName::from_static("x-consul-token");
+
+/// A reply of any status, with the header blocking queries need.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// `X-Consul-Index`, when present.
+    pub index: Option<u64>,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// True for 2xx.
+    pub(crate) fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// Decodes a JSON body.
+    pub(crate) fn json<T: serde::de::DeserializeOwned>(&self, operation: &str) -> Result<T> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| error::internal(format!("{operation}: unexpected reply from consul"), e))
+    }
+
+    /// The error for a non-success reply.
+    pub(crate) fn error(&self, operation: &str) -> Error {
+        error::from_status(operation, self.status, &self.body)
+    }
+}
+
+/// The HTTP side of the driver.
+pub(crate) struct Transport {
+    http: reqwest::Client,
+    settings: Settings,
+    token: Option<HeaderValue>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One `/v1/txn` operation (the `KV` kind; the driver needs no other).
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct TxnOp {
+    #[serde(rename = "KV")]
+    pub kv: TxnKv,
+}
+
+/// The body of a KV transaction operation.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct TxnKv {
+    pub verb: &'static str,
+    pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+impl TxnOp {
+    /// An operation without value.
+    pub(crate) fn new(verb: &'static str, key: &str) -> TxnOp {
+        TxnOp {
+            kv: TxnKv {
+                verb,
+                key: key.to_owned(),
+                value: None,
+                index: None,
+                session: None,
+            },
+        }
+    }
+
+    /// Adds a value (base64-encoded, as `/v1/txn` wants it).
+    pub(crate) fn value(mut self, value: &[u8]) -> TxnOp {
+        use base64::Engine;
+        self.kv.value = Some(base64::engine::general_purpose::STANDARD.encode(value));
+        self
+    }
+
+    /// Adds an index (`cas`, `check-index`, `delete-cas`).
+    pub(crate) fn index(mut self, index: u64) -> TxnOp {
+        self.kv.index = Some(index);
+        self
+    }
+
+    /// Adds a session (`lock`, `unlock`, `check-session`).
+    pub(crate) fn session(mut self, session: &str) -> TxnOp {
+        self.kv.session = Some(session.to_owned());
+        self
+    }
+}
+
+/// A successful transaction's results, one per operation that returns an
+/// entry (Consul returns none for deletes and checks that carry no entry).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct TxnResults {
+    #[serde(default)]
+    pub results: Option<Vec<TxnResult>>,
+    /// Set for read-only transactions.
+    #[serde(default)]
+    pub index: Option<u64>,
+}
+
+/// One result entry.
+#[derive(Debug, Deserialize)]
+pub(crate) struct TxnResult {
+    #[serde(rename = "KV")]
+    pub kv: Option<consulrs::api::kv::common::KVPair>,
+}
+
+/// A rolled-back transaction: which operations failed and why.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct TxnErrors {
+    #[serde(default)]
+    pub errors: Option<Vec<TxnError>>,
+}
+
+/// One failed operation.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct TxnError {
+    pub op_index: usize,
+    pub what: String,
+}
+
+/// The outcome of `/v1/txn`: committed, or rolled back with reasons.
+#[derive(Debug)]
+pub(crate) enum TxnOutcome {
+    /// Committed (or, for read-only transactions, evaluated).
+    Committed(TxnResults),
+    /// Rolled back; nothing was applied.
+    RolledBack(Vec<TxnError>),
+}
+
+/// The largest `/v1/txn` request body Consul accepts by default
+/// (`txn_max_req_len`, 512 KiB).
+pub(crate) const TXN_MAX_BODY: usize = 512 * 1024;
+
+impl Transport {
+    /// Builds the client: no overall request timeout (blocking queries wait
+    /// minutes; every caller bounds its own wait), a connect timeout, TLS
+    /// with the webpki roots plus `ca_file`.
+    pub(crate) fn new(settings: Settings) -> Result<Transport> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(settings.timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(path) = &settings.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| error::internal(format!("reading ca_file {path}"), e))?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                error::internal(format!("ca_file {path} is not a PEM certificate"), e)
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| error::internal("building the HTTP client", e))?;
+        let token = match &settings.token {
+            None => None,
+            Some(t) => {
+                let mut v =
+                    HeaderValue::from_str(t.expose()).map_err(|_| Error::InvalidArgument {
+                        backend: BACKEND,
+                        message: "token is not a valid HTTP header value".into(),
+                    })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
+        Ok(Transport {
+            http,
+            settings,
+            token,
+        })
+    }
+
+    /// The driver settings.
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Executes a consulrs endpoint; any status is returned as a [`Reply`].
+    pub(crate) async fn call<E>(&self, operation: &str, endpoint: &E) -> Result<Reply>
+    where
+        E: Endpoint + FeaturedEndpoint,
+    {
+        let mut req = endpoint
+            .request(&self.settings.base)
+            .map_err(|e| error::internal(format!("{operation}: building the request"), e))?;
+        if let Some(features) = endpoint.features() {
+            features.process(&mut req);
+        }
+        let req = reqwest::Request::try_from(req)
+            .map_err(|e| error::internal(format!("{operation}: building the request"), e))?;
+        self.send(operation, req).await
+    }
+
+    /// Sends a request built here (txn, status), through the same client.
+    async fn send(&self, operation: &str, mut req: reqwest::Request) -> Result<Reply> {
+        if let Some(dc) = &self.settings.dc {
+            req.url_mut().query_pairs_mut().append_pair("dc", dc);
+        }
+        if let Some(token) = &self.token {
+            req.headers_mut()
+                .insert(TOKEN_HEADER.clone(), token.clone());
+        }
+        let resp = self
+            .http
+            .execute(req)
+            .await
+            .map_err(|e| error::from_transport(operation, e))?;
+        let status = resp.status().as_u16();
+        let index = resp
+            .headers()
+            .get("x-consul-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| error::from_transport(operation, e))?;
+        Ok(Reply {
+            status,
+            index,
+            body,
+        })
+    }
+
+    fn url(&self, path: &str) -> Result<reqwest::Url> {
+        reqwest::Url::parse(&format!("{}/{path}", self.settings.base))
+            .map_err(|e| error::internal(format!("building the URL for {path}"), e))
+    }
+
+    /// `PUT /v1/txn`: all operations or none. A body over Consul's limit is
+    /// refused before sending.
+    pub(crate) async fn txn(&self, ops: &[TxnOp]) -> Result<TxnOutcome> {
+        let body = serde_json::to_vec(ops).map_err(|e| error::internal("txn: encoding", e))?;
+        if body.len() > TXN_MAX_BODY {
+            return Err(Error::InvalidArgument {
+                backend: BACKEND,
+                message: format!(
+                    "transaction of {} bytes (values travel base64-encoded) exceeds Consul's \
+                     txn_max_req_len of {TXN_MAX_BODY} bytes",
+                    body.len()
+                ),
+            });
+        }
+        let mut req = reqwest::Request::new(reqwest::Method::PUT, self.url("txn")?);
+        *req.body_mut() = Some(body.into());
+        let reply = self.send("txn", req).await?;
+        match reply.status {
+            200 => Ok(TxnOutcome::Committed(reply.json("txn")?)),
+            409 => {
+                let errs: TxnErrors = reply.json("txn")?;
+                let errs = errs.errors.unwrap_or_default();
+                if let Some(e) = errs.iter().find_map(|e| error::txn_failure(&e.what)) {
+                    return Err(e);
+                }
+                Ok(TxnOutcome::RolledBack(errs))
+            }
+            _ => Err(reply.error("txn")),
+        }
+    }
+
+    /// `GET /v1/status/leader`: the address of the Raft leader, empty if none.
+    pub(crate) async fn leader(&self) -> Result<String> {
+        let req = reqwest::Request::new(reqwest::Method::GET, self.url("status/leader")?);
+        let reply = self.send("probe", req).await?;
+        if !reply.ok() {
+            return Err(reply.error("probe"));
+        }
+        reply.json::<String>("probe")
+    }
+}

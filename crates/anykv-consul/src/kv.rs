@@ -1,0 +1,552 @@
+//! Single-key and range operations: reads through consulrs' `ReadKeyRequest`
+//! / `ReadKeysRequest`, writes through `/v1/txn` (so that `put` learns the
+//! new `ModifyIndex`), very large values through consulrs' `SetKeyRequest`.
+
+use std::time::Duration;
+
+use anykv_core::{
+    Condition, Error, Key, KvPair, Prefix, PutOptions, Result, Version, store::condition,
+};
+use bytes::Bytes;
+use consulrs::api::{
+    features::{Blocking, ConsistencyMode, Features},
+    kv::{
+        common::KVPair,
+        requests::{ReadKeyRequest, ReadKeysRequest, SetKeyRequest},
+    },
+};
+
+use crate::{
+    Inner,
+    error::{self, BACKEND},
+    http::{TXN_MAX_BODY, TxnOp, TxnOutcome, TxnResults},
+    session::{self, SessionKind},
+    settings::Consistency,
+};
+
+/// A key as read from Consul, with what the driver needs besides the pair.
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    pub pair: KvPair,
+    /// The session holding the key (TTL or lock), if any.
+    pub session: Option<String>,
+}
+
+/// How a read is served.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ReadMode {
+    /// The store's `consistency` option.
+    Plain,
+    /// `?consistent`: for reads that feed a decision.
+    Consistent,
+    /// A blocking query from `index`, waiting at most `wait`.
+    Blocking { index: u64, wait: Duration },
+}
+
+/// Converts Consul's entry; `None` for names no anykv client could write
+/// (skipped, as the contract says).
+pub(crate) fn entry(kv: KVPair) -> Result<Option<Entry>> {
+    let Some(key) = Key::from_backend(&kv.key) else {
+        return Ok(None);
+    };
+    let value: Vec<u8> = match kv.value {
+        None => Vec::new(),
+        Some(b64) => b64.try_into().map_err(|e: consulrs::error::ClientError| {
+            error::internal(format!("value of {key} is not base64"), e)
+        })?,
+    };
+    Ok(Some(Entry {
+        pair: KvPair {
+            key,
+            value: Bytes::from(value),
+            version: Version::new(kv.modify_index),
+            create_revision: kv.create_index,
+            mod_revision: kv.modify_index,
+        },
+        session: kv.session.filter(|s| !s.is_empty()),
+    }))
+}
+
+/// Whether a value travels in a transaction without hitting Consul's
+/// 512 KiB body limit (base64 grows it by 4/3; the rest is the key, JSON
+/// escaping and the other fields of at most a few operations).
+pub(crate) fn fits_txn(key: &str, value_len: usize) -> bool {
+    value_len.div_ceil(3) * 4 + 2 * key.len() + 1024 <= TXN_MAX_BODY
+}
+
+fn build_err(what: &str, e: impl std::fmt::Display) -> Error {
+    error::internal(format!("{what}: building the request"), e.to_string())
+}
+
+/// The ops that make a write conditional, placed before the write itself.
+fn condition_ops(key: &str, cond: Condition) -> Vec<TxnOp> {
+    match cond {
+        Condition::Always => vec![],
+        Condition::IfAbsent => vec![TxnOp::new("check-not-exists", key)],
+        // `get` fails the transaction when the key does not exist.
+        Condition::IfPresent => vec![TxnOp::new("get", key)],
+        Condition::IfVersion(v) => vec![TxnOp::new("check-index", key).index(v.get())],
+    }
+}
+
+/// The `ModifyIndex` of the last entry of a committed transaction.
+fn last_index(results: &TxnResults) -> Option<(u64, Option<String>)> {
+    results
+        .results
+        .as_ref()?
+        .iter()
+        .rev()
+        .find_map(|r| r.kv.as_ref())
+        .map(|kv| {
+            (
+                kv.modify_index,
+                kv.session.clone().filter(|s| !s.is_empty()),
+            )
+        })
+}
+
+fn no_entry(what: &str) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        message: format!("{what}: consul committed the transaction but returned no entry"),
+        source: None,
+    }
+}
+
+/// Writes that race with another writer are retried this often before the
+/// driver gives up with `Unavailable` (a contention storm, not a conflict).
+const WRITE_ATTEMPTS: usize = 8;
+
+impl Inner {
+    /// Reads a key, or every key below `path` with `recurse`; returns the
+    /// entries and `X-Consul-Index`. 404 is an empty answer.
+    pub(crate) async fn read_raw(
+        &self,
+        path: &str,
+        recurse: bool,
+        mode: ReadMode,
+    ) -> Result<(Vec<KVPair>, u64)> {
+        let mut features = Features::default();
+        match mode {
+            ReadMode::Plain => {
+                if self.http.settings().consistency == Consistency::Consistent {
+                    features.mode = Some(ConsistencyMode::CONSISTENT);
+                }
+            }
+            ReadMode::Consistent => features.mode = Some(ConsistencyMode::CONSISTENT),
+            ReadMode::Blocking { index, wait } => {
+                features.blocking = Some(Blocking {
+                    index,
+                    wait: Some(format!("{}ms", wait.as_millis().max(1))),
+                });
+            }
+        }
+        let mut req = ReadKeyRequest::builder();
+        req.key(path).features(features);
+        if recurse {
+            req.recurse(true);
+        }
+        let req = req.build().map_err(|e| build_err("get", e))?;
+        let reply = self.http.call("get", &req).await?;
+        let index = reply.index.unwrap_or(0);
+        match reply.status {
+            200 => Ok((reply.json("get")?, index)),
+            404 => Ok((Vec::new(), index)),
+            _ => Err(reply.error("get")),
+        }
+    }
+
+    /// One key with its session.
+    pub(crate) async fn read_entry(&self, key: &str, mode: ReadMode) -> Result<Option<Entry>> {
+        let (kvs, _) = self.read_raw(key, false, mode).await?;
+        for kv in kvs {
+            if kv.key == key {
+                return entry(kv);
+            }
+        }
+        Ok(None)
+    }
+
+    pub(crate) async fn get(&self, key: &Key) -> Result<Option<KvPair>> {
+        Ok(self
+            .read_entry(key.as_str(), ReadMode::Plain)
+            .await?
+            .map(|e| e.pair))
+    }
+
+    pub(crate) async fn list(&self, prefix: &Prefix) -> Result<Vec<KvPair>> {
+        let (kvs, _) = self.read_raw(&prefix.dir(), true, ReadMode::Plain).await?;
+        let mut pairs = Vec::with_capacity(kvs.len());
+        for kv in kvs {
+            if let Some(e) = entry(kv)?
+                && prefix.contains(e.pair.key.as_str())
+            {
+                pairs.push(e.pair);
+            }
+        }
+        pairs.sort_by(|a, b| a.key.as_str().as_bytes().cmp(b.key.as_str().as_bytes()));
+        Ok(pairs)
+    }
+
+    pub(crate) async fn keys(&self, prefix: &Prefix) -> Result<Vec<String>> {
+        let dir = prefix.dir();
+        let mut features = Features::default();
+        if self.http.settings().consistency == Consistency::Consistent {
+            features.mode = Some(ConsistencyMode::CONSISTENT);
+        }
+        let req = ReadKeysRequest::builder()
+            .key(dir.as_str())
+            .separator("/")
+            .features(features)
+            .build()
+            .map_err(|e| build_err("keys", e))?;
+        let reply = self.http.call("keys", &req).await?;
+        let raw: Vec<String> = match reply.status {
+            200 => reply.json("keys")?,
+            404 => Vec::new(),
+            _ => return Err(reply.error("keys")),
+        };
+        let mut names: Vec<String> = raw
+            .iter()
+            .filter_map(|k| k.strip_prefix(&dir))
+            .map(|rest| rest.split('/').next().unwrap_or(rest))
+            // One valid segment (the reserved root included: the layer hides it).
+            .filter(|name| Key::from_backend(name).is_some())
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    pub(crate) async fn put(&self, key: &Key, value: Bytes, opts: PutOptions) -> Result<Version> {
+        if let Condition::IfVersion(v) = opts.condition
+            && v.get() == 0
+        {
+            // Index 0 means "create" to Consul's cas; no anykv version is 0.
+            return Err(self.condition_error(key, opts.condition).await);
+        }
+        if let Some(ttl) = opts.ttl {
+            session::check_ttl(ttl)?;
+        }
+        if !fits_txn(key.as_str(), value.len()) {
+            return self.put_large(key, value, opts).await;
+        }
+        match opts.ttl {
+            None => self.put_plain(key, &value, opts.condition).await,
+            Some(ttl) => self.put_ttl(key, &value, opts.condition, ttl).await,
+        }
+    }
+
+    /// `[condition…, set]`; if the key turns out to be held by a session (a
+    /// TTL from an earlier put), it is detached so that it stays.
+    async fn put_plain(&self, key: &Key, value: &[u8], cond: Condition) -> Result<Version> {
+        let k = key.as_str();
+        let mut ops = condition_ops(k, cond);
+        ops.push(TxnOp::new("set", k).value(value));
+        let results = match self.http.txn(&ops).await? {
+            TxnOutcome::Committed(r) => r,
+            TxnOutcome::RolledBack(_) => return Err(self.condition_error(key, cond).await),
+        };
+        let (index, held_by) = last_index(&results).ok_or_else(|| no_entry("put"))?;
+        let Some(session) = held_by else {
+            return Ok(Version::new(index));
+        };
+        // Detach from the session only if nobody wrote since (else the
+        // newer write decides), in one step that keeps the value.
+        let detach = [
+            TxnOp::new("check-index", k).index(index),
+            TxnOp::new("unlock", k).value(value).session(&session),
+        ];
+        let version = match self.http.txn(&detach).await? {
+            TxnOutcome::Committed(r) => last_index(&r).map_or(index, |(i, _)| i),
+            TxnOutcome::RolledBack(_) => index,
+        };
+        self.forget_ttl_session(session);
+        Ok(Version::new(version))
+    }
+
+    /// `[condition…, lock]` with a fresh TTL session; a key held by another
+    /// session moves to the new one in one transaction.
+    async fn put_ttl(
+        &self,
+        key: &Key,
+        value: &[u8],
+        cond: Condition,
+        ttl: Duration,
+    ) -> Result<Version> {
+        let k = key.as_str();
+        let guard = self.create_session(SessionKind::Ttl, ttl).await?;
+        let sid = guard.id().to_owned();
+        for _ in 0..WRITE_ATTEMPTS {
+            let cond_ops = condition_ops(k, cond);
+            let n_cond = cond_ops.len();
+            let mut ops = cond_ops;
+            ops.push(TxnOp::new("lock", k).value(value).session(&sid));
+            let errors = match self.http.txn(&ops).await? {
+                TxnOutcome::Committed(r) => {
+                    let (index, _) = last_index(&r).ok_or_else(|| no_entry("put"))?;
+                    guard.keep();
+                    return Ok(Version::new(index));
+                }
+                TxnOutcome::RolledBack(errors) => errors,
+            };
+            if errors.iter().any(|e| e.op_index < n_cond) {
+                return Err(self.condition_error(key, cond).await);
+            }
+            // The lock op failed: the key is held by another session (or a
+            // lock-delay is running). Look, and move it over.
+            let Some(cur) = self.read_entry(k, ReadMode::Consistent).await? else {
+                continue; // gone meanwhile: try again from the start
+            };
+            condition::check(BACKEND, key, cond, Some(cur.pair.version))?;
+            let Some(old) = cur.session else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let swap = [
+                TxnOp::new("check-index", k).index(cur.pair.mod_revision),
+                TxnOp::new("unlock", k).session(&old),
+                TxnOp::new("lock", k).value(value).session(&sid),
+            ];
+            if let TxnOutcome::Committed(r) = self.http.txn(&swap).await? {
+                let (index, _) = last_index(&r).ok_or_else(|| no_entry("put"))?;
+                guard.keep();
+                self.forget_ttl_session(old);
+                return Ok(Version::new(index));
+            }
+        }
+        Err(contended(k))
+    }
+
+    /// Values too large for `/v1/txn`: a plain `PUT` (`?cas=` for
+    /// conditions, `?acquire=` for a TTL), then a consistent read for the
+    /// version.
+    async fn put_large(&self, key: &Key, value: Bytes, opts: PutOptions) -> Result<Version> {
+        let k = key.as_str();
+        let session = match opts.ttl {
+            Some(ttl) => Some(self.create_session(SessionKind::Ttl, ttl).await?),
+            None => None,
+        };
+        for _ in 0..WRITE_ATTEMPTS {
+            let cur = self.read_entry(k, ReadMode::Consistent).await?;
+            condition::check(
+                BACKEND,
+                key,
+                opts.condition,
+                cur.as_ref().map(|e| e.pair.version),
+            )?;
+            let held_by = cur.as_ref().and_then(|e| e.session.clone());
+            // A key held by a session is released first (`?release=` also
+            // writes the value), so that the key no longer expires with it.
+            if let Some(old) = &held_by
+                && !self.set_raw(k, &value, SetMode::Release(old)).await?
+            {
+                continue;
+            }
+            let written = match &session {
+                Some(s) => self.set_raw(k, &value, SetMode::Acquire(s.id())).await?,
+                None if held_by.is_some() => true, // the release wrote it
+                None => {
+                    let cas = cur.as_ref().map_or(0, |e| e.pair.mod_revision);
+                    self.set_raw(k, &value, SetMode::Cas(cas)).await?
+                }
+            };
+            if !written {
+                continue;
+            }
+            if let Some(old) = held_by {
+                self.forget_ttl_session(old);
+            }
+            if let Some(s) = session {
+                s.keep();
+            }
+            let after = self.read_entry(k, ReadMode::Consistent).await?;
+            return Ok(match after {
+                Some(e) if e.pair.value == value => e.pair.version,
+                // Overwritten (or deleted) right after our write: our write's
+                // index is unknown; hand back a token no write ever has, so
+                // that a CAS on it fails rather than clobbering the newer value.
+                _ => Version::new(u64::MAX),
+            });
+        }
+        Err(contended(k))
+    }
+
+    /// consulrs' `SetKeyRequest`: a plain `PUT` with the raw value.
+    async fn set_raw(&self, key: &str, value: &Bytes, mode: SetMode<'_>) -> Result<bool> {
+        let mut req = SetKeyRequest::builder();
+        req.key(key).value(value.to_vec());
+        match mode {
+            SetMode::Cas(i) => req.cas(i),
+            SetMode::Acquire(s) => req.acquire(s),
+            SetMode::Release(s) => req.release(s),
+        };
+        let req = req.build().map_err(|e| build_err("put", e))?;
+        let reply = self.http.call("put", &req).await?;
+        if !reply.ok() {
+            return Err(reply.error("put"));
+        }
+        reply.json::<bool>("put")
+    }
+
+    pub(crate) async fn delete(&self, key: &Key, cond: Condition) -> Result<bool> {
+        let k = key.as_str();
+        let ops = match cond {
+            // `get` fails the transaction on an absent key: that tells
+            // whether the key existed, atomically with the delete.
+            Condition::Always | Condition::IfPresent => {
+                vec![TxnOp::new("get", k), TxnOp::new("delete", k)]
+            }
+            Condition::IfVersion(v) => vec![
+                TxnOp::new("check-index", k).index(v.get()),
+                TxnOp::new("delete", k),
+            ],
+            Condition::IfAbsent => {
+                return Err(Error::InvalidArgument {
+                    backend: BACKEND,
+                    message: "delete cannot be conditional on absence".into(),
+                });
+            }
+        };
+        match self.http.txn(&ops).await? {
+            TxnOutcome::Committed(r) => {
+                if let Some((_, Some(session))) = last_index(&r) {
+                    self.forget_ttl_session(session);
+                }
+                Ok(true)
+            }
+            TxnOutcome::RolledBack(_) if cond == Condition::Always => Ok(false),
+            TxnOutcome::RolledBack(_) => Err(self.condition_error(key, cond).await),
+        }
+    }
+
+    pub(crate) async fn delete_prefix(&self, prefix: &Prefix) -> Result<u64> {
+        let dir = prefix.dir();
+        let ops = [
+            TxnOp::new("get-tree", &dir),
+            TxnOp::new("delete-tree", &dir),
+        ];
+        match self.http.txn(&ops).await? {
+            TxnOutcome::Committed(r) => Ok(r
+                .results
+                .unwrap_or_default()
+                .iter()
+                .filter(|r| r.kv.is_some())
+                .count() as u64),
+            TxnOutcome::RolledBack(errs) => Err(Error::Backend {
+                backend: BACKEND,
+                message: format!(
+                    "delete_prefix: {}",
+                    errs.first().map_or("rolled back", |e| e.what.as_str())
+                ),
+                source: None,
+            }),
+        }
+    }
+
+    /// The error for a condition that failed inside a transaction, from a
+    /// consistent read of the key's state now.
+    pub(crate) async fn condition_error(&self, key: &Key, cond: Condition) -> Error {
+        let current = match self.read_entry(key.as_str(), ReadMode::Consistent).await {
+            Ok(cur) => cur.map(|e| e.pair.version),
+            Err(e) => return e,
+        };
+        match condition::check(BACKEND, key, cond, current) {
+            Err(e) => e,
+            // The key changed back between the failed write and the read:
+            // report what the write saw.
+            Ok(()) => match cond {
+                Condition::IfAbsent => Error::AlreadyExists {
+                    backend: BACKEND,
+                    key: key.to_string(),
+                },
+                Condition::IfPresent => Error::NotFound {
+                    backend: BACKEND,
+                    key: key.to_string(),
+                },
+                Condition::IfVersion(v) => Error::Conflict {
+                    backend: BACKEND,
+                    key: key.to_string(),
+                    expected: Some(v),
+                    actual: current,
+                },
+                Condition::Always => Error::Backend {
+                    backend: BACKEND,
+                    message: format!("write of {key} rolled back without a condition"),
+                    source: None,
+                },
+            },
+        }
+    }
+
+    /// `GET /v1/status/leader` within the timeout.
+    pub(crate) async fn probe(&self) -> Result<()> {
+        let timeout = self.http.settings().timeout;
+        let leader = tokio::time::timeout(timeout, self.http.leader())
+            .await
+            .map_err(|_| Error::Timeout {
+                backend: BACKEND,
+                operation: "probe",
+                after: timeout,
+            })??;
+        if leader.is_empty() {
+            return Err(Error::Unavailable {
+                backend: BACKEND,
+                message: "probe: the cluster has no leader".into(),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// How a plain `PUT` writes.
+enum SetMode<'a> {
+    Cas(u64),
+    Acquire(&'a str),
+    Release(&'a str),
+}
+
+fn contended(key: &str) -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        message: format!("put {key}: the key kept changing under {WRITE_ATTEMPTS} attempts"),
+        source: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn txn_size_budget() {
+        assert!(fits_txn("k", 300 * 1024));
+        assert!(!fits_txn("k", 400 * 1024));
+        assert!(!fits_txn("k", crate::MAX_VALUE_SIZE));
+    }
+
+    #[test]
+    fn entries_skip_foreign_names_and_decode_values() {
+        let raw: KVPair = serde_json::from_str(
+            r#"{"Key":"a/b","Value":"aGk=","CreateIndex":3,"ModifyIndex":7,"LockIndex":0,"Flags":0,"Session":"s1"}"#,
+        )
+        .unwrap();
+        let e = entry(raw).unwrap().unwrap();
+        assert_eq!(&e.pair.value[..], b"hi");
+        assert_eq!(e.pair.version, Version::new(7));
+        assert_eq!(e.pair.create_revision, 3);
+        assert_eq!(e.session.as_deref(), Some("s1"));
+        let empty: KVPair = serde_json::from_str(
+            r#"{"Key":"a","Value":null,"CreateIndex":1,"ModifyIndex":1,"LockIndex":0,"Flags":0}"#,
+        )
+        .unwrap();
+        assert!(entry(empty).unwrap().unwrap().pair.value.is_empty());
+        let foreign: KVPair = serde_json::from_str(
+            r#"{"Key":"a//b","CreateIndex":1,"ModifyIndex":1,"LockIndex":0,"Flags":0}"#,
+        )
+        .unwrap();
+        assert!(entry(foreign).unwrap().is_none());
+    }
+}
