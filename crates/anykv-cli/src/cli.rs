@@ -1,0 +1,310 @@
+//! The command line, declared with clap derive: every command and option,
+//! with the help text users read (`anykv --help`, `anykv <command> --help`).
+
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Store used when neither `--url` nor `ANYKV_URL` says otherwise: a redb
+/// file in the current directory, so the tool works with no server.
+pub const DEFAULT_URL: &str = "redb://anykv.redb";
+
+/// The exit-code table, shown at the end of `anykv --help` (the README
+/// carries the same table).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success
+  1    not found (`get`/`del` of a missing key, a condition on a missing key),
+       `health` found the backend not alive, or any other backend error
+  2    usage: bad arguments, invalid key or prefix (the message names the rule
+       it broke), invalid or unknown URL scheme or option, value too large,
+       operation not supported by this backend, unreadable --file
+  3    condition failed: --if-absent on an existing key, --if-version mismatch
+  4    backend unreachable: unavailable, timed out, or reports data loss
+  5    lock: not acquired within --wait, or lost while the command ran
+  126  lock: the command could not be executed
+  127  lock: the command was not found
+  `anykv lock` otherwise exits with the command's own code (128+N if it was
+  killed by signal N).
+
+Errors are one line on stderr; data goes to stdout, values raw so they pipe.";
+
+const ABOUT: &str = "One key-value tool for etcd, Consul, ZooKeeper, redb files and memory";
+
+const LONG_ABOUT: &str = "\
+One key-value tool for etcd, Consul, ZooKeeper, redb files and memory.
+
+The store is chosen by URL: --url, else the ANYKV_URL environment variable,
+else redb://anykv.redb (a file in the current directory, created if missing).
+Examples: redb://data/app.redb, redb:///abs/path.redb, memory://,
+etcd://127.0.0.1:2379/app, consul://127.0.0.1:8500/app, zk://127.0.0.1:2181/app
+(network schemes need a build with the matching cargo feature; `anykv drivers`
+lists what this build has). Common URL options: ?prefix=NS&timeout=5s&retries=2.
+
+Keys are UTF-8, 1..=1024 bytes, `/`-separated segments, no leading or trailing
+`/`, no empty, `.` or `..` segment, no control characters, and not under the
+reserved top-level name `__anykv`. A prefix follows the same rules (empty means
+the whole namespace) and covers the keys strictly below it: `app` covers
+`app/x`, never `apple`.
+
+Note that a memory:// store lives only as long as one `anykv` process.";
+
+/// `anykv [--url URL] <command>`
+#[derive(Debug, Parser)]
+#[command(
+    name = "anykv",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_long_help = EXIT_CODES,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Store URL [default: redb://anykv.redb]
+    #[arg(
+        long,
+        global = true,
+        env = "ANYKV_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub url: Option<String>,
+
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a key's value, raw, to stdout (exit 1 and "not found: KEY" if absent)
+    Get(GetArgs),
+    /// Write a key from an argument, a file or stdin; prints the new version
+    #[command(after_long_help = "\
+Examples:
+  anykv put config/mode fast
+  anykv put config/tls.pem --file tls.pem
+  printf 'x' | anykv put config/flag -
+  v=$(anykv put jobs/1 queued --if-absent) && anykv put jobs/1 running --if-version \"$v\"
+  anykv put session/abc alive --ttl 30s")]
+    Put(PutArgs),
+    /// Delete a key, or every key below a prefix with --prefix
+    #[command(visible_alias = "delete")]
+    Del(DelArgs),
+    /// List keys below a prefix: key, version, value preview (or --json)
+    #[command(after_long_help = "\
+Output: one line per key, tab-separated: KEY, VERSION, VALUE PREVIEW. The
+preview is the value escaped (\\\\, \\n, \\r, \\t, \\u{..} for other control
+characters, \\xNN for bytes that are not UTF-8) and cut to 60 characters.
+
+--json prints one JSON array of objects {key, version, create_revision,
+mod_revision, value | value_hex}: `value` is the exact value as a JSON string
+when it is valid UTF-8; otherwise `value` is absent and `value_hex` holds the
+bytes as lowercase hex. Exactly one of the two is present, so the encoding is
+lossless and needs no base64.")]
+    List(ListArgs),
+    /// Print the names one level below a prefix, one per line
+    Keys(KeysArgs),
+    /// Print one line per change of a key or prefix until Ctrl-C
+    #[command(after_long_help = "\
+Output: one line per event, tab-separated:
+  put     KEY  REVISION  VALUE (escaped as in `list`, not cut)
+  delete  KEY  REVISION
+--json prints one JSON object per line: {type: \"put\", key, revision, version,
+value | value_hex} or {type: \"delete\", key, revision}.
+
+Ctrl-C (or SIGTERM) ends the watch with exit code 0; a watch error (the
+backend went away, the revision asked for is compacted) ends it with the
+error's exit code.")]
+    Watch(WatchArgs),
+    /// Run a command while holding a lock; it sees the fencing token in ANYKV_FENCING_TOKEN
+    #[command(after_long_help = "\
+The lock is taken (waiting up to --wait, forever by default), then COMMAND
+runs with ANYKV_FENCING_TOKEN set to the lock's fencing token, which grows
+with every new holder of the key: hand it to the resource you protect so it
+can refuse writes from an older holder. anykv renews the lease while the
+command runs, releases the lock when it exits and exits with its code.
+
+If the lock is lost while the command runs (lease expired, session lost),
+the command is killed (SIGKILL) and anykv exits 5. SIGTERM sent to anykv is
+forwarded to the command; Ctrl-C reaches the command from the terminal and
+anykv keeps the lock until the command has exited.
+
+redb and memory locks exclude holders within one process only; a redb file
+is moreover held open by the `anykv lock` process, so the command cannot
+open the same file itself.
+
+Example:
+  anykv --url etcd://127.0.0.1:2379/app lock jobs/nightly --wait 1m -- ./nightly.sh")]
+    Lock(LockArgs),
+    /// Probe the backend and print its liveness (exit 1 if not alive)
+    Health,
+    /// List the drivers linked into this build, with URL schemes and capabilities
+    Drivers(DriversArgs),
+    /// Copy every key (or those below --prefix) from one store to another
+    #[command(after_long_help = "\
+Keys keep their names (relative to each URL's namespace) and values; TTLs
+and versions are not carried. Existing keys of the destination are
+overwritten. A progress line is drawn on stderr when it is a terminal; the
+number of keys copied is printed to stdout.
+
+Example:
+  anykv copy redb://backup.redb etcd://127.0.0.1:2379/app --prefix config")]
+    Copy(CopyArgs),
+}
+
+/// `anykv get`
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// The key
+    pub key: String,
+    /// Print {key, version, create_revision, mod_revision, value | value_hex} as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `anykv put`
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// The key
+    pub key: String,
+    /// The value; `-` reads it from stdin (use `--` before a value starting with `-`)
+    #[arg(
+        required_unless_present = "file",
+        conflicts_with = "file",
+        value_parser = clap::value_parser!(OsString)
+    )]
+    pub value: Option<OsString>,
+    /// Read the value from FILE
+    #[arg(long, short = 'f', value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// The key disappears after this long (e.g. 30s, 5m, 1h 30m)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Only create: fail with exit 3 if the key exists
+    #[arg(long, conflicts_with_all = ["if_present", "if_version"])]
+    pub if_absent: bool,
+    /// Only update: fail with exit 1 if the key does not exist
+    #[arg(long, conflicts_with = "if_version")]
+    pub if_present: bool,
+    /// Compare-and-swap: write only if the key is at VERSION (exit 3 otherwise)
+    #[arg(long, value_name = "VERSION")]
+    pub if_version: Option<u64>,
+}
+
+/// `anykv del`
+#[derive(Debug, Args)]
+pub struct DelArgs {
+    /// The key (with --prefix: the prefix)
+    #[arg(required_unless_present = "all")]
+    pub key: Option<String>,
+    /// Delete every key strictly below KEY instead (prints how many)
+    #[arg(long, conflicts_with = "if_version")]
+    pub prefix: bool,
+    /// Delete every key of the store's namespace (prints how many)
+    #[arg(long, conflicts_with_all = ["key", "prefix", "if_version"])]
+    pub all: bool,
+    /// Delete only if the key is at VERSION (exit 3 otherwise)
+    #[arg(long, value_name = "VERSION")]
+    pub if_version: Option<u64>,
+}
+
+/// `anykv list`
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// The prefix (default: the whole namespace)
+    #[arg(default_value = "")]
+    pub prefix: String,
+    /// Print a JSON array (see below for the value encoding)
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `anykv keys`
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// The prefix (default: the top level of the namespace)
+    #[arg(default_value = "")]
+    pub prefix: String,
+}
+
+/// `anykv watch`
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The key to watch
+    #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+    pub key: Option<String>,
+    /// Watch every key strictly below this prefix instead (`''`: everything)
+    #[arg(long, value_name = "PREFIX")]
+    pub prefix: Option<String>,
+    /// Replay past events from revision REV on (inclusive, like `etcdctl watch --rev`)
+    #[arg(long, value_name = "REV")]
+    pub from: Option<u64>,
+    /// Print one JSON object per line
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `anykv lock`
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The lock's key
+    pub key: String,
+    /// Lease length: if anykv dies, the lock frees itself after this
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Give up (exit 5) if the lock is not free within this long; 0s: try once
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub wait: Option<Duration>,
+    /// Holder name shown to others (default: anykv pid N)
+    #[arg(long, value_name = "NAME")]
+    pub owner: Option<String>,
+    /// The command and its arguments, after `--`
+    #[arg(
+        last = true,
+        required = true,
+        num_args = 1..,
+        value_name = "COMMAND",
+        value_parser = clap::value_parser!(OsString)
+    )]
+    pub command: Vec<OsString>,
+}
+
+/// `anykv drivers`
+#[derive(Debug, Args)]
+pub struct DriversArgs {
+    /// Print a JSON array
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `anykv copy`
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// Source store URL
+    #[arg(value_name = "SRC_URL")]
+    pub src: String,
+    /// Destination store URL
+    #[arg(value_name = "DST_URL")]
+    pub dst: String,
+    /// Copy only the keys strictly below this prefix
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    pub prefix: String,
+}
+
+/// Parses `30s`, `5m`, `1h 30m`, `250ms` (humantime).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 30s, 5m, 250ms)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
