@@ -57,9 +57,7 @@ impl Conn {
     /// must log in first; that round trip is bounded by the timeout and a
     /// failure leaves the cell empty, so the next operation tries again.
     pub(crate) async fn clients(&self) -> Result<&Clients> {
-        self.clients
-            .get_or_try_init(|| connect(&self.opts))
-            .await
+        self.clients.get_or_try_init(|| connect(&self.opts)).await
     }
 
     /// Runs one request, sending it again while its connection could not be

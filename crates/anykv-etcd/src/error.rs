@@ -181,10 +181,30 @@ mod tests {
     fn classification_table() {
         let cases: &[(Code, &str, ErrorKind, bool)] = &[
             // unreachable
-            (Code::DeadlineExceeded, "context deadline exceeded", ErrorKind::Timeout, true),
-            (Code::Unavailable, "etcdserver: no leader", ErrorKind::Unavailable, true),
-            (Code::Unavailable, "etcdserver: request timed out", ErrorKind::Unavailable, true),
-            (Code::Unavailable, "etcdserver: leader changed", ErrorKind::Unavailable, true),
+            (
+                Code::DeadlineExceeded,
+                "context deadline exceeded",
+                ErrorKind::Timeout,
+                true,
+            ),
+            (
+                Code::Unavailable,
+                "etcdserver: no leader",
+                ErrorKind::Unavailable,
+                true,
+            ),
+            (
+                Code::Unavailable,
+                "etcdserver: request timed out",
+                ErrorKind::Unavailable,
+                true,
+            ),
+            (
+                Code::Unavailable,
+                "etcdserver: leader changed",
+                ErrorKind::Unavailable,
+                true,
+            ),
             (Code::DataLoss, "corrupt", ErrorKind::DataLoss, true),
             (
                 Code::ResourceExhausted,
@@ -205,11 +225,36 @@ mod tests {
                 ErrorKind::Unauthenticated,
                 false,
             ),
-            (Code::NotFound, "etcdserver: requested lease not found", ErrorKind::NotFound, false),
-            (Code::PermissionDenied, "etcdserver: permission denied", ErrorKind::PermissionDenied, false),
-            (Code::Unauthenticated, "etcdserver: invalid auth token", ErrorKind::Unauthenticated, false),
-            (Code::FailedPrecondition, "etcdserver: authentication is not enabled", ErrorKind::Backend, false),
-            (Code::Cancelled, "etcdserver: request cancelled", ErrorKind::Cancelled, false),
+            (
+                Code::NotFound,
+                "etcdserver: requested lease not found",
+                ErrorKind::NotFound,
+                false,
+            ),
+            (
+                Code::PermissionDenied,
+                "etcdserver: permission denied",
+                ErrorKind::PermissionDenied,
+                false,
+            ),
+            (
+                Code::Unauthenticated,
+                "etcdserver: invalid auth token",
+                ErrorKind::Unauthenticated,
+                false,
+            ),
+            (
+                Code::FailedPrecondition,
+                "etcdserver: authentication is not enabled",
+                ErrorKind::Backend,
+                false,
+            ),
+            (
+                Code::Cancelled,
+                "etcdserver: request cancelled",
+                ErrorKind::Cancelled,
+                false,
+            ),
             (
                 Code::OutOfRange,
                 "etcdserver: mvcc: required revision has been compacted",
@@ -228,15 +273,34 @@ mod tests {
                 ErrorKind::Backend,
                 false,
             ),
-            (Code::Unimplemented, "unknown service", ErrorKind::Unsupported, false),
-            (Code::AlreadyExists, "exists", ErrorKind::AlreadyExists, false),
-            (Code::Unknown, "server said something odd", ErrorKind::Backend, false),
+            (
+                Code::Unimplemented,
+                "unknown service",
+                ErrorKind::Unsupported,
+                false,
+            ),
+            (
+                Code::AlreadyExists,
+                "exists",
+                ErrorKind::AlreadyExists,
+                false,
+            ),
+            (
+                Code::Unknown,
+                "server said something odd",
+                ErrorKind::Backend,
+                false,
+            ),
             (Code::Internal, "server bug", ErrorKind::Backend, false),
         ];
         for (code, msg, kind, unreachable) in cases {
             let e = map(EtcdError::GRpcStatus(Status::new(*code, *msg)), ctx());
             assert_eq!(e.kind(), *kind, "{code:?} {msg}: {e}");
-            assert_eq!(e.indicates_unreachable(), *unreachable, "{code:?} {msg}: {e}");
+            assert_eq!(
+                e.indicates_unreachable(),
+                *unreachable,
+                "{code:?} {msg}: {e}"
+            );
         }
     }
 
@@ -266,7 +330,9 @@ mod tests {
         let e = map(EtcdError::GRpcStatus(Status::not_found("x")), ctx());
         assert_eq!(e.key(), Some("a/b"));
         match map(EtcdError::GRpcStatus(Status::deadline_exceeded("x")), ctx()) {
-            Error::Timeout { operation, after, .. } => {
+            Error::Timeout {
+                operation, after, ..
+            } => {
                 assert_eq!(operation, "get");
                 assert_eq!(after, Duration::from_secs(2));
             }

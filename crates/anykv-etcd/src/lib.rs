@@ -81,12 +81,12 @@ use anykv_core::{
 };
 use etcd_client::{DeleteOptions, GetOptions, PutOptions as EtcdPutOptions, proto::PbKeyValue};
 
+pub use crate::options::{DEFAULT_PORT, DEFAULT_TIMEOUT, EtcdOptions, PARAMS, Tls};
 use crate::{
     conn::Conn,
     error::{BACKEND, Ctx},
     range::{Range, key_of, pair, rev},
 };
-pub use crate::options::{DEFAULT_PORT, DEFAULT_TIMEOUT, EtcdOptions, PARAMS, Tls};
 
 /// Largest value accepted. etcd refuses requests over 1.5 MiB
 /// (`--max-request-bytes`); 1 MiB leaves room for the key and a transaction.

@@ -157,10 +157,7 @@ pub(crate) async fn acquire(
 }
 
 /// The pairs read by the `i`-th op of a transaction branch.
-fn ranged(
-    responses: &mut [etcd_client::proto::PbResponseOp],
-    i: usize,
-) -> Vec<PbKeyValue> {
+fn ranged(responses: &mut [etcd_client::proto::PbResponseOp], i: usize) -> Vec<PbKeyValue> {
     match responses.get_mut(i).and_then(|r| r.response.take()) {
         Some(PbTxnOpResponse::ResponseRange(r)) => r.kvs,
         _ => Vec::new(),
@@ -168,12 +165,7 @@ fn ranged(
 }
 
 /// Waits until no record of `lock` older than `my_rev` is left.
-async fn wait_predecessors(
-    conn: &Conn,
-    lock: &Key,
-    my_rev: u64,
-    lost: LostSignal,
-) -> Result<()> {
+async fn wait_predecessors(conn: &Conn, lock: &Key, my_rev: u64, lost: LostSignal) -> Result<()> {
     let before = i64::try_from(my_rev.saturating_sub(1)).unwrap_or(i64::MAX);
     let (pfx, newest_first) = by_create(lock, SortOrder::Descend);
     let newest_first = newest_first.with_max_create_revision(before);
@@ -270,12 +262,7 @@ struct Session {
 impl Session {
     fn start(client: LeaseClient, lease: Lease, timeout: Duration) -> Session {
         let (notifier, lost) = lost_pair();
-        let renew = tokio::spawn(keep_alive(
-            client.clone(),
-            lease,
-            timeout,
-            notifier.clone(),
-        ));
+        let renew = tokio::spawn(keep_alive(client.clone(), lease, timeout, notifier.clone()));
         Session {
             client,
             lease,

@@ -110,9 +110,8 @@ impl EtcdOptions {
             "etcd" => {
                 for k in PARAMS {
                     if config.param(k).is_some() {
-                        return Err(config.invalid(format!(
-                            "option {k:?} needs TLS: use the etcds:// scheme"
-                        )));
+                        return Err(config
+                            .invalid(format!("option {k:?} needs TLS: use the etcds:// scheme")));
                     }
                 }
                 None
@@ -214,10 +213,12 @@ fn tls_from_config(config: &Config) -> Result<Tls> {
             return Ok(None);
         };
         let path = PathBuf::from(path);
-        std::fs::read(&path).map(Some).map_err(|e| Error::InvalidArgument {
-            backend: BACKEND,
-            message: format!("cannot read {key} file {}: {e}", path.display()),
-        })
+        std::fs::read(&path)
+            .map(Some)
+            .map_err(|e| Error::InvalidArgument {
+                backend: BACKEND,
+                message: format!("cannot read {key} file {}: {e}", path.display()),
+            })
     };
     let identity_pem = match (read("cert")?, read("key")?) {
         (Some(cert), Some(key)) => {

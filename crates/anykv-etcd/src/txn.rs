@@ -199,7 +199,11 @@ mod tests {
     fn if_version_zero_never_matches_an_absent_key() {
         let k = Key::new("a").unwrap();
         let c = compares(&k, Condition::IfVersion(Version::new(0)));
-        assert_eq!(c.len(), 2, "existence compare must guard the version compare");
+        assert_eq!(
+            c.len(),
+            2,
+            "existence compare must guard the version compare"
+        );
         assert!(compares(&k, Condition::Always).is_empty());
     }
 
@@ -214,7 +218,11 @@ mod tests {
             condition_failed(&k, Condition::IfVersion(Version::new(3)), None),
             Error::NotFound { .. }
         ));
-        match condition_failed(&k, Condition::IfVersion(Version::new(3)), Some(Version::new(5))) {
+        match condition_failed(
+            &k,
+            Condition::IfVersion(Version::new(3)),
+            Some(Version::new(5)),
+        ) {
             Error::Conflict {
                 expected, actual, ..
             } => {
