@@ -222,3 +222,21 @@ fn closed_stdout_is_not_an_error() {
     assert_eq!(code, Some(0), "{err}");
     assert!(err.is_empty(), "{err}");
 }
+
+#[test]
+fn lock_forwards_sigterm_to_the_command() {
+    use std::io::{BufRead, BufReader};
+    let script = "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.05; done";
+    let mut child = bin()
+        .args(["--url", MEM, "lock", "l", "--", "sh", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("line").expect("read"), "ready");
+    common::terminate(&child);
+    assert_eq!(lines.next().expect("line").expect("read"), "got-term");
+    // anykv released the lock and exited with the command's code.
+    assert_eq!(common::wait(&mut child, common::DEADLINE), Some(3));
+}
