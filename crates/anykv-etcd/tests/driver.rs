@@ -1,0 +1,380 @@
+//! etcd-specific behaviour beyond the conformance suite: how versions,
+//! ranges, leases and lock records map onto etcd, checked with a raw
+//! etcd-client next to the driver.
+
+mod common;
+
+use std::time::Duration;
+
+use anykv_core::{
+    Condition, Error, ErrorKind, Event, Key, LockOptions, Prefix, PutOptions, Start, Store, Target,
+    Version,
+};
+use anykv_etcd as _;
+use etcd_client::{GetOptions, PutOptions as RawPut};
+use futures::StreamExt;
+use tokio::time::{Instant, timeout};
+
+fn key(s: &str) -> Key {
+    Key::new(s).unwrap()
+}
+
+async fn setup(name: &str) -> Option<(String, anykv_core::Kv, etcd_client::Client)> {
+    let url = common::url("ANYKV_TEST_ETCD")?;
+    let ns = common::unique(name);
+    let kv = common::open(&url, &ns, "").await;
+    let raw = common::raw(&url).await;
+    Some((ns, kv, raw))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_is_mod_revision_and_never_reused_after_recreate() {
+    let Some((ns, kv, mut raw)) = setup("version").await else {
+        return;
+    };
+    let k = key("k");
+    let v1 = kv.put(&k, "a".into(), PutOptions::default()).await.unwrap();
+    let raw_kv = raw.get(format!("{ns}/k"), None).await.unwrap();
+    assert_eq!(v1.get(), raw_kv.kvs()[0].mod_revision() as u64);
+    kv.delete(&k, Condition::Always).await.unwrap();
+    let v2 = kv.put(&k, "a".into(), PutOptions::default()).await.unwrap();
+    // etcd's own per-key version is back to 1: anykv's must not repeat.
+    let raw_kv = raw.get(format!("{ns}/k"), None).await.unwrap();
+    assert_eq!(raw_kv.kvs()[0].version(), 1);
+    assert_ne!(v1, v2);
+    let e = kv
+        .put(&k, "b".into(), PutOptions::if_version(v1))
+        .await
+        .unwrap_err();
+    match e {
+        Error::Conflict {
+            expected, actual, ..
+        } => {
+            assert_eq!(expected, Some(v1));
+            assert_eq!(actual, Some(v2), "the conflict reports the current version");
+        }
+        e => panic!("{e}"),
+    }
+    let pair = kv.get(&k).await.unwrap().unwrap();
+    assert_eq!(pair.create_revision, pair.mod_revision);
+    assert_eq!(pair.version, v2);
+    // Version 0 never matches, absent or not.
+    let e = kv
+        .put(&key("absent"), "x".into(), PutOptions::if_version(Version::new(0)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let _ = kv.delete_prefix(&Prefix::root()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_spans_many_pages_in_order_and_keys_dedups() {
+    let Some((ns, kv, mut raw)) = setup("pages").await else {
+        return;
+    };
+    // 600 keys: three pages of 256. Written raw in one transaction-free burst.
+    for i in 0..600 {
+        raw.put(format!("{ns}/d/{i:04}/leaf"), format!("{i}"), None)
+            .await
+            .unwrap();
+    }
+    raw.put(format!("{ns}/d0"), "sibling sorting after d/", None)
+        .await
+        .unwrap();
+    let listed = kv.list(&Prefix::new("d").unwrap()).await.unwrap();
+    assert_eq!(listed.len(), 600);
+    assert!(listed.windows(2).all(|w| w[0].key < w[1].key));
+    assert_eq!(listed[599].key.as_str(), "d/0599/leaf");
+    let names = kv.keys(&Prefix::new("d").unwrap()).await.unwrap();
+    assert_eq!(names.len(), 600);
+    assert_eq!(names[0], "0000");
+    assert_eq!(kv.keys(&Prefix::root()).await.unwrap(), ["d", "d0"]);
+    assert_eq!(kv.delete_prefix(&Prefix::new("d").unwrap()).await.unwrap(), 600);
+    assert!(kv.get(&key("d0")).await.unwrap().is_some(), "d0 is not below d/");
+    let _ = kv.delete_prefix(&Prefix::root()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_keys_are_skipped_not_errors() {
+    let Some((ns, kv, mut raw)) = setup("foreign").await else {
+        return;
+    };
+    raw.put(format!("{ns}/ok"), "1", None).await.unwrap();
+    raw.put(format!("{ns}/bad//name"), "x", None).await.unwrap();
+    raw.put(format!("{ns}/trailing/"), "x", None).await.unwrap();
+    raw.put(format!("{ns}/ctl\u{1}"), "x", None).await.unwrap();
+    let listed: Vec<String> = kv
+        .list(&Prefix::root())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.key.into_string())
+        .collect();
+    assert_eq!(listed, ["ok"]);
+    raw.delete(format!("{ns}/"), Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_puts_get_their_own_lease_and_expire_with_a_delete_event() {
+    let Some((ns, kv, mut raw)) = setup("ttl").await else {
+        return;
+    };
+    let mut w = kv
+        .watch(Target::Prefix(Prefix::root()), Start::Now)
+        .await
+        .unwrap();
+    let ttl = PutOptions::default().with_ttl(Duration::from_secs(1));
+    kv.put(&key("a"), "1".into(), ttl).await.unwrap();
+    kv.put(&key("b"), "2".into(), PutOptions::if_absent().with_ttl(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let a = raw.get(format!("{ns}/a"), None).await.unwrap().kvs()[0].lease();
+    let b = raw.get(format!("{ns}/b"), None).await.unwrap().kvs()[0].lease();
+    assert!(a != 0 && b != 0 && a != b, "one lease per put: {a} {b}");
+    let granted = raw.lease_time_to_live(b, None).await.unwrap().granted_ttl();
+    assert_eq!(granted, 30);
+    // A failed conditional TTL put leaves no key and no extra attached lease.
+    let e = kv
+        .put(&key("b"), "3".into(), PutOptions::if_absent().with_ttl(Duration::from_secs(30)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+    // "a" expires: etcd deletes it (within the declared granularity) and the
+    // watch sees the delete.
+    let started = Instant::now();
+    let limit = Duration::from_secs(1) + kv.capabilities().ttl.unwrap() + Duration::from_secs(2);
+    loop {
+        match timeout(limit, w.next()).await {
+            Ok(Some(Ok(Event::Delete { key, .. }))) if key.as_str() == "a" => break,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no delete of the expired key: {other:?}"),
+        }
+    }
+    assert!(started.elapsed() <= limit, "expired after {:?}", started.elapsed());
+    assert!(kv.get(&key("a")).await.unwrap().is_none());
+    assert!(kv.get(&key("b")).await.unwrap().is_some());
+    let _ = kv.delete_prefix(&Prefix::root()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_carries_prev_values_and_resumes_from_any_revision() {
+    let Some((_ns, kv, _raw)) = setup("watchprev").await else {
+        return;
+    };
+    let v1 = kv.put(&key("w"), "1".into(), PutOptions::default()).await.unwrap();
+    kv.put(&key("w"), "2".into(), PutOptions::default()).await.unwrap();
+    kv.delete(&key("w"), Condition::Always).await.unwrap();
+    let mut w = kv
+        .watch(Target::Key(key("w")), Start::After(v1.get()))
+        .await
+        .unwrap();
+    match timeout(Duration::from_secs(5), w.next()).await {
+        Ok(Some(Ok(Event::Put { kv: now, prev }))) => {
+            assert_eq!(&now.value[..], b"2");
+            assert_eq!(prev.map(|p| p.value), Some("1".into()));
+        }
+        other => panic!("{other:?}"),
+    }
+    match timeout(Duration::from_secs(5), w.next()).await {
+        Ok(Some(Ok(Event::Delete { key, revision }))) => {
+            assert_eq!(key.as_str(), "w");
+            assert!(revision > v1.get());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atomic_is_one_revision_and_names_the_failed_check() {
+    let Some((_ns, kv, _raw)) = setup("atomic").await else {
+        return;
+    };
+    use anykv_core::{Check, Op};
+    let v = kv.put(&key("x"), "1".into(), PutOptions::default()).await.unwrap();
+    let rev = kv
+        .atomic(
+            vec![Check::Version(key("x"), v), Check::Absent(key("y"))],
+            vec![Op::Put(key("y"), "2".into()), Op::Delete(key("x"))],
+        )
+        .await
+        .unwrap();
+    let y = kv.get(&key("y")).await.unwrap().unwrap();
+    assert_eq!(y.mod_revision, rev, "every op of one atomic shares its revision");
+    let e = kv
+        .atomic(
+            vec![Check::Exists(key("y")), Check::Value(key("y"), "nope".into())],
+            vec![Op::Delete(key("y"))],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert_eq!(e.key(), Some("y"));
+    assert!(kv.get(&key("y")).await.unwrap().is_some(), "nothing applied");
+    // etcd caps a transaction at 128 operations; the layer says so up front.
+    let ops: Vec<Op> = (0..129).map(|i| Op::Delete(key(&format!("n{i}")))).collect();
+    let e = kv.atomic(vec![], ops).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    let _ = kv.delete_prefix(&Prefix::root()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn largest_value_round_trips() {
+    let Some((_ns, kv, _raw)) = setup("big").await else {
+        return;
+    };
+    let max = kv.capabilities().max_value_size;
+    let big = vec![7u8; max];
+    kv.put(&key("big"), big.clone().into(), PutOptions::default())
+        .await
+        .unwrap();
+    for i in 0..5 {
+        kv.put(&key(&format!("many/{i}")), big.clone().into(), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(kv.get(&key("big")).await.unwrap().unwrap().value.len(), max);
+    // Five 1 MiB values in one listing (over gRPC's default 4 MiB message).
+    assert_eq!(kv.list(&Prefix::new("many").unwrap()).await.unwrap().len(), 5);
+    let e = kv
+        .put(&key("big"), vec![0u8; max + 1].into(), PutOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ValueTooLarge);
+    let _ = kv.delete_prefix(&Prefix::root()).await;
+}
+
+/// The lock record's etcd key and lease, read raw.
+async fn lock_record(raw: &mut etcd_client::Client, ns: &str, name: &str) -> (String, i64, i64) {
+    let dir = format!("__anykv/locks/{ns}/{name}/");
+    let resp = raw
+        .get(dir.clone(), Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let kv = &resp.kvs()[0];
+    (
+        kv.key_str().unwrap().to_owned(),
+        kv.lease(),
+        kv.create_revision(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_record_layout_and_lost_when_the_lease_is_revoked() {
+    let Some((ns, kv, mut raw)) = setup("locklost").await else {
+        return;
+    };
+    let opts = LockOptions {
+        ttl: Duration::from_secs(3),
+        owner: Some("worker-1".into()),
+        ..LockOptions::default()
+    };
+    let guard = kv.lock(&key("job"), opts).await.unwrap();
+    let (record, lease, created) = lock_record(&mut raw, &ns, "job").await;
+    assert_eq!(record, format!("__anykv/locks/{ns}/job/{lease:x}"));
+    assert_eq!(guard.fencing_token(), created as u64);
+    let holder = kv.lock_holder(&key("job")).await.unwrap().unwrap();
+    assert_eq!(holder.fencing_token, guard.fencing_token());
+    assert_eq!(holder.owner.as_deref(), Some("worker-1"));
+    // The guard renews: still held after two TTLs.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(!guard.is_lost());
+    assert!(kv.lock_holder(&key("job")).await.unwrap().is_some());
+    // Someone revokes the lease (an operator, or expiry while partitioned).
+    raw.lease_revoke(lease).await.unwrap();
+    timeout(Duration::from_secs(3), guard.lost())
+        .await
+        .expect("lost() did not fire after the lease was revoked");
+    assert!(kv.lock_holder(&key("job")).await.unwrap().is_none());
+    // Releasing a lost lock is fine.
+    guard.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_holder_frees_the_lock_when_its_lease_expires() {
+    let Some((ns, kv, mut raw)) = setup("lockcrash").await else {
+        return;
+    };
+    // A holder that died: its record on a lease nobody renews.
+    let lease = raw.lease_grant(2, None).await.unwrap().id();
+    let dead = format!("__anykv/locks/{ns}/job/{lease:x}");
+    let put = raw
+        .put(dead, "", Some(RawPut::new().with_lease(lease)))
+        .await
+        .unwrap();
+    let dead_rev = put.header().unwrap().revision() as u64;
+    assert!(kv.try_lock(&key("job"), LockOptions::default()).await.unwrap().is_none());
+    let t = Instant::now();
+    let opts = LockOptions {
+        wait: Some(Duration::from_secs(10)),
+        ..LockOptions::default()
+    };
+    let guard = kv.lock(&key("job"), opts).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "waited {:?}", t.elapsed());
+    assert!(guard.fencing_token() > dead_rev);
+    guard.release().await.unwrap();
+    assert!(kv.lock_holder(&key("job")).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_lock_names_are_independent() {
+    let Some((_ns, kv, _raw)) = setup("locknest").await else {
+        return;
+    };
+    let outer = kv.lock(&key("a"), LockOptions::default()).await.unwrap();
+    let inner = kv
+        .try_lock(&key("a/b"), LockOptions::default())
+        .await
+        .unwrap()
+        .expect("a/b is another lock than a");
+    assert!(kv.try_lock(&key("a"), LockOptions::default()).await.unwrap().is_none());
+    let holder = kv.lock_holder(&key("a")).await.unwrap().unwrap();
+    assert_eq!(holder.fencing_token, outer.fencing_token());
+    outer.release().await.unwrap();
+    // "a" is free although a record of "a/b" still sits below it.
+    let again = kv
+        .try_lock(&key("a"), LockOptions::default())
+        .await
+        .unwrap()
+        .expect("a is free");
+    assert!(again.fencing_token() > inner.fencing_token());
+    again.release().await.unwrap();
+    inner.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_wait_timeout_leaves_no_record_behind() {
+    let Some((ns, kv, mut raw)) = setup("locktimeout").await else {
+        return;
+    };
+    let held = kv.lock(&key("j"), LockOptions::default()).await.unwrap();
+    let opts = LockOptions {
+        wait: Some(Duration::from_millis(500)),
+        ..LockOptions::default()
+    };
+    let e = kv.lock(&key("j"), opts).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    let records = raw
+        .get(
+            format!("__anykv/locks/{ns}/j/"),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap()
+        .count();
+    assert_eq!(records, 1, "the waiter's record must be gone");
+    held.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_option_and_tls_option_on_plain_scheme_are_url_errors() {
+    use anykv_etcd as _;
+    let e = anykv_core::open("etcd://127.0.0.1:1/x?tiemout=1s").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidUrl);
+    assert!(e.to_string().contains("tiemout") && e.to_string().contains("ca"), "{e}");
+    let e = anykv_core::open("etcd://127.0.0.1:1/x?ca=/tmp/ca.pem").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidUrl, "{e}");
+    let e = anykv_core::open("etcd://u:hunter2@127.0.0.1:1/x?tiemout=1").await.unwrap_err();
+    assert!(!format!("{e} {e:?}").contains("hunter2"));
+}
