@@ -92,6 +92,8 @@ pub(crate) struct TxnKv {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub flags: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
@@ -105,16 +107,21 @@ impl TxnOp {
                 verb,
                 key: key.to_owned(),
                 value: None,
+                flags: None,
                 index: None,
                 session: None,
             },
         }
     }
 
-    /// Adds a value (base64-encoded, as `/v1/txn` wants it).
+    /// Adds a value (base64-encoded, as `/v1/txn` wants it) and a fresh
+    /// write nonce in `Flags`: Consul skips a write whose entry is identical
+    /// to the stored one (same value, flags and session) without bumping
+    /// `ModifyIndex`, and the contract wants every write to change the version.
     pub(crate) fn value(mut self, value: &[u8]) -> TxnOp {
         use base64::Engine;
         self.kv.value = Some(base64::engine::general_purpose::STANDARD.encode(value));
+        self.kv.flags = Some(write_nonce());
         self
     }
 
@@ -129,6 +136,11 @@ impl TxnOp {
         self.kv.session = Some(session.to_owned());
         self
     }
+}
+
+/// A random `Flags` value that makes every write differ from the stored entry.
+pub(crate) fn write_nonce() -> u64 {
+    rand::random()
 }
 
 /// A successful transaction's results, one per operation that returns an

@@ -19,7 +19,7 @@ use consulrs::api::{
 use crate::{
     Inner,
     error::{self, BACKEND},
-    http::{TXN_MAX_BODY, TxnOp, TxnOutcome, TxnResults},
+    http::{TXN_MAX_BODY, TxnOp, TxnOutcome, TxnResults, write_nonce},
     session::{self, SessionKind},
     settings::Consistency,
 };
@@ -30,6 +30,8 @@ pub(crate) struct Entry {
     pub pair: KvPair,
     /// The session holding the key (TTL or lock), if any.
     pub session: Option<String>,
+    /// `Flags`: the write nonce of the last anykv write.
+    pub flags: u64,
 }
 
 /// How a read is served.
@@ -64,6 +66,7 @@ pub(crate) fn entry(kv: KVPair) -> Result<Option<Entry>> {
             mod_revision: kv.modify_index,
         },
         session: kv.session.filter(|s| !s.is_empty()),
+        flags: kv.flags,
     }))
 }
 
@@ -339,17 +342,23 @@ impl Inner {
             let held_by = cur.as_ref().and_then(|e| e.session.clone());
             // A key held by a session is released first (`?release=` also
             // writes the value), so that the key no longer expires with it.
+            let nonce = write_nonce();
             if let Some(old) = &held_by
-                && !self.set_raw(k, &value, SetMode::Release(old)).await?
+                && !self
+                    .set_raw(k, &value, nonce, SetMode::Release(old))
+                    .await?
             {
                 continue;
             }
             let written = match &session {
-                Some(s) => self.set_raw(k, &value, SetMode::Acquire(s.id())).await?,
+                Some(s) => {
+                    self.set_raw(k, &value, nonce, SetMode::Acquire(s.id()))
+                        .await?
+                }
                 None if held_by.is_some() => true, // the release wrote it
                 None => {
                     let cas = cur.as_ref().map_or(0, |e| e.pair.mod_revision);
-                    self.set_raw(k, &value, SetMode::Cas(cas)).await?
+                    self.set_raw(k, &value, nonce, SetMode::Cas(cas)).await?
                 }
             };
             if !written {
@@ -363,7 +372,8 @@ impl Inner {
             }
             let after = self.read_entry(k, ReadMode::Consistent).await?;
             return Ok(match after {
-                Some(e) if e.pair.value == value => e.pair.version,
+                // Our nonce: this entry is our write.
+                Some(e) if e.flags == nonce => e.pair.version,
                 // Overwritten (or deleted) right after our write: our write's
                 // index is unknown; hand back a token no write ever has, so
                 // that a CAS on it fails rather than clobbering the newer value.
@@ -374,9 +384,15 @@ impl Inner {
     }
 
     /// consulrs' `SetKeyRequest`: a plain `PUT` with the raw value.
-    async fn set_raw(&self, key: &str, value: &Bytes, mode: SetMode<'_>) -> Result<bool> {
+    async fn set_raw(
+        &self,
+        key: &str,
+        value: &Bytes,
+        nonce: u64,
+        mode: SetMode<'_>,
+    ) -> Result<bool> {
         let mut req = SetKeyRequest::builder();
-        req.key(key).value(value.to_vec());
+        req.key(key).value(value.to_vec()).flags(nonce);
         match mode {
             SetMode::Cas(i) => req.cas(i),
             SetMode::Acquire(s) => req.acquire(s),

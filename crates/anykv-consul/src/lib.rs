@@ -31,14 +31,20 @@
 //!   (whether the key existed) and `check-index` + `delete` (compare-and-delete).
 //!   A failed condition is classified with a `consistent` read, so errors
 //!   are `AlreadyExists`, `NotFound` or `Conflict { actual }` as everywhere.
+//!   Every write puts a random write nonce in the entry's `Flags`: Consul
+//!   skips a write identical to the stored entry without bumping
+//!   `ModifyIndex`, and the contract wants every write to change the version.
+//!   (`Flags` is therefore anykv's; other tools ignore it.)
 //! - **Values** up to [`MAX_VALUE_SIZE`] (512 KiB, Consul's `kv_max_value_size`);
 //!   larger values are refused before any call. `/v1/txn` carries values
 //!   base64-encoded in a body limited to 512 KiB, so values too big for a
 //!   transaction (over ≈ 380 KiB) are written with a plain `PUT` (`?cas=`
 //!   for conditions, `?acquire=` for TTLs) and their version read back with
-//!   a `consistent` read; if another writer overwrote such a value in
-//!   between, `put` returns a version that matches no write (so a later CAS
-//!   on it fails) instead of the other writer's. Inside `atomic`, values
+//!   a `consistent` read, recognised by the write nonce; if another writer
+//!   overwrote such a value in between, `put` returns a version that matches
+//!   no write (so a later CAS on it fails) instead of the other writer's.
+//!   Conditions on such values are checked by a read before the `PUT`; only
+//!   the plain case (`?cas=`) is atomic with the check. Inside `atomic`, values
 //!   share the transaction's 512 KiB body: a bigger transaction is
 //!   `InvalidArgument`.
 //! - **list** reads `prefix/` with `?recurse` (directory semantics: never
