@@ -1,1 +1,409 @@
-//! placeholder
+//! ZooKeeper driver for anykv, on [`zookeeper_client`].
+//!
+//! URL: `zk://[user:password@]host:port[,host:port…]/prefix?session_timeout=10s&timeout=5s`
+//! (scheme `zookeeper://` too). `user:password@` adds ZooKeeper `digest`
+//! authentication; the password never appears in `Debug`, logs or errors.
+//! Options:
+//!
+//! | option | default | meaning |
+//! |---|---|---|
+//! | `session_timeout` | 10s | session timeout asked of the server (it clamps to its min/max); a dead lock holder's lock frees after it |
+//! | `timeout` | 5s | per-operation timeout (layers) and bound of opening a session |
+//! | `ttl_check_interval` | 60s | the server's `znode.container.checkIntervalMs`: when expired TTL znodes are really removed |
+//!
+//! # How the contract maps onto ZooKeeper
+//!
+//! * **Keys are znodes.** Key `a/b` in namespace `ns` is znode `/ns/a/b`;
+//!   the value is the znode's data, byte for byte, so `zkCli.sh get /ns/a/b`
+//!   shows it and anykv reads what other clients wrote (an empty znode they
+//!   created is a key with an empty value).
+//! * **Implicit parents are not keys.** Writing `a/b/c` creates missing
+//!   parents as persistent znodes holding the marker `\0anykv\0d`; `get`
+//!   says absent for them and `list` skips them. An explicitly written
+//!   empty value is a key. A value that itself starts with `\0anykv\0` is
+//!   stored escaped (`\0anykv\0v` + value) — the only values other clients
+//!   see differently. Deleting a key removes the markers above it that are
+//!   left without children (one multi with version checks); deleting a key
+//!   that has children turns it back into a marker. CONTAINER znodes made by
+//!   other clients are not keys either.
+//! * **Versions.** A key's version is its `mzxid`, the zxid of its last
+//!   write: store-wide, so never reused after delete and re-create (the
+//!   per-znode `version` restarts at 0 and is only used internally for
+//!   ZooKeeper's expected-version checks). `create_revision` is `czxid`,
+//!   `mod_revision` is `mzxid`.
+//! * **Conditional writes** read the znode, evaluate the condition, then
+//!   write with the expected znode version (`setData`/`delete` with version,
+//!   or a multi of delete + create to change a znode's type); a concurrent
+//!   write fails that check and the condition is evaluated again.
+//! * **list / keys / delete_prefix** walk the subtree level by level with
+//!   multi-reads (one round trip per depth level and 64 znodes), results
+//!   sorted by key, directory-scoped (`a` covers `/ns/a/…` only). Not a
+//!   snapshot across levels. ZooKeeper's own `/zookeeper` subtree is never
+//!   listed, watched or deleted.
+//! * **TTL** uses persistent-with-TTL znodes (`extendedTypesEnabled=true` on
+//!   the server, else `Error::Unsupported`). The server removes an expired
+//!   TTL znode at its next container check (`znode.container.checkIntervalMs`,
+//!   60 s by default), so reads hide it as soon as `now - mtime > ttl` on
+//!   this machine's clock; watches see the delete when the server removes
+//!   it. `Capabilities::ttl` is `ttl_check_interval` + 1 s. A put without
+//!   TTL on a TTL key makes it permanent (the znode is replaced in one
+//!   multi); a znode with children cannot change type, so it keeps its TTL
+//!   (and a TTL cannot be given to a key with children).
+//! * **Watch** uses persistent recursive watches (`AddWatchMode::PersistentRecursive`,
+//!   or `Persistent` for one key). ZooKeeper 3.8 notifications carry no data
+//!   and no zxid, so the watch reads the changed znodes (multi-reads, until
+//!   no further notification is pending, which makes the batch a consistent
+//!   cut) and emits the differences from what it delivered before, puts in
+//!   `mzxid` order, with `prev` from its own view. A delete's revision is
+//!   not reported by ZooKeeper: the event carries one more than the last
+//!   revision the watch had seen, which orders it correctly. After a
+//!   reconnect (events can be lost, ZOOKEEPER-4698) or a session expiry
+//!   (the watch is set up again on a new session) it re-reads the whole
+//!   range and emits the differences: `watch_history: Converge`.
+//!   `Start::After(r)` emits the current keys whose `mzxid > r` as puts,
+//!   then live events. A watch keeps its range's keys in memory.
+//! * **Locks** follow the ephemeral-sequential recipe under
+//!   `/__anykv/locks/<ns>/<key>`: znode `lock-<guid>-<seq>` (the GUID finds
+//!   our znode again if a create reply was lost), the lowest sequence holds
+//!   the lock, each waiter watches only its predecessor. The fencing token
+//!   is the holder znode's `czxid` (strictly increasing across holders, even
+//!   if the lock directory is removed and re-created). The lock lives as
+//!   long as the store's session: `LockOptions::ttl` is not used; a dead
+//!   holder's lock frees when its session expires (`session_timeout`).
+//!   `lost()` fires when the session expires or the holder znode is deleted.
+//! * **atomic** is one ZooKeeper multi: checks become `check` ops on the
+//!   znode versions read just before (an absence check on a missing znode
+//!   becomes create + delete of that path), writes carry expected versions;
+//!   if anything changed in between, the multi fails and is evaluated again.
+//!   It returns the multi's zxid.
+//! * **Errors**: connection loss, session expiry and unreachable servers are
+//!   `Unavailable` (not alive); NoNode / NodeExists / BadVersion are
+//!   NotFound / AlreadyExists / Conflict; NoAuth is `PermissionDenied`.
+//!   The probe is `sync` + `exists` on the namespace root.
+//! * **Sessions**: one session per store, opened on first use (bounded by
+//!   `timeout`, failing fast when every server refuses), reconnected by the
+//!   client across servers, and opened again after it expires.
+//! * **ACLs**: znodes are created `world:anyone` with all permissions, or,
+//!   when the URL carries credentials, `auth` (creator) only.
+
+mod codec;
+mod conn;
+mod error;
+mod lock;
+mod tree;
+mod txn;
+mod watch;
+mod write;
+
+use std::{
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
+
+use anykv_core::{
+    Bytes, Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo,
+    LockOptions, Op, Prefix, PutOptions, Result, Revision, Start, Store, Target, Version,
+    WatchHistory, WatchStream, async_trait, registry::Driver,
+};
+use zookeeper_client::{self as zk, CreateMode, CreateOptions};
+
+use crate::{
+    codec::Node,
+    conn::{Conn, Session, Settings},
+    error::BACKEND,
+    write::Cx,
+};
+
+/// Every permission but WRITE: a TTL znode refuses `setData`, which is how
+/// a plain put learns in its one round trip that it must replace the znode.
+fn no_write() -> zk::Permission {
+    zk::Permission::READ | zk::Permission::CREATE | zk::Permission::DELETE | zk::Permission::ADMIN
+}
+
+static TTL_ANYONE: LazyLock<[zk::Acl; 1]> =
+    LazyLock::new(|| [zk::Acl::new(no_write(), zk::AuthId::anyone())]);
+static TTL_CREATOR: LazyLock<[zk::Acl; 1]> =
+    LazyLock::new(|| [zk::Acl::new(no_write(), zk::AuthId::authed())]);
+
+/// Largest value accepted: ZooKeeper's default `jute.maxbuffer` is 1 MiB
+/// (1,048,575 bytes) for a whole request, path and headers included.
+pub const MAX_VALUE_SIZE: usize = 1_000_000;
+
+/// Capabilities for a server whose container check runs every `check_interval`.
+pub fn capabilities(check_interval: Duration) -> Capabilities {
+    Capabilities::full(MAX_VALUE_SIZE)
+        .with_ttl(Some(check_interval + Duration::from_secs(1)))
+        .with_watch(WatchHistory::Converge)
+        .with_locks(true, true)
+        .with_durable(true)
+}
+
+inventory::submit! {
+    Driver {
+        name: "zookeeper",
+        schemes: &["zk", "zookeeper"],
+        description: "Apache ZooKeeper 3.5+ (znodes, mzxid versions, multi, TTL nodes, persistent watches)",
+        params: conn::PARAMS,
+        path_is_namespace: true,
+        capabilities: || capabilities(conn::DEFAULT_TTL_CHECK_INTERVAL),
+        open: |config| Box::pin(async move {
+            Ok(Arc::new(ZkStore::open(config).await?) as Arc<dyn Store>)
+        }),
+    }
+}
+
+/// A ZooKeeper-backed [`Store`]. Cheap to clone; clones share the session.
+#[derive(Clone)]
+pub struct ZkStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ZkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZkStore")
+            .field("url", &self.inner.conn.settings.redacted)
+            .finish()
+    }
+}
+
+/// State shared by a store, its watches and its locks.
+pub(crate) struct Inner {
+    pub(crate) conn: Conn,
+    caps: Capabilities,
+    /// ACL of keys and implicit parents.
+    pub(crate) acls: zk::Acls<'static>,
+    /// ACL of TTL keys: the same without WRITE (see `write::put_always`).
+    ttl_acls: zk::Acls<'static>,
+    /// The namespace root znode, probed by `probe()`.
+    namespace_path: String,
+}
+
+impl Inner {
+    pub(crate) async fn session(&self) -> Result<Arc<Session>> {
+        self.conn.session().await
+    }
+
+    /// Maps a client error; forgets the session if the error says it is gone.
+    pub(crate) fn fail(
+        &self,
+        session: &Arc<Session>,
+        e: zk::Error,
+        operation: &'static str,
+        key: &str,
+    ) -> Error {
+        if error::session_gone(&e) {
+            self.conn.forget(session);
+        }
+        error::map(e, operation, key)
+    }
+
+    /// Options of a key's znode.
+    pub(crate) fn node_options(&self) -> CreateOptions<'static> {
+        CreateMode::Persistent.with_acls(self.acls)
+    }
+
+    /// Options of a key's znode with a TTL.
+    pub(crate) fn ttl_options(&self, ttl: Duration) -> CreateOptions<'static> {
+        CreateMode::Persistent
+            .with_acls(self.ttl_acls)
+            .with_ttl(ttl)
+    }
+
+    /// Options of an implicit parent.
+    pub(crate) fn dir_options(&self) -> CreateOptions<'static> {
+        tree::dir_options(self.acls)
+    }
+
+    /// Options of a lock's ephemeral-sequential znode.
+    pub(crate) fn lock_options(&self) -> CreateOptions<'static> {
+        CreateMode::EphemeralSequential.with_acls(self.acls)
+    }
+}
+
+impl ZkStore {
+    /// Builds a store from a parsed URL (see the crate docs for the options).
+    /// Does not connect: the session opens on first use, so a store can be
+    /// made while ZooKeeper is down and its liveness reports it.
+    pub async fn open(config: Config) -> Result<ZkStore> {
+        let settings = Settings::from_config(&config)?;
+        let (acls, ttl_acls) = if settings.digest.is_some() {
+            (zk::Acls::creator_all(), zk::Acls::new(&*TTL_CREATOR))
+        } else {
+            (zk::Acls::anyone_all(), zk::Acls::new(&*TTL_ANYONE))
+        };
+        let caps = capabilities(settings.ttl_check_interval);
+        Ok(ZkStore {
+            inner: Arc::new(Inner {
+                conn: Conn::new(settings),
+                caps,
+                acls,
+                ttl_acls,
+                namespace_path: codec::prefix_path(config.namespace.as_str()),
+            }),
+        })
+    }
+
+    /// Id of the current ZooKeeper session (0 before the first operation),
+    /// as the server shows it in the `cons` four-letter command.
+    pub fn session_id(&self) -> i64 {
+        self.inner.conn.session_id()
+    }
+
+    fn cx<'a>(
+        &'a self,
+        session: &'a Arc<Session>,
+        operation: &'static str,
+        key: &'a str,
+    ) -> Cx<'a> {
+        Cx {
+            inner: &self.inner,
+            session,
+            operation,
+            key,
+        }
+    }
+}
+
+/// The error for a key inside ZooKeeper's own `/zookeeper` subtree.
+fn reserved(key: &Key) -> Error {
+    Error::InvalidArgument {
+        backend: BACKEND,
+        message: format!("{key}: /zookeeper is ZooKeeper's own subtree"),
+    }
+}
+
+#[async_trait]
+impl Store for ZkStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<KvPair>> {
+        let path = codec::path_of(key.as_str());
+        if codec::is_system(&path) {
+            return Ok(None);
+        }
+        let s = self.inner.session().await?;
+        match s.client.get_data(&path).await {
+            Ok((data, stat)) => Ok(match codec::classify(data, &stat, codec::now_millis()) {
+                Node::Key(value) => Some(codec::pair(key.clone(), value, &stat)),
+                Node::NotKey => None,
+            }),
+            Err(zk::Error::NoNode) => Ok(None),
+            Err(e) => Err(self.inner.fail(&s, e, "get", key.as_str())),
+        }
+    }
+
+    async fn put(&self, key: &Key, value: Bytes, opts: PutOptions) -> Result<Version> {
+        let path = codec::path_of(key.as_str());
+        if codec::is_system(&path) {
+            return Err(reserved(key));
+        }
+        let data = codec::encode(&value, opts.ttl);
+        let s = self.inner.session().await?;
+        let cx = self.cx(&s, "put", key.as_str());
+        match (opts.condition, opts.ttl) {
+            (Condition::Always, None) => write::put_always(&cx, &path, &data).await,
+            (cond, ttl) => write::put_checked(&cx, key, &path, &data, cond, ttl).await,
+        }
+    }
+
+    async fn delete(&self, key: &Key, condition: Condition) -> Result<bool> {
+        let path = codec::path_of(key.as_str());
+        if codec::is_system(&path) {
+            return write_nothing(key, condition);
+        }
+        let s = self.inner.session().await?;
+        let cx = self.cx(&s, "delete", key.as_str());
+        write::delete(&cx, key, &path, condition).await
+    }
+
+    async fn list(&self, prefix: &Prefix) -> Result<Vec<KvPair>> {
+        let base = codec::prefix_path(prefix.as_str());
+        let s = self.inner.session().await?;
+        let nodes = tree::scan(&s.client, &base)
+            .await
+            .map_err(|e| self.inner.fail(&s, e, "list", prefix.as_str()))?;
+        let now = codec::now_millis();
+        let mut pairs: Vec<KvPair> = nodes
+            .into_iter()
+            .filter_map(|n| {
+                let key = codec::key_of(&n.path)?;
+                match codec::classify(n.data, &n.stat, now) {
+                    Node::Key(value) => Some(codec::pair(key, value, &n.stat)),
+                    Node::NotKey => None,
+                }
+            })
+            .collect();
+        pairs.sort_by(|a, b| a.key.as_str().as_bytes().cmp(b.key.as_str().as_bytes()));
+        Ok(pairs)
+    }
+
+    async fn delete_prefix(&self, prefix: &Prefix) -> Result<u64> {
+        let base = codec::prefix_path(prefix.as_str());
+        let s = self.inner.session().await?;
+        let n = tree::delete_below(&s.client, &base)
+            .await
+            .map_err(|e| self.inner.fail(&s, e, "delete_prefix", prefix.as_str()))?;
+        if !prefix.is_root() {
+            tree::prune_self(&s.client, &base).await;
+        }
+        Ok(n)
+    }
+
+    async fn watch(&self, target: Target, start: Start) -> Result<WatchStream> {
+        watch::watch(self.inner.clone(), target, start).await
+    }
+
+    async fn lock(&self, key: &Key, opts: LockOptions) -> Result<LockGuard> {
+        // Waiting ends with Ok(Some) or an error (Timeout after `opts.wait`).
+        lock::acquire(&self.inner, key, &opts, opts.wait, false)
+            .await?
+            .ok_or_else(|| write::contention(key.as_str()))
+    }
+
+    async fn try_lock(&self, key: &Key, opts: LockOptions) -> Result<Option<LockGuard>> {
+        lock::acquire(&self.inner, key, &opts, None, true).await
+    }
+
+    async fn lock_holder(&self, key: &Key) -> Result<Option<LockInfo>> {
+        lock::holder(&self.inner, key).await
+    }
+
+    async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {
+        txn::atomic(&self.inner, checks, ops).await
+    }
+
+    async fn probe(&self) -> Result<()> {
+        let s = self.inner.session().await?;
+        let path = &self.inner.namespace_path;
+        let probe = async {
+            s.client.sync(path).await?;
+            s.client.check_stat(path).await.map(|_| ())
+        };
+        match tokio::time::timeout(self.inner.conn.settings.connect_timeout, probe).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.inner.fail(&s, e, "probe", path)),
+            Err(_) => Err(Error::Timeout {
+                backend: BACKEND,
+                operation: "probe",
+                after: self.inner.conn.settings.connect_timeout,
+            }),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.conn.close();
+        Ok(())
+    }
+}
+
+/// `delete` of a key inside `/zookeeper`: it is never a key.
+fn write_nothing(key: &Key, condition: Condition) -> Result<bool> {
+    anykv_core::store::condition::check(BACKEND, key, condition, None)?;
+    Ok(false)
+}

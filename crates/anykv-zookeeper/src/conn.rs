@@ -1,0 +1,223 @@
+//! The connection: URL options, and one ZooKeeper session shared by every
+//! operation, watch and lock of a store, opened on first use and opened
+//! again after it expires.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anykv_core::{Config, Error, Result, Secret};
+use tokio::sync::watch;
+use zookeeper_client as zk;
+
+use crate::error::{self, BACKEND};
+
+/// Query keys this driver reads (besides the common ones).
+pub(crate) const PARAMS: &[&str] = &["session_timeout", "ttl_check_interval"];
+
+/// Session timeout asked of the server when the URL gives none. The server
+/// clamps it to its `[minSessionTimeout, maxSessionTimeout]` (4 s – 40 s with
+/// the default tick).
+pub(crate) const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server's default `znode.container.checkIntervalMs`.
+pub(crate) const DEFAULT_TTL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Connection attempt bound when the URL gives no `timeout`.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Options read from the URL.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    /// `host:port,host:port` as zookeeper-client takes it.
+    pub(crate) connect_string: String,
+    /// Session timeout asked of the server.
+    pub(crate) session_timeout: Duration,
+    /// Bound of one attempt to open a session (the URL's `timeout`).
+    pub(crate) connect_timeout: Duration,
+    /// Digest credentials, `user:password`.
+    pub(crate) digest: Option<(String, Secret)>,
+    /// The server's container/TTL check interval, as the operator states it.
+    pub(crate) ttl_check_interval: Duration,
+    /// The URL with secrets redacted.
+    pub(crate) redacted: String,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("url", &self.redacted)
+            .field("session_timeout", &self.session_timeout)
+            .field("digest_user", &self.digest.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+impl Settings {
+    /// Reads the driver's options from a parsed URL.
+    pub(crate) fn from_config(config: &Config) -> Result<Settings> {
+        if config.hosts.is_empty() {
+            return Err(config.invalid("no ZooKeeper server given (zk://host:port/prefix)"));
+        }
+        let mut hosts = Vec::with_capacity(config.hosts.len());
+        for h in &config.hosts {
+            // zookeeper-client's default port is 2181 as well, but say it.
+            if h.contains(':') {
+                hosts.push(h.clone());
+            } else {
+                hosts.push(format!("{h}:2181"));
+            }
+        }
+        let session_timeout = match config.duration_param("session_timeout")? {
+            Some(t) if t.is_zero() => {
+                return Err(config.invalid("session_timeout must be positive"));
+            }
+            Some(t) => t,
+            None => DEFAULT_SESSION_TIMEOUT,
+        };
+        let connect_timeout = config
+            .duration_param("timeout")?
+            .filter(|t| !t.is_zero())
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let ttl_check_interval = match config.duration_param("ttl_check_interval")? {
+            Some(t) if t.is_zero() => {
+                return Err(config.invalid("ttl_check_interval must be positive"));
+            }
+            Some(t) => t,
+            None => DEFAULT_TTL_CHECK_INTERVAL,
+        };
+        let digest = match (&config.username, &config.password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            (Some(_), None) => {
+                return Err(config.invalid("digest auth needs user:password@"));
+            }
+            _ => None,
+        };
+        Ok(Settings {
+            connect_string: hosts.join(","),
+            session_timeout,
+            connect_timeout,
+            digest,
+            ttl_check_interval,
+            redacted: config.redacted.clone(),
+        })
+    }
+}
+
+/// One ZooKeeper session.
+pub(crate) struct Session {
+    /// The client; clones share the session.
+    pub(crate) client: zk::Client,
+}
+
+impl Session {
+    /// True while the session can still serve requests (possibly after a
+    /// reconnect): not expired, closed or refused.
+    pub(crate) fn usable(&self) -> bool {
+        !self.client.state().is_terminated()
+    }
+}
+
+/// The shared session of a store, opened lazily.
+pub(crate) struct Conn {
+    pub(crate) settings: Settings,
+    current: Mutex<Option<Arc<Session>>>,
+    connecting: tokio::sync::Mutex<()>,
+    /// Bumped by `close()`: running watches end with `Cancelled`.
+    closed: watch::Sender<u64>,
+}
+
+impl Conn {
+    pub(crate) fn new(settings: Settings) -> Conn {
+        Conn {
+            settings,
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            closed: watch::channel(0).0,
+        }
+    }
+
+    /// The current session, opening one if there is none or it expired.
+    ///
+    /// Opening is bounded by the connect timeout and fails fast when every
+    /// server refuses the connection, so an operation against a dead
+    /// endpoint never hangs.
+    pub(crate) async fn session(&self) -> Result<Arc<Session>> {
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let session = Arc::new(Session {
+            client: self.connect().await?,
+        });
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.clone());
+        Ok(session)
+    }
+
+    /// The current session if it is usable.
+    fn live(&self) -> Option<Arc<Session>> {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().filter(|s| s.usable()).cloned()
+    }
+
+    /// Id of the current session (0 if none), as the server prints it in `cons`.
+    pub(crate) fn session_id(&self) -> i64 {
+        self.live().map(|s| s.client.session_id().0).unwrap_or(0)
+    }
+
+    async fn connect(&self) -> Result<zk::Client> {
+        let s = &self.settings;
+        let mut connector = zk::Client::connector()
+            .with_session_timeout(s.session_timeout)
+            // Give up at once when every server refuses the connection,
+            // instead of cycling until the session timeout.
+            .with_fail_eagerly();
+        if let Some((user, password)) = &s.digest {
+            connector =
+                connector.with_auth("digest", format!("{user}:{}", password.expose()).as_bytes());
+        }
+        match tokio::time::timeout(s.connect_timeout, connector.connect(&s.connect_string)).await {
+            Ok(Ok(client)) => {
+                tracing::debug!(session = %client.session_id(), "zookeeper: session opened");
+                Ok(client)
+            }
+            Ok(Err(e)) => Err(error::map(e, "connect", &s.connect_string)),
+            Err(_) => Err(Error::Unavailable {
+                backend: BACKEND,
+                message: format!(
+                    "no session with {} within {:?}",
+                    s.connect_string, s.connect_timeout
+                ),
+                source: None,
+            }),
+        }
+    }
+
+    /// Drops the session after an error that says it is gone, so the next
+    /// operation opens a new one.
+    pub(crate) fn forget(&self, session: &Arc<Session>) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, session)) {
+            *current = None;
+        }
+    }
+
+    /// Ends running watches (with `Cancelled`) and drops the session; the
+    /// store stays usable and opens a new session on its next operation.
+    pub(crate) fn close(&self) {
+        self.closed.send_modify(|epoch| *epoch += 1);
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    /// A receiver that changes when `close()` is called.
+    pub(crate) fn closed(&self) -> watch::Receiver<u64> {
+        self.closed.subscribe()
+    }
+}
