@@ -213,6 +213,13 @@ impl ConsulStore {
             }),
         }))
     }
+
+    /// How many blocking-query loops run now: one per watched key or
+    /// prefix, however many streams watch it; a loop ends (and its query
+    /// with it) when its last stream is dropped.
+    pub fn watch_loops(&self) -> usize {
+        self.inner.watches.len()
+    }
 }
 
 #[async_trait]

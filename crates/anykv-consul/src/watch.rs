@@ -151,6 +151,11 @@ impl Registry {
         self.hubs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Running hubs.
+    pub(crate) fn len(&self) -> usize {
+        self.hubs().len()
+    }
+
     /// Ends every open stream with `Cancelled`.
     pub(crate) fn close(&self) {
         self.closed.send_modify(|g| *g += 1);
@@ -188,7 +193,10 @@ impl Registry {
 
 /// The blocking loop of one scope.
 async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
+    // The index the next query asks with (0 after a failure: answer at once).
     let mut index = 0u64;
+    // The index of the last published answer, to detect resets.
+    let mut last_published = 0u64;
     let mut epoch = 0u64;
     let mut published = false;
     let mut backoff = FIRST_BACKOFF;
@@ -248,10 +256,11 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
                 if published && new_index == index && !recovered {
                     continue; // the wait ran out: nothing changed
                 }
-                if new_index < index {
+                if new_index < last_published {
                     epoch += 1; // reset: a fresh baseline
                 }
                 index = new_index.max(1);
+                last_published = index;
                 published = true;
                 tx.send_replace(Some(Arc::new(Snapshot {
                     index,

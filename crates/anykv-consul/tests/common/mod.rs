@@ -1,0 +1,223 @@
+//! Helpers shared by the Consul integration tests.
+#![allow(dead_code)] // each test binary uses a part
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::{
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anykv_core::Kv;
+
+/// The URL of a test agent (`None`: skip, unless `cargo xtask test` requires it).
+pub fn url(var: &str) -> Option<String> {
+    anykv_testkit::server_url(var)
+}
+
+/// A required companion env var of a server URL (panics when missing: the
+/// server is there, so xtask must have exported it too).
+pub fn companion(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!("{var} is not set although the server URL is (run `cargo xtask test`)"),
+    }
+}
+
+/// A namespace no other test or run uses.
+pub fn unique(name: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "consul-tests/{name}-{}-{nanos:x}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `base` with extra query options (`k=v&…`).
+pub fn with_query(base: &str, query: &str) -> String {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}{query}")
+}
+
+/// Opens `base` scoped to namespace `ns` with extra options.
+pub async fn open(base: &str, ns: &str, query: &str) -> Kv {
+    let mut q = format!("prefix={ns}");
+    if !query.is_empty() {
+        q = format!("{q}&{query}");
+    }
+    anykv_core::open(&with_query(base, &q))
+        .await
+        .unwrap_or_else(|e| panic!("open {}: {e}", anykv_core::config::redact(base)))
+}
+
+/// `host:port` of a `consul://host:port/…` URL.
+pub fn addr(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    rest.split(['/', '?']).next().unwrap_or("").to_owned()
+}
+
+/// A raw HTTP call to the agent (for setup the driver does not do: ACL
+/// tokens, session inspection). Returns status and body.
+pub async fn http(
+    method: reqwest::Method,
+    url: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, String) {
+    let client = reqwest::Client::new();
+    let mut req = client
+        .request(method, format!("http://{}/v1/{path}", addr(url)))
+        .timeout(Duration::from_secs(10));
+    if let Some(t) = token {
+        req = req.header("X-Consul-Token", t);
+    }
+    if let Some(b) = body {
+        req = req.body(b.to_string());
+    }
+    let resp = req.send().await.expect("raw http call");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
+
+/// The raw entry of a key (`None` if absent), as Consul's JSON.
+pub async fn raw_entry(url: &str, key: &str, token: Option<&str>) -> Option<serde_json::Value> {
+    let (status, body) = http(reqwest::Method::GET, url, &format!("kv/{key}"), token, None).await;
+    match status {
+        404 => None,
+        200 => {
+            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+            v.get(0).cloned()
+        }
+        other => panic!("GET kv/{key}: {other} {body}"),
+    }
+}
+
+/// A 127.0.0.1 port nothing listens on.
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A free 127.0.0.1 port (bound, then released for the agent).
+pub fn free_port() -> u16 {
+    closed_port()
+}
+
+/// A private `consul agent -dev` that a test may stop, freeze or kill
+/// without disturbing the shared agents. Killed when dropped.
+pub struct PrivateAgent {
+    child: std::process::Child,
+    /// `consul://127.0.0.1:<http port>`.
+    pub url: String,
+    args: Vec<String>,
+    bin: String,
+}
+
+impl PrivateAgent {
+    /// Starts an agent from `ANYKV_CONSUL_BIN` on free ports and waits for
+    /// it to elect itself leader.
+    pub async fn start(bin: &str) -> PrivateAgent {
+        let http = free_port();
+        let args: Vec<String> = vec![
+            "agent".into(),
+            "-dev".into(),
+            "-client".into(),
+            "127.0.0.1".into(),
+            "-bind".into(),
+            "127.0.0.1".into(),
+            "-node".into(),
+            format!("private-{http}"),
+            "-http-port".into(),
+            http.to_string(),
+            "-dns-port".into(),
+            "-1".into(),
+            "-grpc-port".into(),
+            "-1".into(),
+            "-serf-lan-port".into(),
+            free_port().to_string(),
+            "-serf-wan-port".into(),
+            free_port().to_string(),
+            "-server-port".into(),
+            free_port().to_string(),
+        ];
+        let child = spawn(bin, &args);
+        let agent = PrivateAgent {
+            child,
+            url: format!("consul://127.0.0.1:{http}"),
+            args,
+            bin: bin.to_owned(),
+        };
+        agent.wait_leader().await;
+        agent
+    }
+
+    /// Waits until the agent names a leader.
+    pub async fn wait_leader(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let client = reqwest::Client::new();
+            let r = client
+                .get(format!("http://{}/v1/status/leader", addr(&self.url)))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await;
+            if let Ok(r) = r
+                && let Ok(body) = r.text().await
+                && body.contains(':')
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "private consul agent did not elect a leader"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `KILL`).
+    pub fn signal(&self, sig: &str) {
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Kills the agent and starts a fresh one on the same ports (an empty
+    /// store: `-dev` keeps nothing).
+    pub async fn restart(&mut self) {
+        self.signal("CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.bin, &self.args);
+        self.wait_leader().await;
+    }
+
+    /// Kills the agent for good.
+    pub fn kill(&mut self) {
+        self.signal("CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(bin: &str, args: &[String]) -> std::process::Child {
+    std::process::Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {bin}: {e}"))
+}
+
+impl Drop for PrivateAgent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
