@@ -2,6 +2,8 @@
 //! ranges, leases and lock records map onto etcd, checked with a raw
 //! etcd-client next to the driver.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 mod common;
 
 use std::time::Duration;
@@ -60,7 +62,11 @@ async fn version_is_mod_revision_and_never_reused_after_recreate() {
     assert_eq!(pair.version, v2);
     // Version 0 never matches, absent or not.
     let e = kv
-        .put(&key("absent"), "x".into(), PutOptions::if_version(Version::new(0)))
+        .put(
+            &key("absent"),
+            "x".into(),
+            PutOptions::if_version(Version::new(0)),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
@@ -89,8 +95,14 @@ async fn list_spans_many_pages_in_order_and_keys_dedups() {
     assert_eq!(names.len(), 600);
     assert_eq!(names[0], "0000");
     assert_eq!(kv.keys(&Prefix::root()).await.unwrap(), ["d", "d0"]);
-    assert_eq!(kv.delete_prefix(&Prefix::new("d").unwrap()).await.unwrap(), 600);
-    assert!(kv.get(&key("d0")).await.unwrap().is_some(), "d0 is not below d/");
+    assert_eq!(
+        kv.delete_prefix(&Prefix::new("d").unwrap()).await.unwrap(),
+        600
+    );
+    assert!(
+        kv.get(&key("d0")).await.unwrap().is_some(),
+        "d0 is not below d/"
+    );
     let _ = kv.delete_prefix(&Prefix::root()).await;
 }
 
@@ -111,9 +123,12 @@ async fn foreign_keys_are_skipped_not_errors() {
         .map(|p| p.key.into_string())
         .collect();
     assert_eq!(listed, ["ok"]);
-    raw.delete(format!("{ns}/"), Some(etcd_client::DeleteOptions::new().with_prefix()))
-        .await
-        .unwrap();
+    raw.delete(
+        format!("{ns}/"),
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,9 +142,13 @@ async fn ttl_puts_get_their_own_lease_and_expire_with_a_delete_event() {
         .unwrap();
     let ttl = PutOptions::default().with_ttl(Duration::from_secs(1));
     kv.put(&key("a"), "1".into(), ttl).await.unwrap();
-    kv.put(&key("b"), "2".into(), PutOptions::if_absent().with_ttl(Duration::from_secs(30)))
-        .await
-        .unwrap();
+    kv.put(
+        &key("b"),
+        "2".into(),
+        PutOptions::if_absent().with_ttl(Duration::from_secs(30)),
+    )
+    .await
+    .unwrap();
     let a = raw.get(format!("{ns}/a"), None).await.unwrap().kvs()[0].lease();
     let b = raw.get(format!("{ns}/b"), None).await.unwrap().kvs()[0].lease();
     assert!(a != 0 && b != 0 && a != b, "one lease per put: {a} {b}");
@@ -137,7 +156,11 @@ async fn ttl_puts_get_their_own_lease_and_expire_with_a_delete_event() {
     assert_eq!(granted, 30);
     // A failed conditional TTL put leaves no key and no extra attached lease.
     let e = kv
-        .put(&key("b"), "3".into(), PutOptions::if_absent().with_ttl(Duration::from_secs(30)))
+        .put(
+            &key("b"),
+            "3".into(),
+            PutOptions::if_absent().with_ttl(Duration::from_secs(30)),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists);
@@ -152,7 +175,11 @@ async fn ttl_puts_get_their_own_lease_and_expire_with_a_delete_event() {
             other => panic!("no delete of the expired key: {other:?}"),
         }
     }
-    assert!(started.elapsed() <= limit, "expired after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() <= limit,
+        "expired after {:?}",
+        started.elapsed()
+    );
     assert!(kv.get(&key("a")).await.unwrap().is_none());
     assert!(kv.get(&key("b")).await.unwrap().is_some());
     let _ = kv.delete_prefix(&Prefix::root()).await;
@@ -163,8 +190,13 @@ async fn watch_carries_prev_values_and_resumes_from_any_revision() {
     let Some((_ns, kv, _raw)) = setup("watchprev").await else {
         return;
     };
-    let v1 = kv.put(&key("w"), "1".into(), PutOptions::default()).await.unwrap();
-    kv.put(&key("w"), "2".into(), PutOptions::default()).await.unwrap();
+    let v1 = kv
+        .put(&key("w"), "1".into(), PutOptions::default())
+        .await
+        .unwrap();
+    kv.put(&key("w"), "2".into(), PutOptions::default())
+        .await
+        .unwrap();
     kv.delete(&key("w"), Condition::Always).await.unwrap();
     let mut w = kv
         .watch(Target::Key(key("w")), Start::After(v1.get()))
@@ -192,7 +224,10 @@ async fn atomic_is_one_revision_and_names_the_failed_check() {
         return;
     };
     use anykv_core::{Check, Op};
-    let v = kv.put(&key("x"), "1".into(), PutOptions::default()).await.unwrap();
+    let v = kv
+        .put(&key("x"), "1".into(), PutOptions::default())
+        .await
+        .unwrap();
     let rev = kv
         .atomic(
             vec![Check::Version(key("x"), v), Check::Absent(key("y"))],
@@ -201,19 +236,30 @@ async fn atomic_is_one_revision_and_names_the_failed_check() {
         .await
         .unwrap();
     let y = kv.get(&key("y")).await.unwrap().unwrap();
-    assert_eq!(y.mod_revision, rev, "every op of one atomic shares its revision");
+    assert_eq!(
+        y.mod_revision, rev,
+        "every op of one atomic shares its revision"
+    );
     let e = kv
         .atomic(
-            vec![Check::Exists(key("y")), Check::Value(key("y"), "nope".into())],
+            vec![
+                Check::Exists(key("y")),
+                Check::Value(key("y"), "nope".into()),
+            ],
             vec![Op::Delete(key("y"))],
         )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Conflict);
     assert_eq!(e.key(), Some("y"));
-    assert!(kv.get(&key("y")).await.unwrap().is_some(), "nothing applied");
+    assert!(
+        kv.get(&key("y")).await.unwrap().is_some(),
+        "nothing applied"
+    );
     // etcd caps a transaction at 128 operations; the layer says so up front.
-    let ops: Vec<Op> = (0..129).map(|i| Op::Delete(key(&format!("n{i}")))).collect();
+    let ops: Vec<Op> = (0..129)
+        .map(|i| Op::Delete(key(&format!("n{i}"))))
+        .collect();
     let e = kv.atomic(vec![], ops).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
     let _ = kv.delete_prefix(&Prefix::root()).await;
@@ -230,15 +276,26 @@ async fn largest_value_round_trips() {
         .await
         .unwrap();
     for i in 0..5 {
-        kv.put(&key(&format!("many/{i}")), big.clone().into(), PutOptions::default())
-            .await
-            .unwrap();
+        kv.put(
+            &key(&format!("many/{i}")),
+            big.clone().into(),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
     }
     assert_eq!(kv.get(&key("big")).await.unwrap().unwrap().value.len(), max);
     // Five 1 MiB values in one listing (over gRPC's default 4 MiB message).
-    assert_eq!(kv.list(&Prefix::new("many").unwrap()).await.unwrap().len(), 5);
+    assert_eq!(
+        kv.list(&Prefix::new("many").unwrap()).await.unwrap().len(),
+        5
+    );
     let e = kv
-        .put(&key("big"), vec![0u8; max + 1].into(), PutOptions::default())
+        .put(
+            &key("big"),
+            vec![0u8; max + 1].into(),
+            PutOptions::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ValueTooLarge);
@@ -304,14 +361,23 @@ async fn a_crashed_holder_frees_the_lock_when_its_lease_expires() {
         .await
         .unwrap();
     let dead_rev = put.header().unwrap().revision() as u64;
-    assert!(kv.try_lock(&key("job"), LockOptions::default()).await.unwrap().is_none());
+    assert!(
+        kv.try_lock(&key("job"), LockOptions::default())
+            .await
+            .unwrap()
+            .is_none()
+    );
     let t = Instant::now();
     let opts = LockOptions {
         wait: Some(Duration::from_secs(10)),
         ..LockOptions::default()
     };
     let guard = kv.lock(&key("job"), opts).await.unwrap();
-    assert!(t.elapsed() < Duration::from_secs(5), "waited {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "waited {:?}",
+        t.elapsed()
+    );
     assert!(guard.fencing_token() > dead_rev);
     guard.release().await.unwrap();
     assert!(kv.lock_holder(&key("job")).await.unwrap().is_none());
@@ -328,7 +394,12 @@ async fn nested_lock_names_are_independent() {
         .await
         .unwrap()
         .expect("a/b is another lock than a");
-    assert!(kv.try_lock(&key("a"), LockOptions::default()).await.unwrap().is_none());
+    assert!(
+        kv.try_lock(&key("a"), LockOptions::default())
+            .await
+            .unwrap()
+            .is_none()
+    );
     let holder = kv.lock_holder(&key("a")).await.unwrap().unwrap();
     assert_eq!(holder.fencing_token, outer.fencing_token());
     outer.release().await.unwrap();
@@ -370,11 +441,20 @@ async fn lock_wait_timeout_leaves_no_record_behind() {
 #[tokio::test]
 async fn unknown_option_and_tls_option_on_plain_scheme_are_url_errors() {
     use anykv_etcd as _;
-    let e = anykv_core::open("etcd://127.0.0.1:1/x?tiemout=1s").await.unwrap_err();
+    let e = anykv_core::open("etcd://127.0.0.1:1/x?tiemout=1s")
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidUrl);
-    assert!(e.to_string().contains("tiemout") && e.to_string().contains("ca"), "{e}");
-    let e = anykv_core::open("etcd://127.0.0.1:1/x?ca=/tmp/ca.pem").await.unwrap_err();
+    assert!(
+        e.to_string().contains("tiemout") && e.to_string().contains("ca"),
+        "{e}"
+    );
+    let e = anykv_core::open("etcd://127.0.0.1:1/x?ca=/tmp/ca.pem")
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidUrl, "{e}");
-    let e = anykv_core::open("etcd://u:hunter2@127.0.0.1:1/x?tiemout=1").await.unwrap_err();
+    let e = anykv_core::open("etcd://u:hunter2@127.0.0.1:1/x?tiemout=1")
+        .await
+        .unwrap_err();
     assert!(!format!("{e} {e:?}").contains("hunter2"));
 }

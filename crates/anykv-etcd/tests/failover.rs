@@ -6,6 +6,8 @@
 //! The killed member stays down for the rest of the run (the cluster keeps
 //! its quorum with two), so this binary holds this one test only.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 mod common;
 
 use std::{collections::HashSet, time::Duration};

@@ -2,6 +2,8 @@
 //! the same keys and values both ways, and locks that exclude each other
 //! (anykv uses etcd's `concurrency.Mutex` layout).
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 mod common;
 
 use std::{

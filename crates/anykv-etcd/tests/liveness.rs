@@ -2,6 +2,8 @@
 //! dead endpoints: a refused port, and a port that accepts connections but
 //! never answers (a hung server).
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 mod common;
 
 use std::time::{Duration, Instant};

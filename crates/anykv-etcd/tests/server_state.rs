@@ -2,6 +2,8 @@
 //! watcher count in its metrics, and compaction. They run one at a time, in
 //! their own test binary, so no other test's watches or history interfere.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 mod common;
 
 use std::time::Duration;
@@ -40,7 +42,10 @@ async fn dropping_watch_streams_cancels_the_server_watchers() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(now <= base, "server watchers left after dropping: {base} -> {now}");
+    assert!(
+        now <= base,
+        "server watchers left after dropping: {base} -> {now}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,11 +77,10 @@ async fn watching_from_a_compacted_revision_yields_compacted_then_ends() {
     }
     // The driver's stream ends right after the error (checked on the driver
     // itself: the layers add their own end-of-stream handling).
-    let driver = anykv_etcd::EtcdStore::connect(anykv_etcd::EtcdOptions::new(
-        common::endpoints(&url),
-    ))
-    .await
-    .unwrap();
+    let driver =
+        anykv_etcd::EtcdStore::connect(anykv_etcd::EtcdOptions::new(common::endpoints(&url)))
+            .await
+            .unwrap();
     let full = Key::new(format!("{ns}/k")).unwrap();
     let mut w = driver
         .watch(Target::Key(full), Start::After(first.get() - 1))

@@ -1,5 +1,6 @@
 //! Helpers shared by the etcd integration tests.
 #![allow(dead_code)] // each test binary uses a part
+#![allow(clippy::unwrap_used)] // tests may unwrap
 
 use std::{
     sync::atomic::{AtomicU32, Ordering},
