@@ -127,9 +127,13 @@ can refuse writes from an older holder. anykv renews the lease while the
 command runs, releases the lock when it exits and exits with its code.
 
 If the lock is lost while the command runs (lease expired, session lost),
-the command is killed (SIGKILL) and anykv exits 5. SIGTERM sent to anykv is
-forwarded to the command; Ctrl-C reaches the command from the terminal and
-anykv keeps the lock until the command has exited.
+the command is killed (SIGKILL) and anykv exits 5. When stdin is not a
+terminal (scripts, cron, systemd) the command runs in its own process group:
+losing the lock kills everything it started, and Ctrl-C or SIGTERM sent to
+anykv is forwarded to the group. When stdin is a terminal the command stays
+in the terminal's foreground group (it can read the terminal, Ctrl-C reaches
+it directly, SIGTERM is forwarded) and only the command itself is killed on
+loss. Either way the lock is held until the command has exited.
 
 redb and memory locks exclude holders within one process only; a redb file
 is moreover held open by the `anykv lock` process, so the command cannot

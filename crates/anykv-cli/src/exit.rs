@@ -112,20 +112,34 @@ pub fn code_for(kind: ErrorKind) -> u8 {
     }
 }
 
-/// The error and its sources on one line, skipping a source whose text the
-/// message already contains (drivers often repeat it).
+/// The error and the deepest readable cause in its source chain, on one
+/// line. Client libraries often put a `Debug` dump of their own cause in
+/// their `Display` (etcd-client's gRPC status does, with tonic's transport
+/// error inside), while the root cause is usually a plain OS or protocol
+/// message ("Connection refused (os error 111)"); dumps are skipped.
 fn with_sources(e: &Error) -> String {
     let mut line = e.to_string();
+    let mut cause = None;
     let mut source = e.source();
     while let Some(s) = source {
         let text = s.to_string();
-        if !text.is_empty() && !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
+        if looks_plain(&text) {
+            cause = Some(text);
         }
         source = s.source();
     }
+    if let Some(text) = cause
+        && !line.contains(&text)
+    {
+        line.push_str(": ");
+        line.push_str(&text);
+    }
     line
+}
+
+/// A human message rather than a `Debug` rendering of a struct.
+fn looks_plain(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 200 && !text.contains(['{', '}'])
 }
 
 /// Folds a multi-line message (some client errors carry newlines) into one line.
@@ -183,6 +197,11 @@ mod tests {
                 "test: unavailable: connect failed: connection refused retry later",
             ),
             (
+                Error::unavailable(b, "get: tcp connect error", Nested),
+                UNREACHABLE,
+                "test: unavailable: get: tcp connect error: connection refused",
+            ),
+            (
                 Error::UnknownBackend {
                     name: "nope".into(),
                     available: vec!["memory".into(), "redb".into()],
@@ -203,6 +222,23 @@ mod tests {
         for (e, code, msg) in cases {
             let f = Failure::from(e);
             assert_eq!((f.code, f.message.as_deref()), (code, Some(msg)));
+        }
+    }
+
+    /// A client error whose Display embeds a Debug dump of its cause.
+    #[derive(Debug)]
+    struct Nested;
+    impl fmt::Display for Nested {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("status: Unavailable, source: Os { code: 111 }")
+        }
+    }
+    impl std::error::Error for Nested {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            static ROOT: std::sync::LazyLock<std::io::Error> = std::sync::LazyLock::new(|| {
+                std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused")
+            });
+            Some(&*ROOT)
         }
     }
 

@@ -6,8 +6,17 @@
 //! driver reports the lock lost, the command is killed at once (it may no
 //! longer assume exclusive access) and the tool exits 5. Otherwise the tool
 //! releases the lock after the command exits and exits with its code.
+//!
+//! Process groups (Unix): when stdin is not a terminal (scripts, cron,
+//! systemd), the command runs in a process group of its own, so that losing
+//! the lock kills the command *and everything it started*, and Ctrl-C or
+//! SIGTERM sent to anykv is forwarded to that group. When stdin is a
+//! terminal, the command stays in the terminal's foreground group so that
+//! it can read the terminal and receives Ctrl-C directly; then only the
+//! command process itself is killed on loss (the same trade-off as GNU
+//! `timeout --foreground`).
 
-use std::{ffi::OsString, future::Future, process::ExitStatus, time::Duration};
+use std::{ffi::OsString, future::Future, io::IsTerminal, process::ExitStatus, time::Duration};
 
 use anykv::{Error, Key, Kv, LockGuard, LockOptions, Store};
 use tokio::process::{Child, Command};
@@ -67,11 +76,17 @@ pub async fn run(kv: &Kv, plan: LockPlan) -> Result<u8, Failure> {
         }
     };
 
-    let spawned = Command::new(&plan.program)
+    let own_group = cfg!(unix) && !std::io::stdin().is_terminal();
+    let mut command = Command::new(&plan.program);
+    command
         .args(&plan.args)
         .env(TOKEN_ENV, guard.fencing_token().to_string())
-        .kill_on_drop(true)
-        .spawn();
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    if own_group {
+        command.process_group(0);
+    }
+    let spawned = command.spawn();
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
@@ -79,7 +94,7 @@ pub async fn run(kv: &Kv, plan: LockPlan) -> Result<u8, Failure> {
             return Err(spawn_failure(&plan.program, &e));
         }
     };
-    let outcome = supervise(&mut child, guard.lost(), &mut signals).await;
+    let outcome = supervise(&mut child, own_group, guard.lost(), &mut signals).await;
     match outcome {
         Ok(Supervised::Exited(status)) => {
             release(guard).await;
@@ -152,12 +167,14 @@ enum Supervised {
     LockLost,
 }
 
-/// Waits for the command, killing it if `lost` resolves first; forwards
-/// SIGTERM to it. Ctrl-C is not forwarded: the terminal already sends it to
-/// the whole foreground process group, the command included, and the lock
-/// stays held until the command has exited.
+/// Waits for the command, killing it (its whole group when `own_group`)
+/// if `lost` resolves first. SIGTERM is forwarded; so is Ctrl-C when the
+/// command has its own group (otherwise the terminal already delivers it to
+/// the command, which shares anykv's foreground group). The lock stays held
+/// until the command has exited.
 async fn supervise(
     child: &mut Child,
+    own_group: bool,
     lost: impl Future<Output = ()>,
     signals: &mut Signals,
 ) -> std::io::Result<Supervised> {
@@ -166,33 +183,57 @@ async fn supervise(
         tokio::select! {
             status = child.wait() => return status.map(Supervised::Exited),
             () = &mut lost => {
+                send(child, own_group, Send::Kill);
+                // Fallback for a child that is already gone or on non-Unix.
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 return Ok(Supervised::LockLost);
             }
-            s = signals.next() => {
-                if s == Stop::Terminate {
-                    forward_terminate(child);
-                }
-            }
+            s = signals.next() => match s {
+                Stop::Terminate => send(child, own_group, Send::Terminate),
+                Stop::Interrupt if own_group => send(child, own_group, Send::Interrupt),
+                Stop::Interrupt => {}
+            },
         }
     }
 }
 
+/// A signal for the command.
+#[derive(Clone, Copy, Debug)]
+enum Send {
+    Interrupt,
+    Terminate,
+    Kill,
+}
+
 #[cfg(unix)]
-fn forward_terminate(child: &mut Child) {
+fn send(child: &mut Child, own_group: bool, what: Send) {
     use nix::{
-        sys::signal::{Signal, kill},
+        sys::signal::{Signal, kill, killpg},
         unistd::Pid,
     };
-    if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    }
+    let signal = match what {
+        Send::Interrupt => Signal::SIGINT,
+        Send::Terminate => Signal::SIGTERM,
+        Send::Kill => Signal::SIGKILL,
+    };
+    // `id()` is None once the child has been reaped: nothing to signal.
+    let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
+        return;
+    };
+    // With process_group(0) the child leads a group whose id is its pid.
+    let _ = if own_group {
+        killpg(Pid::from_raw(pid), signal)
+    } else {
+        kill(Pid::from_raw(pid), signal)
+    };
 }
 
 #[cfg(not(unix))]
-fn forward_terminate(child: &mut Child) {
-    let _ = child.start_kill();
+fn send(child: &mut Child, _own_group: bool, what: Send) {
+    if matches!(what, Send::Terminate | Send::Kill) {
+        let _ = child.start_kill();
+    }
 }
 
 /// Releases after the command; a failure leaves the lease to run out.
@@ -246,29 +287,58 @@ mod tests {
     use std::time::Instant;
 
     #[tokio::test]
-    async fn losing_the_lock_kills_the_command() {
-        let mut child = Command::new("sleep")
-            .arg("30")
+    async fn losing_the_lock_kills_the_command_and_its_children() {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let grandchild: u32 = lines.next_line().await.unwrap().unwrap().parse().unwrap();
         let started = Instant::now();
         let lost = tokio::time::sleep(Duration::from_millis(200));
-        let outcome = supervise(&mut child, lost, &mut Signals::new())
+        let outcome = supervise(&mut child, true, lost, &mut Signals::new())
             .await
             .unwrap();
         assert!(matches!(outcome, Supervised::LockLost), "{outcome:?}");
         assert!(started.elapsed() < Duration::from_secs(10));
-        // Reaped: no exit status pending, the process is gone.
-        assert!(child.try_wait().unwrap().is_some());
+        assert!(child.try_wait().unwrap().is_some(), "the command is reaped");
+        // The grandchild died with its group (it may linger as a zombie
+        // until init reaps it, but it no longer runs).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            if matches!(state, None | Some("Z" | "X")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "grandchild still running: {stat}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
     async fn the_command_exit_code_passes_through() {
         let mut child = Command::new("sh").args(["-c", "exit 7"]).spawn().unwrap();
-        let outcome = supervise(&mut child, std::future::pending(), &mut Signals::new())
-            .await
-            .unwrap();
+        let outcome = supervise(
+            &mut child,
+            false,
+            std::future::pending(),
+            &mut Signals::new(),
+        )
+        .await
+        .unwrap();
         let Supervised::Exited(status) = outcome else {
             panic!("{outcome:?}")
         };

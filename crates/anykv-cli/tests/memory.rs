@@ -164,8 +164,13 @@ fn drivers_lists_every_enabled_driver() {
     ] {
         assert_eq!(names.contains(&name), enabled, "{name}: {names:?}");
     }
-    let memory = &json[0];
+    let memory = json
+        .as_array()
+        .and_then(|all| all.iter().find(|d| d["name"] == "memory"))
+        .expect("memory driver");
+    assert_eq!(memory["schemes"][0], "memory");
     assert_eq!(memory["capabilities"]["locks"], true);
+    assert_eq!(memory["capabilities"]["durable"], false);
 }
 
 #[test]
@@ -223,20 +228,42 @@ fn closed_stdout_is_not_an_error() {
     assert!(err.is_empty(), "{err}");
 }
 
-#[test]
-fn lock_forwards_sigterm_to_the_command() {
+/// Runs `lock` with a script that traps `signal_name`, sends `kill_arg` to
+/// anykv, and checks the script saw it and its exit code came back.
+fn lock_forwards(kill_arg: &str, signal_name: &str) {
     use std::io::{BufRead, BufReader};
-    let script = "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.05; done";
+    let script = format!(
+        "trap 'echo got-{signal_name}; exit 3' {signal_name}; echo ready; while :; do sleep 0.05; done"
+    );
+    // stdin is not a terminal: the command runs in its own process group.
     let mut child = bin()
-        .args(["--url", MEM, "lock", "l", "--", "sh", "-c", script])
+        .args(["--url", MEM, "lock", "l", "--", "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     assert_eq!(lines.next().expect("line").expect("read"), "ready");
-    common::terminate(&child);
-    assert_eq!(lines.next().expect("line").expect("read"), "got-term");
+    let status = std::process::Command::new("kill")
+        .args([kill_arg, &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    assert_eq!(
+        lines.next().expect("line").expect("read"),
+        format!("got-{signal_name}")
+    );
     // anykv released the lock and exited with the command's code.
     assert_eq!(common::wait(&mut child, common::DEADLINE), Some(3));
+}
+
+#[test]
+fn lock_forwards_sigterm_to_the_command() {
+    lock_forwards("-TERM", "TERM");
+}
+
+#[test]
+fn lock_forwards_ctrl_c_to_a_command_in_its_own_group() {
+    lock_forwards("-INT", "INT");
 }
