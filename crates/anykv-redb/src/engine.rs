@@ -22,7 +22,7 @@ use std::{
 };
 
 use anykv_core::{Error, Event, Key, KvPair, Prefix, Result, Revision};
-use redb::{Database, ReadTransaction, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::{
@@ -41,15 +41,32 @@ pub(crate) const EXPIRY: TableDefinition<'static, (u64, &'static str), ()> =
 /// Revision → the events of that revision: the bounded watch history.
 pub(crate) const EVENTS: TableDefinition<'static, u64, &'static [u8]> =
     TableDefinition::new("anykv_events");
-/// Counters: revision, compacted floor, format.
+/// File-level facts: the format marker.
 pub(crate) const META: TableDefinition<'static, &'static str, u64> =
     TableDefinition::new("anykv_meta");
 
-pub(crate) const META_REVISION: &str = "revision";
-pub(crate) const META_COMPACTED: &str = "compacted";
 pub(crate) const META_FORMAT: &str = "format";
-/// Bumped on any incompatible change of the layout above.
+/// Bumped on any incompatible change of the layout above. The store
+/// revision is the last key of [`EVENTS`] (see the writer).
 pub(crate) const FORMAT: u64 = 1;
+
+/// A read snapshot shared by point reads until the next commit.
+///
+/// Beginning a redb read transaction and opening the table costs about
+/// twice the lookup itself; reads between two commits reuse one snapshot
+/// instead. The writer drops the cached snapshot at every commit (before
+/// publishing the new revision), so a snapshot never pins the pages a later
+/// commit frees for longer than one commit, and every read that starts after
+/// a write was acknowledged sees it.
+pub(crate) struct Snapshot {
+    /// The committed revision when it was taken (it holds at least that).
+    rev: Revision,
+    kv: redb::ReadOnlyTable<&'static str, &'static [u8]>,
+    _txn: ReadTransaction,
+}
+
+/// Where the current [`Snapshot`] is kept; shared with the writer.
+pub(crate) type SnapshotSlot = Arc<RwLock<Option<Arc<Snapshot>>>>;
 
 /// The events of one committed transaction, in revision order.
 pub(crate) type Batch = Arc<Vec<Event>>;
@@ -70,6 +87,18 @@ pub(crate) fn prefix_range(prefix: &Prefix) -> (String, Option<String>) {
     } else {
         (prefix.dir(), Some(format!("{}0", prefix.as_str())))
     }
+}
+
+/// The newest revision a watch may start after: history before it is
+/// pruned. The log's first revision minus one; the current revision when
+/// the log is empty.
+pub(crate) fn compacted_floor(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    current: Revision,
+) -> Result<Revision, redb::StorageError> {
+    Ok(events
+        .first()?
+        .map_or(current, |(k, _)| k.value().saturating_sub(1)))
 }
 
 /// Per-file options from the URL.
@@ -97,6 +126,7 @@ pub(crate) struct Engine {
     pub(crate) path: PathBuf,
     pub(crate) settings: Settings,
     db: RwLock<Option<Arc<Database>>>,
+    snapshot: SnapshotSlot,
     tx: mpsc::Sender<Cmd>,
     writer: Mutex<Option<JoinHandle<()>>>,
     committed: Arc<AtomicU64>,
@@ -191,8 +221,10 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let (events, _) = broadcast::channel(LIVE_CAPACITY);
         let committed = Arc::new(AtomicU64::new(0));
+        let snapshot = SnapshotSlot::default();
         let handle = Writer::start(
             db.clone(),
+            snapshot.clone(),
             rx,
             committed.clone(),
             events.clone(),
@@ -205,6 +237,7 @@ impl Engine {
             path,
             settings,
             db: RwLock::new(Some(db)),
+            snapshot,
             tx,
             writer: Mutex::new(Some(handle)),
             committed,
@@ -295,21 +328,46 @@ impl Engine {
             .map_err(|e| error::from("begin a read transaction", e))
     }
 
-    /// Reads one key. Cheap enough (a B-tree lookup in redb's cache) to run
-    /// on the async thread: see the crate docs for the measurement.
-    pub(crate) fn get(&self, key: &Key) -> Result<Option<KvPair>> {
+    /// The snapshot for point reads: the cached one if no commit happened
+    /// since it was taken, else a fresh one (then cached).
+    fn snapshot(&self) -> Result<Arc<Snapshot>> {
+        let rev = self.committed.load(Ordering::SeqCst);
+        if let Some(s) = self
+            .snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            && s.rev == rev
+        {
+            return Ok(s.clone());
+        }
         let txn = self.read_txn()?;
-        let table = txn
+        let kv = txn
             .open_table(KV)
             .map_err(|e| error::from("open table", e))?;
-        let Some(raw) = table
+        let snap = Arc::new(Snapshot { rev, kv, _txn: txn });
+        let mut slot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        // Never cache after shutdown: it would keep the file locked.
+        if !self.is_closed() {
+            *slot = Some(snap.clone());
+        }
+        Ok(snap)
+    }
+
+    /// Reads one key. Cheap enough (a B-tree lookup in redb's cache, in a
+    /// shared snapshot) to run on the async thread: see the crate docs.
+    pub(crate) fn get(&self, key: &Key) -> Result<Option<KvPair>> {
+        let snap = self.snapshot()?;
+        let Some(raw) = snap
+            .kv
             .get(key.as_str())
             .map_err(|e| error::from("read", e))?
         else {
             return Ok(None);
         };
         let rec = codec::decode_record(raw.value()).map_err(error::corrupt)?;
-        if rec.expired(now_ms()) {
+        // The clock is read only for keys with a TTL.
+        if rec.expires_ms != 0 && rec.expired(now_ms()) {
             return Ok(None);
         }
         Ok(Some(rec.into_pair(key.clone())))
@@ -317,11 +375,9 @@ impl Engine {
 
     /// Whether a key exists, without copying its value.
     pub(crate) fn exists(&self, key: &Key) -> Result<bool> {
-        let txn = self.read_txn()?;
-        let table = txn
-            .open_table(KV)
-            .map_err(|e| error::from("open table", e))?;
-        let Some(raw) = table
+        let snap = self.snapshot()?;
+        let Some(raw) = snap
+            .kv
             .get(key.as_str())
             .map_err(|e| error::from("read", e))?
         else {
@@ -437,8 +493,9 @@ impl Engine {
     ) -> Result<Vec<(Revision, Vec<Event>)>> {
         let run = || -> Result<Vec<(Revision, Vec<Event>)>, Failure> {
             let txn = self.read_txn().map_err(Failure::Kv)?;
-            let meta = txn.open_table(META)?;
-            let compacted = meta.get(META_COMPACTED)?.map_or(0, |v| v.value());
+            let events = txn.open_table(EVENTS)?;
+            let last = events.last()?.map_or(0, |(k, _)| k.value());
+            let compacted = compacted_floor(&events, last)?;
             if after < compacted {
                 return Err(Failure::Kv(Error::Compacted {
                     backend: BACKEND,
@@ -446,7 +503,6 @@ impl Engine {
                     oldest: compacted + 1,
                 }));
             }
-            let events = txn.open_table(EVENTS)?;
             let mut out = Vec::new();
             for item in events.range((Bound::Excluded(after), Bound::Unbounded))? {
                 let (k, v) = item?;

@@ -36,7 +36,7 @@ use tokio::sync::{broadcast, oneshot};
 use crate::{
     codec::{self, Record},
     engine::{
-        Batch, EVENTS, EXPIRY, FORMAT, KV, META, META_COMPACTED, META_FORMAT, META_REVISION,
+        Batch, EVENTS, EXPIRY, FORMAT, KV, META, META_FORMAT, SnapshotSlot, compacted_floor,
         prefix_range,
     },
     error::{self, BACKEND, Failure},
@@ -46,6 +46,8 @@ use crate::{
 const MAX_BATCH: usize = 1024;
 /// Most value bytes in one transaction.
 const MAX_BATCH_BYTES: usize = 64 << 20;
+/// Longest wait for more writes before committing a batch (see `run`).
+const MAX_GATHER: Duration = Duration::from_millis(2);
 /// Most expired keys removed by one sweep transaction.
 const MAX_SWEEP: usize = 10_000;
 /// Where anykv keeps lock records (their holders live in this process only).
@@ -438,13 +440,13 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Logs this transaction's events, prunes history and records the revision.
-    fn finish(
-        &mut self,
-        start_rev: Revision,
-        history: u64,
-        compacted: &mut u64,
-    ) -> Result<(), Failure> {
+    /// Logs this transaction's events and prunes the history.
+    ///
+    /// The event log is also where the revision counter persists: its last
+    /// key is the current revision and its first key, minus one, the
+    /// compacted floor (pruning always keeps the latest revision). So a
+    /// commit touches one extra table, not two.
+    fn finish(&mut self, history: u64, compacted: &mut u64) -> Result<(), Failure> {
         let mut i = 0;
         while i < self.events.len() {
             let rev = self.events[i].revision();
@@ -457,13 +459,9 @@ impl Ctx<'_> {
                 .insert(rev, codec::encode_events(&self.events[i..j]).as_slice())?;
             i = j;
         }
-        if self.rev != start_rev {
-            self.t.meta.insert(META_REVISION, self.rev)?;
-        }
         let cutoff = self.rev.saturating_sub(history);
         if cutoff > *compacted {
             self.t.events.retain_in(..=cutoff, |_, _| false)?;
-            self.t.meta.insert(META_COMPACTED, cutoff)?;
             *compacted = cutoff;
         }
         Ok(())
@@ -477,6 +475,7 @@ impl Ctx<'_> {
 /// The writer thread's state.
 pub(crate) struct Writer {
     db: Arc<Database>,
+    snapshot: SnapshotSlot,
     rx: mpsc::Receiver<Cmd>,
     committed: Arc<AtomicU64>,
     events: broadcast::Sender<Batch>,
@@ -485,6 +484,10 @@ pub(crate) struct Writer {
     compacted: Revision,
     next_expiry: Option<u64>,
     last_sweep: Instant,
+    /// Size of the previous batch and how long it took to commit: the
+    /// group-commit gathering heuristic.
+    last_batch: usize,
+    last_commit: Duration,
 }
 
 impl Writer {
@@ -492,6 +495,7 @@ impl Writer {
     /// thread. Runs on a blocking thread.
     pub(crate) fn start(
         db: Arc<Database>,
+        snapshot: SnapshotSlot,
         rx: mpsc::Receiver<Cmd>,
         committed: Arc<AtomicU64>,
         events: broadcast::Sender<Batch>,
@@ -502,6 +506,7 @@ impl Writer {
         committed.store(rev, Ordering::SeqCst);
         let writer = Writer {
             db,
+            snapshot,
             rx,
             committed,
             events,
@@ -512,6 +517,8 @@ impl Writer {
             last_sweep: Instant::now()
                 .checked_sub(settings.sweep_interval)
                 .unwrap_or_else(Instant::now),
+            last_batch: 0,
+            last_commit: Duration::ZERO,
         };
         let handle = std::thread::Builder::new()
             .name("anykv-redb-writer".into())
@@ -556,7 +563,32 @@ impl Writer {
             let mut bytes = 0;
             let mut shutdown = false;
             let mut next = first;
-            while let Some(cmd) = next.take() {
+            // Set once the queue ran dry: how long to wait for stragglers.
+            let mut gather_until: Option<Instant> = None;
+            loop {
+                let Some(cmd) = next.take() else {
+                    // The queue is empty. If the last batch was much larger,
+                    // its writers are most likely re-submitting right now
+                    // (woken by their replies): wait for them a fraction of
+                    // a commit rather than pay a whole extra commit. At
+                    // concurrency 1 the last batch was 1, so no wait.
+                    if batch.is_empty() || batch.len() * 2 > self.last_batch {
+                        break;
+                    }
+                    let until = *gather_until.get_or_insert_with(|| {
+                        Instant::now() + (self.last_commit / 2).min(MAX_GATHER)
+                    });
+                    match self
+                        .rx
+                        .recv_timeout(until.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(c) => {
+                            next = Some(c);
+                            continue;
+                        }
+                        Err(_) => break,
+                    }
+                };
                 match cmd {
                     Cmd::Write(req) => {
                         bytes += req.op.weight();
@@ -572,7 +604,10 @@ impl Writer {
                 }
                 next = self.rx.try_recv().ok();
             }
+            self.last_batch = batch.len();
+            let started = Instant::now();
             self.commit(batch);
+            self.last_commit = started.elapsed();
             if shutdown {
                 break;
             }
@@ -617,6 +652,12 @@ impl Writer {
                 self.rev = done.rev;
                 self.compacted = done.compacted;
                 self.next_expiry = done.next_expiry;
+                // Readers must not keep using a snapshot older than this
+                // commit, and it must not pin the pages the commit freed.
+                self.snapshot
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
                 self.committed.store(done.rev, Ordering::SeqCst);
                 if !done.events.is_empty() {
                     // No receiver is fine: nobody watches.
@@ -680,7 +721,7 @@ impl Writer {
                     Err(f) => return Err(Abort::Request(i, f.into_error("write"))),
                 }
             }
-            ctx.finish(self.rev, self.settings.history, &mut compacted)
+            ctx.finish(self.settings.history, &mut compacted)
                 .map_err(|f| Abort::Txn(f.into_error("log events")))?;
             let next_expiry = ctx
                 .first_expiry()
@@ -763,8 +804,8 @@ fn init(db: &Database, history: u64) -> Result<(Revision, Revision, Option<u64>)
                 }));
             }
         }
-        let rev = tables.meta.get(META_REVISION)?.map_or(0, |v| v.value());
-        let mut compacted = tables.meta.get(META_COMPACTED)?.map_or(0, |v| v.value());
+        let rev = tables.events.last()?.map_or(0, |(k, _)| k.value());
+        let mut compacted = compacted_floor(&tables.events, rev)?;
         let mut ctx = Ctx {
             t: tables,
             rev,
@@ -776,7 +817,7 @@ fn init(db: &Database, history: u64) -> Result<(Revision, Revision, Option<u64>)
             ctx.t.meta.insert(META_FORMAT, FORMAT)?;
         }
         ctx.drop_stale_locks()?;
-        ctx.finish(rev, history, &mut compacted)?;
+        ctx.finish(history, &mut compacted)?;
         (ctx.rev, compacted, ctx.first_expiry()?)
     };
     txn.commit()?;

@@ -381,6 +381,8 @@ async fn stores_on_one_file_share_an_engine() {
     b.put(&key("k"), "from b".into(), PutOptions::default())
         .await
         .unwrap();
+    // The last operation a read: its cached snapshot must not pin the file.
+    assert!(b.get(&key("k")).await.unwrap().is_some());
     b.close().await.unwrap();
     c.close().await.unwrap();
     // Every handle closed: the file is free for a raw redb open.
@@ -503,5 +505,62 @@ async fn keys_skip_subtrees_correctly() {
         kv.keys(&Prefix::new("a").unwrap()).await.unwrap(),
         ["b", "c"]
     );
+    kv.close().await.unwrap();
+}
+
+/// Point reads share a cached snapshot between commits: a read that starts
+/// after a write was acknowledged must still see it, whatever other readers
+/// keep cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_see_every_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = open(&dir.path().join("ryw.redb"), "").await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for r in 0..4 {
+        let (kv, stop) = (kv.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = kv.get(&key(&format!("ryw/{}", r % 2))).await.unwrap();
+                n += 1;
+                if n.is_multiple_of(64) {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let kv = kv.clone();
+        writers.push(tokio::spawn(async move {
+            let k = key(&format!("ryw/{w}"));
+            for i in 0..200u32 {
+                let v = kv
+                    .put(&k, Bytes::from(i.to_string()), PutOptions::default())
+                    .await
+                    .unwrap();
+                let got = kv.get(&k).await.unwrap().unwrap();
+                assert_eq!(got.version, v, "a read after the ack sees the write");
+                assert!(kv.exists(&k).await.unwrap());
+                if i.is_multiple_of(50) {
+                    assert!(kv.delete(&k, Condition::Always).await.unwrap());
+                    assert_eq!(
+                        kv.get(&k).await.unwrap(),
+                        None,
+                        "a read after a delete sees it"
+                    );
+                    assert!(!kv.exists(&k).await.unwrap());
+                }
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
     kv.close().await.unwrap();
 }
