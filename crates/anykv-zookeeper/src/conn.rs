@@ -169,6 +169,11 @@ impl Conn {
         self.live().map(|s| s.client.session_id().0).unwrap_or(0)
     }
 
+    /// The current session's id and password.
+    pub(crate) fn session_info(&self) -> Option<zk::SessionInfo> {
+        self.live().map(|s| s.client.session().clone())
+    }
+
     async fn connect(&self) -> Result<zk::Client> {
         let s = &self.settings;
         let mut connector = zk::Client::connector()

@@ -249,6 +249,13 @@ impl ZkStore {
         self.inner.conn.session_id()
     }
 
+    /// The current session's id and password, for tests that expire it by
+    /// taking it over with another client and closing that one.
+    #[doc(hidden)]
+    pub fn session_info(&self) -> Option<zk::SessionInfo> {
+        self.inner.conn.session_info()
+    }
+
     fn cx<'a>(
         &'a self,
         session: &'a Arc<Session>,
