@@ -77,7 +77,7 @@ pub(crate) type Batch = Arc<Vec<Event>>;
 const REOPEN_GRACE: Duration = Duration::from_millis(500);
 
 /// Live batches kept for slow watchers before they fall back to the log.
-const LIVE_CAPACITY: usize = 1024;
+const LIVE_CAPACITY: usize = 256;
 
 /// The key range strictly below `prefix`: `[prefix/, prefix0)` (`'0'` is the
 /// byte after `'/'`), or everything for the root.

@@ -270,7 +270,9 @@ impl Ctx<'_> {
         }
         let expires_ms = match ttl {
             // At least 1 ms in the future: 0 means "no TTL".
-            Some(t) => self.now.saturating_add((t.as_millis() as u64).max(1)),
+            Some(t) => self
+                .now
+                .saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
             None => 0,
         };
         let rev = self.next_rev();

@@ -171,8 +171,8 @@ async fn replay_then_live_without_gap_or_duplicate() {
     for t in tasks {
         t.await.unwrap();
     }
-    // Then more single commits than the live channel holds (1024 batches).
-    const SEQUENTIAL: usize = 1500;
+    // Then more single commits than the live channel holds (256 batches).
+    const SEQUENTIAL: usize = 600;
     for i in 0..SEQUENTIAL {
         kv.put(
             &key(&format!("w/seq/{i}")),
@@ -249,6 +249,15 @@ async fn ttl_read_at_once_swept_in_background_and_after_restart() {
     kv.put(&k, "z".into(), PutOptions::if_absent())
         .await
         .unwrap();
+    // An absurdly long TTL saturates instead of wrapping into the past.
+    kv.put(
+        &key("t/forever"),
+        "f".into(),
+        PutOptions::default().with_ttl(Duration::MAX),
+    )
+    .await
+    .unwrap();
+    assert!(kv.exists(&key("t/forever")).await.unwrap());
     // A TTL that runs out while the file is closed is gone on reopen.
     kv.put(
         &key("t/offline"),
