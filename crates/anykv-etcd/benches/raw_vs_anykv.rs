@@ -1,11 +1,18 @@
 //! anykv-etcd against raw etcd-client, same server, one process.
 //!
 //! Run with `cargo xtask bench etcd` (starts etcd and sets ANYKV_TEST_ETCD).
-//! For each cell (get / put × concurrency 1 / 64) the two clients take turns,
-//! round after round (the order alternating), each round a fixed number of
+//! For each cell (get / put × concurrency 1 / 64) three clients take turns,
+//! round after round (the order rotating), each round a fixed number of
 //! operations on 8-byte keys over 1,000 names with 256-byte values, so noise
-//! on a shared machine hits both sides alike. Prints a markdown table of
-//! ops/s, p50/p99 latency and the anykv/raw throughput ratio.
+//! on a shared machine hits every side alike:
+//!
+//! - `anykv`: `anykv_core::open(url)`, the driver inside the standard layers,
+//!   as applications use it;
+//! - `driver`: the bare `EtcdStore` (no layers), to tell the driver's cost
+//!   from the layers';
+//! - `raw`: etcd-client's `KvClient`.
+//!
+//! Prints a markdown table of ops/s, p50/p99 latency and the ratios to raw.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark binary: fail loudly
 
@@ -14,13 +21,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anykv_core::{Bytes, Key, Kv, PutOptions, Store};
+use anykv_core::{Bytes, Key, PutOptions, Store};
 use anykv_etcd as _;
 use etcd_client::KvClient;
 
 const NAMES: usize = 1000;
 const VALUE: usize = 256;
 const ROUNDS: usize = 4;
+/// What one round runs against.
+type Handle = Arc<dyn Store>;
 /// The anykv namespace; raw keys carry it too, so both send the same bytes.
 const NS: &str = "bench";
 
@@ -42,9 +51,9 @@ impl Op {
 /// Ops per round: a fraction of a second to a second each on this machine.
 fn ops_per_round(op: Op, conc: usize) -> usize {
     match (op, conc) {
-        (Op::Put, 1) => 1_000,
-        (Op::Get, 1) => 2_000,
-        _ => 10_000,
+        (Op::Put, 1) => 600,
+        (Op::Get, 1) => 1_200,
+        _ => 6_400,
     }
 }
 
@@ -90,9 +99,15 @@ async fn finish(
     (started.elapsed(), all)
 }
 
-/// One round through anykv: `conc` tasks, each with its own handle clone.
-async fn anykv_round(kv: &Kv, op: Op, conc: usize, value: &Bytes) -> (Duration, Vec<u32>) {
-    let keys: Arc<Vec<Key>> = Arc::new((0..NAMES).map(|i| Key::new(name(i)).unwrap()).collect());
+/// One round through a `Store` (anykv, or the bare driver with full keys):
+/// `conc` tasks, each with its own handle clone.
+async fn store_round(
+    kv: &Handle,
+    keys: &Arc<Vec<Key>>,
+    op: Op,
+    conc: usize,
+    value: &Bytes,
+) -> (Duration, Vec<u32>) {
     let per = ops_per_round(op, conc) / conc;
     let started = Instant::now();
     let tasks = (0..conc)
@@ -182,6 +197,9 @@ async fn run(url: &str) {
         .split(',')
         .map(str::to_owned)
         .collect();
+    let driver = anykv_etcd::EtcdStore::connect(anykv_etcd::EtcdOptions::new(endpoints.clone()))
+        .await
+        .unwrap();
     let raw = etcd_client::Client::connect(&endpoints, None)
         .await
         .unwrap()
@@ -196,41 +214,52 @@ async fn run(url: &str) {
         .await
         .unwrap();
     }
+    // The layers add the namespace; the bare driver gets the full keys.
+    let short: Arc<Vec<Key>> = Arc::new((0..NAMES).map(|i| Key::new(name(i)).unwrap()).collect());
+    let full: Arc<Vec<Key>> = Arc::new(
+        (0..NAMES)
+            .map(|i| Key::new(format!("{NS}/{}", name(i))).unwrap())
+            .collect(),
+    );
+    let kv: Handle = Arc::new(kv);
+    let driver: Handle = Arc::new(driver);
 
     println!(
         "\nanykv-etcd vs etcd-client 0.21, {url}: {ROUNDS} interleaved rounds per side and cell,"
     );
     println!("8-byte keys over {NAMES} names, {VALUE}-byte values\n");
     println!(
-        "| op | conc | anykv ops/s | raw ops/s | anykv/raw | anykv p50/p99 µs | raw p50/p99 µs |"
+        "| op | conc | anykv ops/s | driver ops/s | raw ops/s | anykv/raw | driver/raw | anykv p50/p99 µs | raw p50/p99 µs |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for op in [Op::Get, Op::Put] {
         for conc in [1usize, 64] {
-            // Warm both paths (connections, allocator) before measuring.
-            anykv_round(&kv, op, conc, &value).await;
+            let n = ops_per_round(op, conc) / conc * conc;
+            // Warm every path (connections, allocator) before measuring.
+            store_round(&kv, &short, op, conc, &value).await;
+            store_round(&driver, &full, op, conc, &value).await;
             raw_round(&raw, op, conc, &value).await;
-            let (mut a, mut r) = (Sample::default(), Sample::default());
-            for i in 0..ROUNDS {
-                let n = ops_per_round(op, conc) / conc * conc;
-                if i % 2 == 0 {
-                    let (t, l) = anykv_round(&kv, op, conc, &value).await;
-                    a.add(n, t, l);
-                    let (t, l) = raw_round(&raw, op, conc, &value).await;
-                    r.add(n, t, l);
-                } else {
-                    let (t, l) = raw_round(&raw, op, conc, &value).await;
-                    r.add(n, t, l);
-                    let (t, l) = anykv_round(&kv, op, conc, &value).await;
-                    a.add(n, t, l);
+            let mut s = [Sample::default(), Sample::default(), Sample::default()];
+            for round in 0..ROUNDS {
+                // Rotate who goes first.
+                for side in (0..3).map(|j| (j + round) % 3) {
+                    let (t, l) = match side {
+                        0 => store_round(&kv, &short, op, conc, &value).await,
+                        1 => store_round(&driver, &full, op, conc, &value).await,
+                        _ => raw_round(&raw, op, conc, &value).await,
+                    };
+                    s[side].add(n, t, l);
                 }
             }
+            let [a, d, r] = &mut s;
             println!(
-                "| {} | {conc} | {:.0} | {:.0} | {:.3} | {}/{} | {}/{} |",
+                "| {} | {conc} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | {}/{} | {}/{} |",
                 op.name(),
                 a.ops_per_s(),
+                d.ops_per_s(),
                 r.ops_per_s(),
                 a.ops_per_s() / r.ops_per_s(),
+                d.ops_per_s() / r.ops_per_s(),
                 a.pct(0.5),
                 a.pct(0.99),
                 r.pct(0.5),
