@@ -561,55 +561,17 @@ impl Writer {
                     Err(_) => break,
                 },
             };
-            let mut batch = Vec::new();
-            let mut bytes = 0;
-            let mut shutdown = false;
-            let mut next = first;
-            // Set once the queue ran dry: how long to wait for stragglers.
-            let mut gather_until: Option<Instant> = None;
-            loop {
-                let Some(cmd) = next.take() else {
-                    // The queue is empty. If the last batch was much larger,
-                    // its writers are most likely re-submitting right now
-                    // (woken by their replies): wait for them a fraction of
-                    // a commit rather than pay a whole extra commit. At
-                    // concurrency 1 the last batch was 1, so no wait.
-                    if batch.is_empty() || batch.len() * 2 > self.last_batch {
-                        break;
-                    }
-                    let until = *gather_until.get_or_insert_with(|| {
-                        Instant::now() + (self.last_commit / 2).min(MAX_GATHER)
-                    });
-                    match self
-                        .rx
-                        .recv_timeout(until.saturating_duration_since(Instant::now()))
-                    {
-                        Ok(c) => {
-                            next = Some(c);
-                            continue;
-                        }
-                        Err(_) => break,
-                    }
-                };
-                match cmd {
-                    Cmd::Write(req) => {
-                        bytes += req.op.weight();
-                        batch.push(req);
-                    }
-                    Cmd::Shutdown => {
-                        shutdown = true;
-                        break;
-                    }
-                }
-                if batch.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES {
-                    break;
-                }
-                next = self.rx.try_recv().ok();
-            }
-            self.last_batch = batch.len();
+            let (batch, shutdown) = match first {
+                Some(cmd) => self.gather(cmd),
+                None => (Vec::new(), false), // a sweep is due
+            };
+            let size = batch.len();
             let started = Instant::now();
             self.commit(batch);
-            self.last_commit = started.elapsed();
+            if size > 0 {
+                self.last_batch = size;
+                self.last_commit = started.elapsed();
+            }
             if shutdown {
                 break;
             }
@@ -619,6 +581,52 @@ impl Writer {
             if let Cmd::Write(WriteReq { reply: Some(r), .. }) = cmd {
                 let _ = r.send(Err(error::closed()));
             }
+        }
+    }
+
+    /// Collects the batch that starts with `first`: everything queued, and,
+    /// when the previous batch was much larger, the stragglers that arrive
+    /// within half a commit. Returns the batch and whether to shut down.
+    fn gather(&mut self, first: Cmd) -> (Vec<WriteReq>, bool) {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        // Set once the queue ran dry: how long to wait for stragglers.
+        let mut gather_until: Option<Instant> = None;
+        loop {
+            let Some(cmd) = next.take() else {
+                // The queue is empty. If the last batch was much larger, its
+                // writers are most likely re-submitting right now (woken by
+                // their replies): waiting a fraction of a commit for them is
+                // cheaper than a whole extra commit. At concurrency 1 the
+                // last batch was 1, so there is no wait.
+                if batch.is_empty() || batch.len() * 2 > self.last_batch {
+                    return (batch, false);
+                }
+                let until = *gather_until
+                    .get_or_insert_with(|| Instant::now() + (self.last_commit / 2).min(MAX_GATHER));
+                match self
+                    .rx
+                    .recv_timeout(until.saturating_duration_since(Instant::now()))
+                {
+                    Ok(c) => {
+                        next = Some(c);
+                        continue;
+                    }
+                    Err(_) => return (batch, false),
+                }
+            };
+            match cmd {
+                Cmd::Write(req) => {
+                    bytes += req.op.weight();
+                    batch.push(req);
+                }
+                Cmd::Shutdown => return (batch, true),
+            }
+            if batch.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES {
+                return (batch, false);
+            }
+            next = self.rx.try_recv().ok();
         }
     }
 
