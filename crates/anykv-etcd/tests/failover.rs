@@ -1,7 +1,10 @@
-//! Failover on the three-member cluster started by `cargo xtask test`: the
-//! member serving our watch is killed (SIGKILL) in the middle of a stream of
-//! writes; writes go on through the other two members and the watch resumes
-//! by itself without gap or duplicate, as a replay of the history proves.
+//! Failover on the three-member cluster started by `cargo xtask test`.
+//!
+//! Twice, the member serving our watch fails in the middle of a stream of
+//! writes: first it hangs (SIGSTOP, found by HTTP/2 pings; SIGCONT after),
+//! then it dies (SIGKILL). Each time the writes go on through the other
+//! members and the watch resumes by itself without gap or duplicate, as a
+//! replay of the history proves.
 //!
 //! The killed member stays down for the rest of the run (the cluster keeps
 //! its quorum with two), so this binary holds this one test only.
@@ -12,21 +15,35 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use anykv_core::{Event, Key, Prefix, PutOptions, Start, Store, Target, Version};
+use anykv_core::{Event, Key, Kv, Prefix, PutOptions, Start, Store, Target, Version};
 use anykv_etcd as _;
 use futures::StreamExt;
 use tokio::time::{Instant, timeout};
 
 const WRITES: usize = 60;
-const KILL_AT: usize = 20;
+const FAIL_AT: usize = 20;
 const WATCHERS: &str = "etcd_debugging_mvcc_watcher_total";
 
 fn alive(pid: &str) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+fn signal(pid: &str, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{sig}"), pid.to_owned()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{sig} {pid}");
+}
+
+struct Cluster {
+    url: String,
+    endpoints: Vec<String>,
+    pids: Vec<String>,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn writes_and_watch_survive_killing_the_watch_member() {
+async fn writes_and_watch_survive_a_hung_then_a_killed_member() {
     let Some(url) = common::url("ANYKV_TEST_ETCD_CLUSTER") else {
         return;
     };
@@ -40,10 +57,37 @@ async fn writes_and_watch_survive_killing_the_watch_member() {
         pids.iter().all(|p| alive(p)),
         "every cluster member must be up before the failover test (it kills one; rerun `cargo xtask test`)"
     );
+    let cluster = Cluster {
+        url,
+        endpoints,
+        pids,
+    };
+    // Hung: the member's connections stay open and silent.
+    let hung = phase(&cluster, "STOP").await;
+    signal(&cluster.pids[hung], "CONT");
+    // Let it catch up before the next phase needs a quorum without another member.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::metric(&cluster.endpoints[hung], WATCHERS)
+        .await
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed member does not answer"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Dead: connections refused from now on.
+    phase(&cluster, "KILL").await;
+}
 
-    let ns = common::unique("failover");
+/// Writes while the member serving a watch gets `sig`; checks that the
+/// writes and the watch went on. Returns the member's index.
+async fn phase(cluster: &Cluster, sig: &str) -> usize {
+    let ns = common::unique(&format!("failover-{}", sig.to_lowercase()));
     // Short attempts, more retries: an election may take a few seconds.
-    let kv = common::open(&url, &ns, "timeout=2s&retries=8").await;
+    let kv = common::open(&cluster.url, &ns, "timeout=2s&retries=8").await;
     let r0 = kv
         .put(
             &Key::new("start").unwrap(),
@@ -55,7 +99,7 @@ async fn writes_and_watch_survive_killing_the_watch_member() {
         .get();
 
     let mut before = Vec::new();
-    for e in &endpoints {
+    for e in &cluster.endpoints {
         before.push(common::metric(e, WATCHERS).await.unwrap_or(0.0));
     }
     let mut watch = kv
@@ -66,7 +110,7 @@ async fn writes_and_watch_survive_killing_the_watch_member() {
     let mut victim = None;
     let deadline = Instant::now() + Duration::from_secs(5);
     while victim.is_none() && Instant::now() < deadline {
-        for (i, e) in endpoints.iter().enumerate() {
+        for (i, e) in cluster.endpoints.iter().enumerate() {
             if common::metric(e, WATCHERS).await.unwrap_or(0.0) > before[i] {
                 victim = Some(i);
             }
@@ -75,48 +119,18 @@ async fn writes_and_watch_survive_killing_the_watch_member() {
     }
     let victim = victim.expect("no member reports our watcher");
     eprintln!(
-        "failover: watch served by {} (pid {}); killing it after {KILL_AT} writes",
-        endpoints[victim], pids[victim]
+        "failover[{sig}]: watch served by {} (pid {}); signalled after {FAIL_AT} writes",
+        cluster.endpoints[victim], cluster.pids[victim]
     );
 
-    let writer = {
-        let kv = kv.clone();
-        let pid = pids[victim].clone();
-        tokio::spawn(async move {
-            let mut written: Vec<(String, Version)> = Vec::new();
-            let mut failed_attempts = 0;
-            for i in 0..WRITES {
-                if i == KILL_AT {
-                    let status = std::process::Command::new("kill")
-                        .args(["-KILL", &pid])
-                        .status()
-                        .expect("kill");
-                    assert!(status.success(), "kill -KILL {pid}");
-                }
-                let key = Key::new(format!("k/{i:03}")).unwrap();
-                let deadline = Instant::now() + Duration::from_secs(30);
-                let version = loop {
-                    match kv
-                        .put(&key, format!("v{i}").into(), PutOptions::default())
-                        .await
-                    {
-                        Ok(v) => break v,
-                        Err(e) if Instant::now() < deadline => {
-                            failed_attempts += 1;
-                            eprintln!("failover: put {key} failed ({e}); retrying");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        Err(e) => panic!("put {key} did not succeed within 30 s: {e}"),
-                    }
-                };
-                written.push((key.to_string(), version));
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (written, failed_attempts)
-        })
-    };
+    let writer = tokio::spawn(write_all(
+        kv.clone(),
+        cluster.pids[victim].clone(),
+        sig.to_owned(),
+    ));
 
     // Read the watch until the last write shows up.
+    let started = Instant::now();
     let mut seen: Vec<(String, u64)> = Vec::new();
     let last_key = format!("k/{:03}", WRITES - 1);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -126,16 +140,17 @@ async fn writes_and_watch_survive_killing_the_watch_member() {
             Err(_) => panic!("watch stalled; saw {} events", seen.len()),
             Ok(None) => panic!("watch ended after {} events", seen.len()),
             // An outage longer than the timeout is reported, and the stream goes on.
-            Ok(Some(Err(e))) => eprintln!("failover: watch reported {e}"),
+            Ok(Some(Err(e))) => eprintln!("failover[{sig}]: watch reported {e}"),
             Ok(Some(Ok(Event::Put { kv, .. }))) => seen.push((kv.key.to_string(), kv.mod_revision)),
             Ok(Some(Ok(ev))) => panic!("unexpected event {ev:?}"),
         }
     }
     let (written, failed_attempts) = writer.await.expect("writer");
     eprintln!(
-        "failover: {} writes, {failed_attempts} failed attempts, {} events",
+        "failover[{sig}]: {} writes, {failed_attempts} failed attempts, {} events in {:?}",
         written.len(),
-        seen.len()
+        seen.len(),
+        started.elapsed()
     );
 
     // No duplicate, in order.
@@ -170,9 +185,41 @@ async fn writes_and_watch_survive_killing_the_watch_member() {
     }
     assert_eq!(seen, history, "the failover watch differs from the history");
 
-    // The store still answers through the two survivors.
+    // The store still answers through the survivors.
     kv.probe().await.expect("probe after failover");
     let listed = kv.list(&Prefix::new("k").unwrap()).await.expect("list");
     assert_eq!(listed.len(), WRITES);
     let _ = kv.delete_prefix(&Prefix::root()).await;
+    victim
+}
+
+/// Writes `WRITES` keys one after the other, each retried until it succeeds
+/// (30 s at most), sending `sig` to `pid` before write `FAIL_AT`.
+async fn write_all(kv: Kv, pid: String, sig: String) -> (Vec<(String, Version)>, usize) {
+    let mut written = Vec::new();
+    let mut failed_attempts = 0;
+    for i in 0..WRITES {
+        if i == FAIL_AT {
+            signal(&pid, &sig);
+        }
+        let key = Key::new(format!("k/{i:03}")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let version = loop {
+            match kv
+                .put(&key, format!("v{i}").into(), PutOptions::default())
+                .await
+            {
+                Ok(v) => break v,
+                Err(e) if Instant::now() < deadline => {
+                    failed_attempts += 1;
+                    eprintln!("failover[{sig}]: put {key} failed ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("put {key} did not succeed within 30 s: {e}"),
+            }
+        };
+        written.push((key.to_string(), version));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (written, failed_attempts)
 }
