@@ -1,7 +1,7 @@
 //! The connection: made on first use, bounded by the timeout, shared by
 //! every operation and background task of a store.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anykv_core::{Error, Result};
 use etcd_client::{Client, KvClient, LeaseClient, WatchClient};
@@ -9,6 +9,7 @@ use tokio::sync::OnceCell;
 
 use crate::{
     error::{self, BACKEND, Ctx},
+    health::{self, Health},
     options::EtcdOptions,
 };
 
@@ -21,6 +22,8 @@ const MAX_DECODE: usize = 64 << 20;
 pub(crate) struct Clients {
     /// Kept so that the balanced channel's endpoint list stays open.
     _client: Client,
+    /// Takes hung members out of the balancer (several endpoints only).
+    _health: Option<Arc<Health>>,
     pub kv: KvClient,
     pub watch: WatchClient,
     pub lease: LeaseClient,
@@ -106,6 +109,7 @@ async fn connect(opts: &EtcdOptions) -> Result<Clients> {
         kv: client.kv_client().max_decoding_message_size(MAX_DECODE),
         watch: client.watch_client().max_decoding_message_size(MAX_DECODE),
         lease: client.lease_client(),
+        _health: health::spawn(client.clone(), opts).map(Arc::new),
         _client: client,
     })
 }

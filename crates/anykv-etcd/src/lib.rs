@@ -52,10 +52,16 @@
 //! All endpoints share one balanced gRPC channel. A request whose connection
 //! could not even be opened (a dead member) is sent again at once, so the
 //! balancer picks a live member; other unreachable errors go back to the
-//! layers, which retry idempotent operations. Requests ask for a leader
-//! (`require_leader`): a member cut off from the quorum refuses instead of
-//! serving stale watches. HTTP/2 pings (every 10 s while a stream is open,
-//! as etcd's keepalive policy allows) detect a hung member under a watch.
+//! layers, which retry idempotent operations. With several endpoints a
+//! background task checks each member's status once a second on a
+//! connection of its own and takes a member that does not answer (a hung
+//! process, a black-holed host) out of the balancer until it answers again.
+//! Requests ask for a leader (`require_leader`): a member cut off from the
+//! quorum refuses instead of serving stale reads and watches. A watch that
+//! hears nothing for a while asks for a progress report and, without an
+//! answer within the timeout, resumes on another member; HTTP/2 pings (every
+//! 10 s while a stream is open, as etcd's keepalive policy allows) back this
+//! up for lease renewals.
 //!
 //! Errors map by gRPC code after the voltha classification: `Unavailable`,
 //! `DeadlineExceeded`, `DataLoss` are unreachable; `InvalidArgument`,
@@ -65,6 +71,7 @@
 
 mod conn;
 mod error;
+mod health;
 mod lease;
 mod lock;
 mod options;

@@ -7,6 +7,9 @@
 //! killed, connection reset, leader lost), opens a new watch from that
 //! revision + 1 — on any member, through the balanced channel. Events at or
 //! below the remembered revision are dropped, so a replay never duplicates.
+//! A member that hangs is found by the task itself: after a quiet period it
+//! asks for a progress report, and no answer within the timeout counts as a
+//! broken stream.
 //! etcd keeps history until it is compacted: if the revision to resume from
 //! is gone, the stream yields [`Error::Compacted`] and ends
 //! (`WatchHistory::Full`: there is no silent gap).
@@ -115,46 +118,91 @@ impl Watcher {
         // Events at or below `floor` were delivered before a re-open.
         let mut floor = last;
         loop {
-            let broken = loop {
-                let msg = tokio::select! {
-                    _ = tx.closed() => return,
-                    m = stream.message() => m,
-                };
-                let resp = match msg {
-                    Ok(Some(resp)) => resp,
-                    Ok(None) => {
-                        break Error::Unavailable {
-                            backend: BACKEND,
-                            message: "watch: stream closed by the server".into(),
-                            source: None,
-                        };
-                    }
-                    Err(e) => break error::map(e, Ctx::new("watch", None, self.timeout)),
-                };
-                if resp.canceled() {
-                    let e = cancel_error(&resp, last.saturating_add(1));
-                    if e.indicates_unreachable() {
-                        break e; // e.g. the member lost its leader: go elsewhere
-                    }
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-                if resp.created() {
-                    continue;
-                }
-                match forward(resp, floor, &tx).await {
-                    Forwarded::Upto(r) => last = last.max(r),
-                    Forwarded::ConsumerGone => return,
-                }
+            let broken = match self.pump(stream, &mut last, floor, &tx).await {
+                Pumped::Broken(e) => e,
+                Pumped::Done => return,
             };
             tracing::debug!(error = %broken, last, "etcd watch broken; resuming");
-            drop(stream);
             match self.reopen(last, &tx).await {
                 Some(s) => {
                     stream = s;
                     floor = last;
                 }
                 None => return,
+            }
+        }
+    }
+
+    /// Reads one gRPC stream until it breaks. After `idle` without a message
+    /// it asks for a progress report; a member that does not answer within
+    /// the timeout is taken for hung, and the stream for broken (HTTP/2 pings
+    /// would notice too, but only after their own, longer, period).
+    async fn pump(
+        &self,
+        stream: EtcdWatchStream,
+        last: &mut u64,
+        floor: u64,
+        tx: &mpsc::Sender<Result<Event>>,
+    ) -> Pumped {
+        let (mut requests, mut responses) = stream.split();
+        let idle = self.timeout.max(Duration::from_secs(1));
+        let mut quiet_since = Instant::now();
+        let mut asked: Option<Instant> = None;
+        loop {
+            let wake = match asked {
+                Some(at) => at + self.timeout,
+                None => quiet_since + idle,
+            };
+            let msg = tokio::select! {
+                _ = tx.closed() => return Pumped::Done,
+                m = responses.message() => m,
+                _ = tokio::time::sleep_until(wake) => {
+                    if asked.is_some() {
+                        return Pumped::Broken(Error::Unavailable {
+                            backend: BACKEND,
+                            message: format!(
+                                "watch: no answer to a progress request within {:?}",
+                                self.timeout
+                            ),
+                            source: None,
+                        });
+                    }
+                    if let Err(e) = requests.request_progress().await {
+                        return Pumped::Broken(error::map(e, Ctx::new("watch", None, self.timeout)));
+                    }
+                    asked = Some(Instant::now());
+                    continue;
+                }
+            };
+            quiet_since = Instant::now();
+            asked = None;
+            let resp = match msg {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    return Pumped::Broken(Error::Unavailable {
+                        backend: BACKEND,
+                        message: "watch: stream closed by the server".into(),
+                        source: None,
+                    });
+                }
+                Err(e) => {
+                    return Pumped::Broken(error::map(e, Ctx::new("watch", None, self.timeout)));
+                }
+            };
+            if resp.canceled() {
+                let e = cancel_error(&resp, last.saturating_add(1));
+                if e.indicates_unreachable() {
+                    return Pumped::Broken(e); // e.g. the member lost its leader: go elsewhere
+                }
+                let _ = tx.send(Err(e)).await;
+                return Pumped::Done;
+            }
+            if resp.created() {
+                continue;
+            }
+            match forward(resp, floor, tx).await {
+                Forwarded::Upto(r) => *last = (*last).max(r),
+                Forwarded::ConsumerGone => return Pumped::Done,
             }
         }
     }
@@ -194,6 +242,13 @@ impl Watcher {
             }
         }
     }
+}
+
+enum Pumped {
+    /// The stream broke; resume from the last delivered revision.
+    Broken(Error),
+    /// The consumer is gone, or a final error was delivered.
+    Done,
 }
 
 enum Forwarded {
