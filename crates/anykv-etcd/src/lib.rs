@@ -22,7 +22,7 @@
 //! | `list(p)` / `delete_prefix(p)` | a range over `p/` .. its range end (`p0`), so `a` never covers `ab`; the root prefix is the whole keyspace. `list` pages 256 keys at a time at the revision of the first page, so a long listing is one consistent snapshot |
 //! | `keys(p)` | the same range with `keys_only`, reduced to the names one level down |
 //! | TTL | one lease per put (see below) |
-//! | `watch` | the Watch API with `prev_kv` and progress notifications, resumed after a broken stream from the last delivered revision + 1; a compacted resume point is [`Error::Compacted`](anykv_core::Error::Compacted) |
+//! | `watch` | the Watch API with `prev_kv` and progress notifications, resumed after a broken stream from the last delivered revision + 1; a compacted resume point is [`Error::Compacted`] |
 //! | locks | etcd's `concurrency.Mutex` layout: a record `<lock key>/<lease id hex>` on a lease renewed by a task; holder = lowest create revision; fencing token = the record's create revision; waiters watch their predecessor's delete; `lost()` when the lease is gone or could not be renewed in time |
 //! | `probe` | a count-only linearizable range read of one key, bounded by the timeout: it needs a leader and a quorum, like every write |
 //!
