@@ -1,13 +1,19 @@
-//! anykv-consul against raw consulrs 0.1.0, same agent, one process.
+//! anykv-consul against raw clients, same agent, one process.
 //!
 //! Run with `cargo xtask bench consul` (starts Consul and sets ANYKV_TEST_CONSUL).
-//! The raw side is consulrs' own `kv::read` (`GET /v1/kv/k`) and `kv::set`
-//! (`PUT /v1/kv/k`, which answers only `true`); anykv's put goes through
-//! `/v1/txn` because it must return the new version (`ModifyIndex`).
-//! For each cell (get / put × concurrency 1 / 64) the two clients take turns,
-//! round after round (the order alternating), each round a fixed number of
+//!
+//! Raw sides:
+//! - **consulrs**: consulrs 0.1.0's own `kv::read` (`GET /v1/kv/k`) and
+//!   `kv::set` (`PUT /v1/kv/k`, which answers only `true`);
+//! - **txn** (puts only): plain reqwest sending the `/v1/txn` `set` that
+//!   anykv sends, because `put` must return the new version (`ModifyIndex`)
+//!   and Consul's plain `PUT` does not say it. anykv/consulrs shows what that
+//!   costs on the server; anykv/txn shows anykv's own overhead.
+//!
+//! For each cell (get / put × concurrency 1 / 64) the clients take turns,
+//! round after round (the order rotating), each round a fixed number of
 //! operations on 8-byte keys over 1,000 names with 256-byte values, so noise
-//! on a shared machine hits both sides alike. Prints a markdown table of
+//! on a shared machine hits every side alike. Prints a markdown table of
 //! ops/s, p50/p99 latency and the anykv/raw throughput ratio.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark binary: fail loudly
@@ -24,7 +30,7 @@ use consulrs::client::{ConsulClient, ConsulClientSettingsBuilder};
 const NAMES: usize = 1000;
 const VALUE: usize = 256;
 const ROUNDS: usize = 4;
-/// The anykv namespace; raw keys carry it too, so both send the same bytes.
+/// The anykv namespace; raw keys carry it too, so every side sends the same keys.
 const NS: &str = "bench";
 
 #[derive(Clone, Copy, PartialEq)]
@@ -42,11 +48,28 @@ impl Op {
     }
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Anykv,
+    Consulrs,
+    Txn,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Anykv => "anykv",
+            Side::Consulrs => "consulrs",
+            Side::Txn => "reqwest /v1/txn",
+        }
+    }
+}
+
 /// Ops per round: a fraction of a second to a second each on this machine.
 fn ops_per_round(op: Op, conc: usize) -> usize {
     match (op, conc) {
-        (Op::Put, 1) => 1_000,
-        (Op::Get, 1) => 2_000,
+        (Op::Put, 1) => 1_500,
+        (Op::Get, 1) => 3_000,
         _ => 10_000,
     }
 }
@@ -64,7 +87,7 @@ struct Sample {
 }
 
 impl Sample {
-    fn add(&mut self, ops: usize, elapsed: Duration, mut lat: Vec<u32>) {
+    fn add(&mut self, ops: usize, (elapsed, mut lat): (Duration, Vec<u32>)) {
         self.ops += ops;
         self.elapsed += elapsed;
         self.lat_us.append(&mut lat);
@@ -81,87 +104,82 @@ impl Sample {
     }
 }
 
-/// Waits for the tasks of a round; returns wall time and every latency.
-async fn finish(
-    started: Instant,
-    tasks: Vec<tokio::task::JoinHandle<Vec<u32>>>,
-) -> (Duration, Vec<u32>) {
+/// Everything the sides need, shared by the tasks of a round.
+struct Clients {
+    kv: Kv,
+    consulrs: ConsulClient,
+    reqwest: reqwest::Client,
+    txn_url: String,
+    keys: Vec<Key>,
+    raw_keys: Vec<String>,
+    value: Bytes,
+    /// consulrs' `kv::set` takes only `&'static [u8]`.
+    static_value: &'static [u8],
+    b64_value: String,
+}
+
+/// One operation of one side.
+async fn one(c: &Clients, side: Side, op: Op, i: usize) {
+    match (side, op) {
+        (Side::Anykv, Op::Get) => {
+            c.kv.get(&c.keys[i]).await.unwrap().expect("bench key");
+        }
+        (Side::Anykv, Op::Put) => {
+            c.kv.put(&c.keys[i], c.value.clone(), PutOptions::default())
+                .await
+                .unwrap();
+        }
+        (Side::Consulrs, Op::Get) => {
+            let r = consulrs::kv::read(&c.consulrs, &c.raw_keys[i], None)
+                .await
+                .unwrap();
+            assert!(!r.response.is_empty(), "bench key");
+        }
+        (Side::Consulrs, Op::Put) => {
+            let r = consulrs::kv::set(&c.consulrs, &c.raw_keys[i], c.static_value, None)
+                .await
+                .unwrap();
+            assert!(r.response);
+        }
+        (Side::Txn, _) => {
+            let body = format!(
+                r#"[{{"KV":{{"Verb":"set","Key":"{}","Value":"{}","Flags":{}}}}}]"#,
+                c.raw_keys[i],
+                c.b64_value,
+                rand::random::<u64>()
+            );
+            let r = c.reqwest.put(&c.txn_url).body(body).send().await.unwrap();
+            assert!(r.status().is_success());
+            let body = r.bytes().await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(v["Results"][0]["KV"]["ModifyIndex"].as_u64().is_some());
+        }
+    }
+}
+
+/// One round: `conc` tasks, each doing its share of the round's operations.
+async fn round(c: &Arc<Clients>, side: Side, op: Op, conc: usize) -> (Duration, Vec<u32>) {
+    let per = ops_per_round(op, conc) / conc;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|w| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per);
+                for i in 0..per {
+                    let t = Instant::now();
+                    one(&c, side, op, (w * 7919 + i) % NAMES).await;
+                    lat.push(t.elapsed().as_micros() as u32);
+                }
+                lat
+            })
+        })
+        .collect();
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap());
     }
     (started.elapsed(), all)
-}
-
-/// One round through anykv: `conc` tasks, each with its own handle clone.
-async fn anykv_round(kv: &Kv, op: Op, conc: usize, value: &Bytes) -> (Duration, Vec<u32>) {
-    let keys: Arc<Vec<Key>> = Arc::new((0..NAMES).map(|i| Key::new(name(i)).unwrap()).collect());
-    let per = ops_per_round(op, conc) / conc;
-    let started = Instant::now();
-    let tasks = (0..conc)
-        .map(|w| {
-            let (kv, value, keys) = (kv.clone(), value.clone(), keys.clone());
-            tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(per);
-                for i in 0..per {
-                    let k = &keys[(w * 7919 + i) % NAMES];
-                    let t = Instant::now();
-                    match op {
-                        Op::Get => {
-                            kv.get(k).await.unwrap().expect("bench key");
-                        }
-                        Op::Put => {
-                            kv.put(k, value.clone(), PutOptions::default())
-                                .await
-                                .unwrap();
-                        }
-                    }
-                    lat.push(t.elapsed().as_micros() as u32);
-                }
-                lat
-            })
-        })
-        .collect();
-    finish(started, tasks).await
-}
-
-/// The same round through the raw client, shared by the tasks (its reqwest
-/// pool is what both sides use).
-async fn raw_round(
-    client: &Arc<ConsulClient>,
-    op: Op,
-    conc: usize,
-    value: &'static [u8],
-) -> (Duration, Vec<u32>) {
-    let keys: Arc<Vec<String>> =
-        Arc::new((0..NAMES).map(|i| format!("{NS}/{}", name(i))).collect());
-    let per = ops_per_round(op, conc) / conc;
-    let started = Instant::now();
-    let tasks = (0..conc)
-        .map(|w| {
-            let (client, keys) = (client.clone(), keys.clone());
-            tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(per);
-                for i in 0..per {
-                    let k = keys[(w * 7919 + i) % NAMES].as_str();
-                    let t = Instant::now();
-                    match op {
-                        Op::Get => {
-                            let r = consulrs::kv::read(&*client, k, None).await.unwrap();
-                            assert!(!r.response.is_empty(), "bench key");
-                        }
-                        Op::Put => {
-                            let r = consulrs::kv::set(&*client, k, value, None).await.unwrap();
-                            assert!(r.response);
-                        }
-                    }
-                    lat.push(t.elapsed().as_micros() as u32);
-                }
-                lat
-            })
-        })
-        .collect();
-    finish(started, tasks).await
 }
 
 fn main() {
@@ -178,6 +196,7 @@ fn main() {
 }
 
 async fn run(url: &str) {
+    use base64::Engine;
     let sep = if url.contains('?') { '&' } else { '?' };
     let kv = anykv_core::open(&format!("{url}{sep}prefix={NS}"))
         .await
@@ -188,65 +207,73 @@ async fn run(url: &str) {
         .unwrap_or(url)
         .split(['/', '?'])
         .next()
-        .unwrap_or("");
+        .unwrap_or("")
+        .to_owned();
     let settings = ConsulClientSettingsBuilder::default()
         .address(format!("http://{addr}"))
         .build()
         .unwrap();
-    let raw = Arc::new(ConsulClient::new(settings).unwrap());
-    // consulrs' `kv::set` takes only `&'static [u8]`.
-    let raw_value: &'static [u8] = Box::leak(vec![b'v'; VALUE].into_boxed_slice());
     let value = Bytes::from(vec![b'v'; VALUE]);
-    for i in 0..NAMES {
-        kv.put(
-            &Key::new(name(i)).unwrap(),
-            value.clone(),
-            PutOptions::default(),
-        )
-        .await
-        .unwrap();
+    let c = Arc::new(Clients {
+        kv,
+        consulrs: ConsulClient::new(settings).unwrap(),
+        reqwest: reqwest::Client::new(),
+        txn_url: format!("http://{addr}/v1/txn"),
+        keys: (0..NAMES).map(|i| Key::new(name(i)).unwrap()).collect(),
+        raw_keys: (0..NAMES).map(|i| format!("{NS}/{}", name(i))).collect(),
+        static_value: Box::leak(value.to_vec().into_boxed_slice()),
+        b64_value: base64::engine::general_purpose::STANDARD.encode(&value),
+        value,
+    });
+    for k in &c.keys {
+        c.kv.put(k, c.value.clone(), PutOptions::default())
+            .await
+            .unwrap();
     }
 
     println!(
-        "\nanykv-consul vs consulrs 0.1.0, {url}: {ROUNDS} interleaved rounds per side and cell,"
+        "\nanykv-consul vs raw clients, {url}: {ROUNDS} interleaved rounds per side and cell,"
     );
     println!("8-byte keys over {NAMES} names, {VALUE}-byte values\n");
     println!(
-        "| op | conc | anykv ops/s | raw ops/s | anykv/raw | anykv p50/p99 µs | raw p50/p99 µs |"
+        "| op | conc | raw client | anykv ops/s | raw ops/s | anykv/raw | anykv p50/p99 µs | raw p50/p99 µs |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for op in [Op::Get, Op::Put] {
+        let sides: &[Side] = match op {
+            Op::Get => &[Side::Anykv, Side::Consulrs],
+            Op::Put => &[Side::Anykv, Side::Consulrs, Side::Txn],
+        };
         for conc in [1usize, 64] {
-            // Warm both paths (connections, allocator) before measuring.
-            anykv_round(&kv, op, conc, &value).await;
-            raw_round(&raw, op, conc, raw_value).await;
-            let (mut a, mut r) = (Sample::default(), Sample::default());
-            for i in 0..ROUNDS {
-                let n = ops_per_round(op, conc) / conc * conc;
-                if i % 2 == 0 {
-                    let (t, l) = anykv_round(&kv, op, conc, &value).await;
-                    a.add(n, t, l);
-                    let (t, l) = raw_round(&raw, op, conc, raw_value).await;
-                    r.add(n, t, l);
-                } else {
-                    let (t, l) = raw_round(&raw, op, conc, raw_value).await;
-                    r.add(n, t, l);
-                    let (t, l) = anykv_round(&kv, op, conc, &value).await;
-                    a.add(n, t, l);
+            // Warm every path (connections, allocator) before measuring.
+            for &s in sides {
+                round(&c, s, op, conc).await;
+            }
+            let mut samples: Vec<Sample> = sides.iter().map(|_| Sample::default()).collect();
+            let n = ops_per_round(op, conc) / conc * conc;
+            for r in 0..ROUNDS {
+                for j in 0..sides.len() {
+                    let s = (r + j) % sides.len(); // rotate who goes first
+                    samples[s].add(n, round(&c, sides[s], op, conc).await);
                 }
             }
-            println!(
-                "| {} | {conc} | {:.0} | {:.0} | {:.3} | {}/{} | {}/{} |",
-                op.name(),
-                a.ops_per_s(),
-                r.ops_per_s(),
-                a.ops_per_s() / r.ops_per_s(),
-                a.pct(0.5),
-                a.pct(0.99),
-                r.pct(0.5),
-                r.pct(0.99),
-            );
+            let (anykv, raws) = samples.split_at_mut(1);
+            let a = &mut anykv[0];
+            for (raw, side) in raws.iter_mut().zip(&sides[1..]) {
+                println!(
+                    "| {} | {conc} | {} | {:.0} | {:.0} | {:.3} | {}/{} | {}/{} |",
+                    op.name(),
+                    side.name(),
+                    a.ops_per_s(),
+                    raw.ops_per_s(),
+                    a.ops_per_s() / raw.ops_per_s(),
+                    a.pct(0.5),
+                    a.pct(0.99),
+                    raw.pct(0.5),
+                    raw.pct(0.99),
+                );
+            }
         }
     }
-    let _ = kv.delete_prefix(&anykv_core::Prefix::root()).await;
+    let _ = c.kv.delete_prefix(&anykv_core::Prefix::root()).await;
 }

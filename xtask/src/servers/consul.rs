@@ -95,6 +95,10 @@ fn spawn_agent(ctx: &Ctx, bin: &Path, name: &str, acl_token: Option<&str>) -> Re
     .args(["-serf-lan-port", &serf_lan.to_string()])
     .args(["-serf-wan-port", &serf_wan.to_string()])
     .args(["-server-port", &server.to_string()])
+    // Every test process and the bench connect from 127.0.0.1; Consul's
+    // default of 200 HTTP connections per client IP would reset some of
+    // them (the bench alone keeps three pools of 64).
+    .args(["-hcl", "limits { http_max_conns_per_client = 4096 }"])
     .env("HOME", &dir)
     .current_dir(&dir);
     if let Some(token) = acl_token {
