@@ -21,6 +21,8 @@
 //! | `atomic(checks, ops)` | one `Txn`: checks as compares (value checks compare the value), ops in `then`, reads of the checked keys in `else` to name a failed check; at most 128 checks + ops (etcd's default `--max-txn-ops`) |
 //! | `list(p)` / `delete_prefix(p)` | a range over `p/` .. its range end (`p0`), so `a` never covers `ab`; the root prefix is the whole keyspace. `list` pages 256 keys at a time at the revision of the first page, so a long listing is one consistent snapshot |
 //! | `keys(p)` | the same range with `keys_only`, reduced to the names one level down |
+//! | `export(p)` | the same pages, read as the consumer goes, all at the first page's revision |
+//! | `import` | transactions of up to 128 puts or 1 MiB of values (a repeated key starts a new one), instead of a round trip per pair |
 //! | TTL | one lease per put (see below) |
 //! | `watch` | the Watch API with `prev_kv` and progress notifications, resumed after a broken stream from the last delivered revision + 1; a compacted resume point is [`Error::Compacted`] |
 //! | locks | etcd's `concurrency.Mutex` layout: a record `<lock key>/<lease id hex>` on a lease renewed by a task; holder = lowest create revision; fencing token = the record's create revision; waiters watch their predecessor's delete; `lost()` when the lease is gone or could not be renewed in time |
@@ -76,6 +78,7 @@ mod lease;
 mod lock;
 mod options;
 mod range;
+mod scan;
 mod txn;
 mod watch;
 
@@ -83,10 +86,11 @@ use std::{fmt, sync::Arc};
 
 use anykv_core::{
     Bytes, Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo,
-    LockOptions, Op, Prefix, PutOptions, Result, Revision, Start, Store, Target, Version,
-    WatchHistory, WatchStream, async_trait,
+    LockOptions, Op, PairStream, Prefix, PutOptions, Result, Revision, Start, Store, Target,
+    Version, WatchHistory, WatchStream, async_trait,
 };
-use etcd_client::{DeleteOptions, GetOptions, PutOptions as EtcdPutOptions, proto::PbKeyValue};
+use etcd_client::{DeleteOptions, GetOptions, PutOptions as EtcdPutOptions};
+use futures::{StreamExt, TryStreamExt};
 
 pub use crate::options::{DEFAULT_PORT, DEFAULT_TIMEOUT, EtcdOptions, PARAMS, Tls};
 use crate::{
@@ -102,8 +106,10 @@ pub const MAX_VALUE_SIZE: usize = 1 << 20;
 /// Most checks + operations in one `atomic` (etcd's `--max-txn-ops` default).
 pub const MAX_ATOMIC_OPS: usize = 128;
 
-/// Keys read per `list` page.
-const PAGE: i64 = 256;
+/// Most puts per transaction of `import` (etcd's `--max-txn-ops`).
+const IMPORT_BATCH: usize = MAX_ATOMIC_OPS;
+/// Most value bytes per transaction of `import`, under etcd's 1.5 MiB request limit.
+const IMPORT_BYTES: usize = 1 << 20;
 
 /// What this driver can do.
 pub fn capabilities() -> Capabilities {
@@ -134,7 +140,7 @@ inventory::submit! {
 /// Applications normally get one wrapped in the standard layers through
 /// `anykv::open("etcd://…")`.
 pub struct EtcdStore {
-    conn: Conn,
+    conn: Arc<Conn>,
     caps: Capabilities,
 }
 
@@ -162,7 +168,7 @@ impl EtcdStore {
             });
         }
         let store = EtcdStore {
-            conn: Conn::new(opts),
+            conn: Arc::new(Conn::new(opts)),
             caps: capabilities(),
         };
         match store.conn.clients().await {
@@ -178,71 +184,6 @@ impl EtcdStore {
 
     fn ctx<'a>(&self, op: &'static str, key: Option<&'a str>) -> Ctx<'a> {
         Ctx::new(op, key, self.conn.timeout())
-    }
-
-    /// Every pair in `range`, in pages read at one revision.
-    async fn range_all(
-        &self,
-        op: &'static str,
-        prefix: &Prefix,
-        keys_only: bool,
-    ) -> Result<Vec<PbKeyValue>> {
-        let ctx = self.ctx(op, Some(prefix.as_str()));
-        let range = Range::below(prefix);
-        let mut out = Vec::new();
-        let mut from = range.start.clone();
-        let mut at = 0i64;
-        let mut limit = PAGE;
-        let mut restarts = 0;
-        loop {
-            let mut o = GetOptions::new()
-                .with_range(range.end.clone())
-                .with_limit(limit);
-            if keys_only {
-                o = o.with_keys_only();
-            }
-            if at > 0 {
-                o = o.with_revision(at);
-            }
-            let result = self
-                .conn
-                .call(ctx, |c| {
-                    let mut kv = c.kv.clone();
-                    let (from, o) = (from.clone(), o.clone());
-                    async move { kv.get(from, Some(o)).await }
-                })
-                .await;
-            let mut resp = match result {
-                Ok(r) => r,
-                // A page of large values over the response limit: smaller pages.
-                Err(Error::InvalidArgument { ref message, .. })
-                    if limit > 1 && message.contains("too large") =>
-                {
-                    limit = (limit / 2).max(1);
-                    continue;
-                }
-                // The snapshot revision was compacted between pages: start over.
-                Err(Error::Compacted { .. }) if at > 0 && restarts < 3 => {
-                    restarts += 1;
-                    (out, from, at) = (Vec::new(), range.start.clone(), 0);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if at == 0 {
-                at = resp.header().map(|h| h.revision()).unwrap_or(0);
-            }
-            let more = resp.more();
-            let kvs = resp.take_kvs();
-            let Some(last) = kvs.last() else { break };
-            from = last.key().to_vec();
-            from.push(0); // the next key after `last`
-            out.extend(kvs.into_iter().map(|kv| kv.0));
-            if !more {
-                break;
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -334,8 +275,7 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &Prefix) -> Result<Vec<KvPair>> {
-        Ok(self
-            .range_all("list", prefix, false)
+        Ok(scan::all(self.conn.clone(), "list", prefix, false)
             .await?
             .into_iter()
             .filter_map(|kv| pair(kv, None))
@@ -344,7 +284,7 @@ impl Store for EtcdStore {
 
     async fn keys(&self, prefix: &Prefix) -> Result<Vec<String>> {
         let mut names: Vec<String> = Vec::new();
-        for kv in self.range_all("keys", prefix, true).await? {
+        for kv in scan::all(self.conn.clone(), "keys", prefix, true).await? {
             let Some(key) = key_of(&kv.key) else { continue };
             if let Some(name) = prefix.child_name(key.as_str())
                 && names.last().map(String::as_str) != Some(name)
@@ -397,6 +337,62 @@ impl Store for EtcdStore {
 
     async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {
         txn::atomic(&self.conn, checks, ops).await
+    }
+
+    async fn export(&self, prefix: &Prefix) -> Result<PairStream> {
+        // Pages are read as the consumer goes, all at the first page's
+        // revision; the first is read here so that errors show at once.
+        let mut pager = scan::Pager::new(self.conn.clone(), "export", prefix, false);
+        let first = pager.next().await?.unwrap_or_default();
+        let pages = futures::stream::try_unfold(pager, |mut pager| async move {
+            Ok(pager.next().await?.map(|page| (page, pager)))
+        });
+        Ok(futures::stream::iter([Ok(first)])
+            .chain(pages)
+            .map_ok(|page| {
+                futures::stream::iter(page.into_iter().filter_map(|kv| pair(kv, None)).map(Ok))
+            })
+            .try_flatten()
+            .boxed())
+    }
+
+    async fn import(&self, mut pairs: PairStream) -> Result<u64> {
+        // Up to 128 puts (or 1 MiB of values) per transaction instead of one
+        // round trip per pair. A key seen twice starts a new transaction
+        // (etcd refuses duplicate keys in one), so the last value wins as with
+        // one put per pair.
+        let mut written = 0;
+        let mut batch: Vec<KvPair> = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let next = pairs.next().await;
+            let flush = match &next {
+                None | Some(Err(_)) => true,
+                Some(Ok(kv)) => {
+                    batch.len() >= IMPORT_BATCH
+                        || bytes + kv.value.len() > IMPORT_BYTES
+                        || batch.iter().any(|b| b.key == kv.key)
+                }
+            };
+            if flush && !batch.is_empty() {
+                let ops = batch
+                    .drain(..)
+                    .map(|kv| Op::Put(kv.key, kv.value))
+                    .collect::<Vec<_>>();
+                let n = ops.len() as u64;
+                txn::atomic(&self.conn, Vec::new(), ops).await?;
+                written += n;
+                bytes = 0;
+            }
+            match next {
+                None => return Ok(written),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(kv)) => {
+                    bytes += kv.value.len();
+                    batch.push(kv);
+                }
+            }
+        }
     }
 
     async fn probe(&self) -> Result<()> {

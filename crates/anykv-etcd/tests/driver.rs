@@ -458,3 +458,64 @@ async fn unknown_option_and_tls_option_on_plain_scheme_are_url_errors() {
         .unwrap_err();
     assert!(!format!("{e} {e:?}").contains("hunter2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_streams_pages_and_import_batches_transactions() {
+    use anykv_core::KvPair;
+    let Some((_ns, kv, _raw)) = setup("transfer").await else {
+        return;
+    };
+    let src = kv.scoped(&Prefix::new("src").unwrap());
+    let dst = kv.scoped(&Prefix::new("dst").unwrap());
+    // 300 small pairs (three transactions of at most 128) and two 1 MiB values
+    // (one transaction each under the request limit), one key twice.
+    let mut pairs: Vec<KvPair> = Vec::new();
+    let pair = |k: String, v: Vec<u8>| KvPair {
+        key: key(&k),
+        value: v.into(),
+        version: Version::new(0),
+        create_revision: 0,
+        mod_revision: 0,
+    };
+    for i in 0..300 {
+        pairs.push(pair(format!("p/{i:03}"), format!("{i}").into_bytes()));
+    }
+    pairs.push(pair("big/a".into(), vec![1; 1 << 20]));
+    pairs.push(pair("big/b".into(), vec![2; 1 << 20]));
+    pairs.push(pair("p/000".into(), b"last wins".to_vec()));
+    let n = src
+        .import(futures::stream::iter(pairs.into_iter().map(Ok)).boxed())
+        .await
+        .unwrap();
+    assert_eq!(n, 303);
+    assert_eq!(
+        &src.get(&key("p/000")).await.unwrap().unwrap().value[..],
+        b"last wins"
+    );
+    // Export (paged) into another namespace, then compare.
+    let exported = src.export(&Prefix::root()).await.unwrap();
+    assert_eq!(dst.import(exported).await.unwrap(), 302);
+    let a = src.list(&Prefix::root()).await.unwrap();
+    let b = dst.list(&Prefix::root()).await.unwrap();
+    assert_eq!(a.len(), 302);
+    assert!(
+        a.iter()
+            .zip(&b)
+            .all(|(x, y)| x.key == y.key && x.value == y.value)
+    );
+    // An error in the stream stops the import after what came before it.
+    let broken = futures::stream::iter(vec![
+        Ok(pair("e/1".into(), b"1".to_vec())),
+        Err(Error::Backend {
+            backend: "test",
+            message: "source failed".into(),
+            source: None,
+        }),
+        Ok(pair("e/2".into(), b"2".to_vec())),
+    ])
+    .boxed();
+    assert!(dst.import(broken).await.is_err());
+    assert!(dst.get(&key("e/1")).await.unwrap().is_some());
+    assert!(dst.get(&key("e/2")).await.unwrap().is_none());
+    let _ = kv.delete_prefix(&Prefix::root()).await;
+}
