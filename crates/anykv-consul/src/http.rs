@@ -200,11 +200,10 @@ impl Transport {
             .connect_timeout(settings.timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60));
-        if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| error::internal(format!("reading ca_file {path}"), e))?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
-                error::internal(format!("ca_file {path} is not a PEM certificate"), e)
+        if let Some((path, pem)) = &settings.ca_file {
+            let cert = reqwest::Certificate::from_pem(pem).map_err(|e| Error::InvalidArgument {
+                backend: BACKEND,
+                message: format!("ca_file {path} is not a PEM certificate: {e}"),
             })?;
             builder = builder.add_root_certificate(cert);
         }

@@ -8,8 +8,10 @@
 //! Options: `token` (ACL token, sent as `X-Consul-Token`, never shown in
 //! `Debug`, `Display`, logs or errors), `dc` (datacenter), `consistency`
 //! (mode of plain reads, `default` unless set), `lock_delay` (see Locks,
-//! default `0s`), `ca_file` (extra CA for `consuls://`) and the common
-//! options (`timeout`, `retries`, …). The driver talks to one agent
+//! default `0s`), `ca_file` (a PEM CA trusted besides the webpki roots, for
+//! `consuls://`; read when the store is opened) and the common options
+//! (`timeout`, `retries`, …). An untrusted server certificate fails like
+//! an unreachable agent (`Unavailable`). The driver talks to one agent
 //! (`host:port`, default port 8500, 8501 for `consuls`), which forwards to
 //! the servers.
 //!
@@ -77,7 +79,13 @@
 //!   between two answers, only the resulting state is seen (intermediate
 //!   values are skipped). After a lost connection the loop retries with
 //!   backoff, yields one `Unavailable` item, and converges when the agent is
-//!   back. `close()` ends every watch with `Cancelled`.
+//!   back. `close()` ends every watch with `Cancelled`. Each watched key or
+//!   prefix holds one HTTP connection for its blocking query; Consul limits
+//!   connections per client address (`limits.http_max_conns_per_client`,
+//!   200 by default), which bounds how many distinct targets one host can
+//!   watch. A watch on a single key wakes on every KV write (Consul answers
+//!   key reads with the index of the whole KV table) and then finds nothing
+//!   changed: correct, but busy under heavy unrelated write load.
 //! - **Locks** = a session (`TTL = max(10 s, ttl/2)`, `Behavior=delete`,
 //!   `serfHealth` check, lock-delay from `?lock_delay=`) acquiring the lock
 //!   record `__anykv/locks/<namespace>/<key>` with the `lock` verb of

@@ -41,8 +41,8 @@ pub(crate) struct Settings {
     pub consistency: Consistency,
     /// Lock-delay of lock sessions (`?lock_delay=`).
     pub lock_delay: Duration,
-    /// Extra CA certificate (PEM) for `consuls://`.
-    pub ca_file: Option<String>,
+    /// Extra CA certificate for `consuls://`: the path, and its PEM read at open.
+    pub ca_file: Option<(String, Vec<u8>)>,
     /// Per-request deadline (`?timeout=`, default 5 s): bounds connects,
     /// probes and the slack added to blocking queries.
     pub timeout: Duration,
@@ -56,7 +56,7 @@ impl fmt::Debug for Settings {
             .field("dc", &self.dc)
             .field("consistency", &self.consistency)
             .field("lock_delay", &self.lock_delay)
-            .field("ca_file", &self.ca_file)
+            .field("ca_file", &self.ca_file.as_ref().map(|(path, _)| path))
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -124,10 +124,15 @@ impl Settings {
         if lock_delay > Duration::from_secs(60) {
             return Err(config.invalid("lock_delay is at most 60s (Consul's limit)"));
         }
-        let ca_file = config.param("ca_file").map(str::to_owned);
-        if ca_file.is_some() && !tls {
-            return Err(config.invalid("ca_file needs the consuls:// scheme"));
-        }
+        let ca_file = match config.param("ca_file") {
+            None => None,
+            Some(_) if !tls => return Err(config.invalid("ca_file needs the consuls:// scheme")),
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| config.invalid(format!("ca_file {path}: {e}")))?;
+                Some((path.to_owned(), pem))
+            }
+        };
         let timeout = config
             .duration_param("timeout")?
             .filter(|t| !t.is_zero())

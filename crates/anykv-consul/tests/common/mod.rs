@@ -122,8 +122,13 @@ impl PrivateAgent {
     /// Starts an agent from `ANYKV_CONSUL_BIN` on free ports and waits for
     /// it to elect itself leader.
     pub async fn start(bin: &str) -> PrivateAgent {
+        Self::start_with(bin, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with extra agent arguments (`-hcl …`).
+    pub async fn start_with(bin: &str, extra: &[String]) -> PrivateAgent {
         let http = free_port();
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "agent".into(),
             "-dev".into(),
             "-client".into(),
@@ -145,6 +150,7 @@ impl PrivateAgent {
             "-server-port".into(),
             free_port().to_string(),
         ];
+        args.extend_from_slice(extra);
         let child = spawn(bin, &args);
         let agent = PrivateAgent {
             child,
