@@ -36,7 +36,7 @@ const ROUNDS: usize = 5;
 const GETS_PER_ROUND: usize = 200_000;
 const PUTS_PER_ROUND: usize = 600;
 const CONCURRENCY: usize = 64;
-const PUTS_PER_TASK: usize = 30;
+const PUTS_PER_TASK: usize = 60;
 
 fn names() -> Vec<String> {
     (0..NAMES).map(|i| format!("k{i:07}")).collect()

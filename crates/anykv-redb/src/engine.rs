@@ -128,6 +128,8 @@ pub(crate) struct Engine {
     db: RwLock<Option<Arc<Database>>>,
     snapshot: SnapshotSlot,
     tx: mpsc::Sender<Cmd>,
+    /// Writes sent to the writer and not yet answered.
+    inflight: Arc<AtomicUsize>,
     writer: Mutex<Option<JoinHandle<()>>>,
     committed: Arc<AtomicU64>,
     events: Mutex<Option<broadcast::Sender<Batch>>>,
@@ -222,12 +224,14 @@ impl Engine {
         let (events, _) = broadcast::channel(LIVE_CAPACITY);
         let committed = Arc::new(AtomicU64::new(0));
         let snapshot = SnapshotSlot::default();
+        let inflight = Arc::new(AtomicUsize::new(0));
         let handle = Writer::start(
             db.clone(),
             snapshot.clone(),
             rx,
             committed.clone(),
             events.clone(),
+            inflight.clone(),
             WriterSettings {
                 history: settings.history,
                 sweep_interval: settings.sweep_interval,
@@ -239,6 +243,7 @@ impl Engine {
             db: RwLock::new(Some(db)),
             snapshot,
             tx,
+            inflight,
             writer: Mutex::new(Some(handle)),
             committed,
             events: Mutex::new(Some(events)),
@@ -304,18 +309,24 @@ impl Engine {
     /// Queues a write and waits until it is durable.
     pub(crate) async fn write(&self, op: WriteOp) -> Result<u64> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Write(WriteReq {
-                op,
-                reply: Some(reply),
-            }))
-            .map_err(|_| error::closed())?;
+        self.send(WriteReq {
+            op,
+            reply: Some(reply),
+        })?;
         rx.await.map_err(|_| error::closed())?
     }
 
     /// Queues a write without waiting for it (lock release from `Drop`).
     pub(crate) fn write_detached(&self, op: WriteOp) {
-        let _ = self.tx.send(Cmd::Write(WriteReq { op, reply: None }));
+        let _ = self.send(WriteReq { op, reply: None });
+    }
+
+    fn send(&self, req: WriteReq) -> Result<()> {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Cmd::Write(req)).map_err(|_| {
+            self.inflight.fetch_sub(1, Ordering::Relaxed);
+            error::closed()
+        })
     }
 
     // ---- reads ----------------------------------------------------------------

@@ -19,7 +19,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -48,6 +48,8 @@ const MAX_BATCH: usize = 1024;
 const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Longest wait for more writes before committing a batch (see `run`).
 const MAX_GATHER: Duration = Duration::from_millis(2);
+/// How long a peak of concurrent writers is remembered (see `gather`).
+const PEAK_WINDOW: Duration = Duration::from_millis(200);
 /// Most expired keys removed by one sweep transaction.
 const MAX_SWEEP: usize = 10_000;
 /// Where anykv keeps lock records (their holders live in this process only).
@@ -486,9 +488,13 @@ pub(crate) struct Writer {
     compacted: Revision,
     next_expiry: Option<u64>,
     last_sweep: Instant,
-    /// Size of the previous batch and how long it took to commit: the
-    /// group-commit gathering heuristic.
-    last_batch: usize,
+    /// Writes submitted and not yet answered (shared with the engine).
+    inflight: Arc<AtomicUsize>,
+    /// The most writes seen in flight at once, lately: how many writers
+    /// are active, i.e. how large a batch can get.
+    peak: usize,
+    peak_at: Instant,
+    /// How long the last non-empty batch took to commit.
     last_commit: Duration,
 }
 
@@ -501,6 +507,7 @@ impl Writer {
         rx: mpsc::Receiver<Cmd>,
         committed: Arc<AtomicU64>,
         events: broadcast::Sender<Batch>,
+        inflight: Arc<AtomicUsize>,
         settings: WriterSettings,
     ) -> Result<JoinHandle<()>> {
         let (rev, compacted, next_expiry) =
@@ -519,7 +526,9 @@ impl Writer {
             last_sweep: Instant::now()
                 .checked_sub(settings.sweep_interval)
                 .unwrap_or_else(Instant::now),
-            last_batch: 0,
+            inflight,
+            peak: 0,
+            peak_at: Instant::now(),
             last_commit: Duration::ZERO,
         };
         let handle = std::thread::Builder::new()
@@ -569,7 +578,6 @@ impl Writer {
             let started = Instant::now();
             self.commit(batch);
             if size > 0 {
-                self.last_batch = size;
                 self.last_commit = started.elapsed();
             }
             if shutdown {
@@ -578,36 +586,38 @@ impl Writer {
         }
         // Whatever is still queued gets a clear answer rather than a hang.
         while let Ok(cmd) = self.rx.try_recv() {
-            if let Cmd::Write(WriteReq { reply: Some(r), .. }) = cmd {
-                let _ = r.send(Err(error::closed()));
+            if let Cmd::Write(req) = cmd {
+                self.reply(req, Err(error::closed()));
             }
         }
     }
 
-    /// Collects the batch that starts with `first`: everything queued, and,
-    /// when the previous batch was much larger, the stragglers that arrive
-    /// within half a commit. Returns the batch and whether to shut down.
+    /// Collects the batch that starts with `first`: everything queued and,
+    /// while fewer writes are in hand than writers were recently active, the
+    /// stragglers that arrive within half a commit. Returns the batch and
+    /// whether to shut down.
+    ///
+    /// Why wait: after a commit answers its writers, they re-submit within
+    /// microseconds, but not all before the queue looks empty. Without the
+    /// wait, N writers settle into two half-size cohorts committing in turn,
+    /// each paying a full commit; with it they share one. At concurrency 1
+    /// the target is 1, so a lone writer never waits.
     fn gather(&mut self, first: Cmd) -> (Vec<WriteReq>, bool) {
+        let target = self.peak.max(1) * 9 / 10;
         let mut batch = Vec::new();
         let mut bytes = 0;
         let mut next = Some(first);
-        // Set once the queue ran dry: how long to wait for stragglers.
-        let mut gather_until: Option<Instant> = None;
+        let mut until: Option<Instant> = None;
         loop {
             let Some(cmd) = next.take() else {
-                // The queue is empty. If the last batch was much larger, its
-                // writers are most likely re-submitting right now (woken by
-                // their replies): waiting a fraction of a commit for them is
-                // cheaper than a whole extra commit. At concurrency 1 the
-                // last batch was 1, so there is no wait.
-                if batch.is_empty() || batch.len() * 2 > self.last_batch {
+                if batch.is_empty() || batch.len() >= target {
                     return (batch, false);
                 }
-                let until = *gather_until
+                let deadline = *until
                     .get_or_insert_with(|| Instant::now() + (self.last_commit / 2).min(MAX_GATHER));
                 match self
                     .rx
-                    .recv_timeout(until.saturating_duration_since(Instant::now()))
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 {
                     Ok(c) => {
                         next = Some(c);
@@ -627,6 +637,26 @@ impl Writer {
                 return (batch, false);
             }
             next = self.rx.try_recv().ok();
+        }
+    }
+
+    /// Notes how many writes are in flight right before a batch is
+    /// answered (its own plus those queued meanwhile); the peak decays
+    /// after a quiet spell so that a past burst does not keep batches
+    /// waiting.
+    fn sample_concurrency(&mut self) {
+        let now = self.inflight.load(Ordering::Relaxed);
+        if now >= self.peak || self.peak_at.elapsed() > PEAK_WINDOW {
+            self.peak = now;
+            self.peak_at = Instant::now();
+        }
+    }
+
+    /// Answers one request.
+    fn reply(&self, req: WriteReq, result: Result<u64>) {
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(reply) = req.reply {
+            let _ = reply.send(result);
         }
     }
 
@@ -673,14 +703,13 @@ impl Writer {
                     // No receiver is fine: nobody watches.
                     let _ = self.events.send(Arc::new(done.events));
                 }
+                self.sample_concurrency();
                 for ((req, outcome), failure) in batch.into_iter().zip(done.outcomes).zip(failed) {
                     let result = match failure {
                         Some(e) => Err(e),
                         None => outcome.unwrap_or_else(|| Err(error::closed())),
                     };
-                    if let Some(reply) = req.reply {
-                        let _ = reply.send(result);
-                    }
+                    self.reply(req, result);
                 }
             }
             Err(e) => {
@@ -688,9 +717,7 @@ impl Writer {
                 let shown = e.to_string();
                 for (req, failure) in batch.into_iter().zip(failed) {
                     let result = Err(failure.unwrap_or_else(|| copy_error(&e, &shown)));
-                    if let Some(reply) = req.reply {
-                        let _ = reply.send(result);
-                    }
+                    self.reply(req, result);
                 }
             }
         }
