@@ -3,7 +3,8 @@
 //! | Consul says                                   | anykv error          | liveness   |
 //! |-----------------------------------------------|----------------------|------------|
 //! | connect refused, reset, I/O error on the wire | `Unavailable`        | not alive  |
-//! | no answer within the deadline                 | `Timeout`            | not alive  |
+//! | no answer within the deadline (every request  | `Timeout`            | not alive  |
+//! | carries one: the timeout, or a blocking wait) |                      |            |
 //! | 5xx, 429 (no leader, rate limited, …)         | `Unavailable`        | not alive  |
 //! | 403 `ACL not found` (unknown token)           | `Unauthenticated`    | alive      |
 //! | 403 anything else (`Permission denied`)       | `PermissionDenied`   | alive      |
@@ -14,6 +15,8 @@
 //! Inside `/v1/txn`, Consul reports ACL refusals as a 409 whose error text is
 //! `Permission denied` / `ACL not found`; [`txn_failure`] maps those the same
 //! way, so a transaction refused by ACLs is never mistaken for a failed check.
+
+use std::time::Duration;
 
 use anykv_core::Error;
 
@@ -85,7 +88,18 @@ pub(crate) fn from_status(operation: &str, status: u16, body: &[u8]) -> Error {
 
 /// The error for a request that got no HTTP answer at all (connect refused,
 /// reset, broken body): the agent is unreachable.
-pub(crate) fn from_transport(operation: &str, err: reqwest::Error) -> Error {
+pub(crate) fn from_transport(
+    operation: &'static str,
+    deadline: Duration,
+    err: reqwest::Error,
+) -> Error {
+    if err.is_timeout() && !err.is_connect() {
+        return Error::Timeout {
+            backend: BACKEND,
+            operation,
+            after: deadline,
+        };
+    }
     // reqwest's Display names the URL but never headers, so the token
     // (sent as X-Consul-Token) cannot leak through it.
     Error::unavailable(
@@ -200,7 +214,7 @@ mod tests {
             .send()
             .await
             .unwrap_err();
-        let e = from_transport("probe", err);
+        let e = from_transport("probe", std::time::Duration::from_secs(1), err);
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert!(e.indicates_unreachable());
     }

@@ -235,7 +235,22 @@ impl Transport {
     }
 
     /// Executes a consulrs endpoint; any status is returned as a [`Reply`].
-    pub(crate) async fn call<E>(&self, operation: &str, endpoint: &E) -> Result<Reply>
+    pub(crate) async fn call<E>(&self, operation: &'static str, endpoint: &E) -> Result<Reply>
+    where
+        E: Endpoint + FeaturedEndpoint,
+    {
+        self.call_within(operation, endpoint, self.settings.timeout)
+            .await
+    }
+
+    /// [`call`](Self::call) with its own deadline (blocking queries wait
+    /// longer than the per-request timeout).
+    pub(crate) async fn call_within<E>(
+        &self,
+        operation: &'static str,
+        endpoint: &E,
+        deadline: Duration,
+    ) -> Result<Reply>
     where
         E: Endpoint + FeaturedEndpoint,
     {
@@ -247,11 +262,20 @@ impl Transport {
         }
         let req = reqwest::Request::try_from(req)
             .map_err(|e| error::internal(format!("{operation}: building the request"), e))?;
-        self.send(operation, req).await
+        self.send(operation, req, deadline).await
     }
 
     /// Sends a request built here (txn, status), through the same client.
-    async fn send(&self, operation: &str, mut req: reqwest::Request) -> Result<Reply> {
+    /// Every request is bounded: besides the layers' per-operation timeout,
+    /// the driver's own background requests (lock renewals, releases on
+    /// drop, watch loops) must not hang on a frozen agent either.
+    async fn send(
+        &self,
+        operation: &'static str,
+        mut req: reqwest::Request,
+        deadline: Duration,
+    ) -> Result<Reply> {
+        *req.timeout_mut() = Some(deadline);
         if let Some(dc) = &self.settings.dc {
             req.url_mut().query_pairs_mut().append_pair("dc", dc);
         }
@@ -263,7 +287,7 @@ impl Transport {
             .http
             .execute(req)
             .await
-            .map_err(|e| error::from_transport(operation, e))?;
+            .map_err(|e| error::from_transport(operation, deadline, e))?;
         let status = resp.status().as_u16();
         let index = resp
             .headers()
@@ -273,7 +297,7 @@ impl Transport {
         let body = resp
             .bytes()
             .await
-            .map_err(|e| error::from_transport(operation, e))?;
+            .map_err(|e| error::from_transport(operation, deadline, e))?;
         Ok(Reply {
             status,
             index,
@@ -302,7 +326,7 @@ impl Transport {
         }
         let mut req = reqwest::Request::new(reqwest::Method::PUT, self.url("txn")?);
         *req.body_mut() = Some(body.into());
-        let reply = self.send("txn", req).await?;
+        let reply = self.send("txn", req, self.settings.timeout).await?;
         match reply.status {
             200 => Ok(TxnOutcome::Committed(reply.json("txn")?)),
             409 => {
@@ -320,7 +344,7 @@ impl Transport {
     /// `GET /v1/status/leader`: the address of the Raft leader, empty if none.
     pub(crate) async fn leader(&self) -> Result<String> {
         let req = reqwest::Request::new(reqwest::Method::GET, self.url("status/leader")?);
-        let reply = self.send("probe", req).await?;
+        let reply = self.send("probe", req, self.settings.timeout).await?;
         if !reply.ok() {
             return Err(reply.error("probe"));
         }

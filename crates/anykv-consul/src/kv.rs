@@ -150,7 +150,14 @@ impl Inner {
             req.recurse(true);
         }
         let req = req.build().map_err(|e| build_err("get", e))?;
-        let reply = self.http.call("get", &req).await?;
+        let reply = match mode {
+            ReadMode::Blocking { wait, .. } => {
+                // Consul adds up to wait/16 of jitter before answering.
+                let deadline = wait + wait / 16 + self.http.settings().timeout;
+                self.http.call_within("get", &req, deadline).await?
+            }
+            _ => self.http.call("get", &req).await?,
+        };
         let index = reply.index.unwrap_or(0);
         match reply.status {
             200 => Ok((reply.json("get")?, index)),

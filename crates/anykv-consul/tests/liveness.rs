@@ -125,6 +125,13 @@ async fn every_operation_fails_unreachable(kv: &Kv, bound: Duration) {
     );
     dead!("watch", kv.watch(Target::Key(k.clone()), Start::Now));
     dead!("lock_holder", kv.lock_holder(&k));
+    // A lock without a wait is not bounded by the layers: the driver's own
+    // per-request deadline must end it.
+    dead!("lock", kv.lock(&k, anykv_core::LockOptions::default()));
+    dead!(
+        "try_lock",
+        kv.try_lock(&k, anykv_core::LockOptions::default())
+    );
     assert!(
         timeout(Duration::from_millis(200), states.next())
             .await
