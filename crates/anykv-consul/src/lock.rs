@@ -236,12 +236,7 @@ async fn keeper(
                     if !ours {
                         return; // released by someone else, deleted, or expired
                     }
-                    // Index reset rules: backwards → start over; never below 1.
-                    index = if new_index < index {
-                        1
-                    } else {
-                        new_index.max(1)
-                    };
+                    index = crate::watch::next_index(index, new_index).0;
                 }
                 // Reachability is the renew loop's business; just retry.
                 Ok(Err(_)) | Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,

@@ -256,10 +256,11 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
                 if published && new_index == index && !recovered {
                     continue; // the wait ran out: nothing changed
                 }
-                if new_index < last_published {
-                    epoch += 1; // reset: a fresh baseline
+                let (next, reset) = next_index(last_published, new_index);
+                if reset {
+                    epoch += 1; // a fresh baseline
                 }
-                index = new_index.max(1);
+                index = next;
                 last_published = index;
                 published = true;
                 tx.send_replace(Some(Arc::new(Snapshot {
@@ -297,6 +298,15 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
             }
         }
     }
+}
+
+/// Consul's rules for the index of the next blocking query, given the
+/// index last acted on and the one just answered: an answer below it means
+/// the index was reset (the answer is a fresh baseline, and blocking on the
+/// old, higher index could wait for nothing); an index is never below 1
+/// (0 would answer at once, forever).
+pub(crate) fn next_index(previous: u64, answered: u64) -> (u64, bool) {
+    (answered.max(1), answered < previous)
 }
 
 fn store_retire(inner: &std::sync::Weak<Inner>, scope: &Scope, tx: &Channel) -> bool {
@@ -502,6 +512,15 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(diff(&new, &new, 12, &all).is_empty());
+    }
+
+    #[test]
+    fn index_rules() {
+        assert_eq!(next_index(10, 12), (12, false), "moved forward");
+        assert_eq!(next_index(10, 10), (10, false), "wait ran out");
+        assert_eq!(next_index(10, 4), (4, true), "went backwards: reset");
+        assert_eq!(next_index(0, 0), (1, false), "never below 1");
+        assert_eq!(next_index(5, 0), (1, true));
     }
 
     #[test]
