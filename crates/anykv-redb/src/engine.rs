@@ -104,7 +104,8 @@ pub(crate) fn compacted_floor(
 /// Per-file options from the URL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// Revisions of history kept for watches (`?history=`).
+    /// Revisions of history kept for watches (`?history=`), at least; the
+    /// log is pruned in steps of up to 256 revisions beyond it.
     pub history: u64,
     /// Longest delay between a TTL running out and the key's deletion being
     /// committed and sent to watchers (`?sweep_interval=`). Reads treat an

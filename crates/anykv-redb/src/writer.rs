@@ -128,21 +128,31 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The tables of one write transaction. The expiry table is opened only
+/// when a TTL is involved: every table a transaction opens costs time, and a
+/// commit touches only what it must.
 struct Tables<'t> {
+    txn: &'t WriteTransaction,
     kv: Table<'t, &'static str, &'static [u8]>,
-    expiry: Table<'t, (u64, &'static str), ()>,
     events: Table<'t, u64, &'static [u8]>,
-    meta: Table<'t, &'static str, u64>,
+    expiry: Option<Table<'t, (u64, &'static str), ()>>,
 }
 
 impl<'t> Tables<'t> {
     fn open(txn: &'t WriteTransaction) -> Result<Self, Failure> {
         Ok(Tables {
+            txn,
             kv: txn.open_table(KV)?,
-            expiry: txn.open_table(EXPIRY)?,
             events: txn.open_table(EVENTS)?,
-            meta: txn.open_table(META)?,
+            expiry: None,
         })
+    }
+
+    fn expiry(&mut self) -> Result<&mut Table<'t, (u64, &'static str), ()>, Failure> {
+        match &mut self.expiry {
+            Some(t) => Ok(t),
+            slot @ None => Ok(slot.insert(self.txn.open_table(EXPIRY)?)),
+        }
     }
 }
 
@@ -190,7 +200,7 @@ impl Ctx<'_> {
     fn remove(&mut self, key: &Key, old: &Record, rev: Revision) -> Result<(), Failure> {
         self.t.kv.remove(key.as_str())?;
         if old.expires_ms != 0 {
-            self.t.expiry.remove((old.expires_ms, key.as_str()))?;
+            self.t.expiry()?.remove((old.expires_ms, key.as_str()))?;
         }
         self.events.push(Event::Delete {
             key: key.clone(),
@@ -216,10 +226,10 @@ impl Ctx<'_> {
             && o.expires_ms != 0
             && o.expires_ms != expires_ms
         {
-            self.t.expiry.remove((o.expires_ms, key.as_str()))?;
+            self.t.expiry()?.remove((o.expires_ms, key.as_str()))?;
         }
         if expires_ms != 0 {
-            self.t.expiry.insert((expires_ms, key.as_str()), ())?;
+            self.t.expiry()?.insert((expires_ms, key.as_str()), ())?;
         }
         self.events.push(Event::Put {
             kv: Record {
@@ -329,7 +339,7 @@ impl Ctx<'_> {
         for (raw, expires) in found {
             self.t.kv.remove(raw.as_str())?;
             if expires != 0 {
-                self.t.expiry.remove((expires, raw.as_str()))?;
+                self.t.expiry()?.remove((expires, raw.as_str()))?;
             }
             if expires == 0 || expires > self.now {
                 live += 1;
@@ -386,7 +396,7 @@ impl Ctx<'_> {
     /// Deletes keys whose TTL ran out, in one revision.
     fn sweep(&mut self) -> Result<(), Failure> {
         let mut due: Vec<(u64, String)> = Vec::new();
-        for item in self.t.expiry.range(..(self.now + 1, ""))? {
+        for item in self.t.expiry()?.range(..(self.now + 1, ""))? {
             let (k, _) = item?;
             let (expires, key) = k.value();
             due.push((expires, key.to_owned()));
@@ -396,7 +406,7 @@ impl Ctx<'_> {
         }
         let mut rev = None;
         for (expires, raw) in due {
-            self.t.expiry.remove((expires, raw.as_str()))?;
+            self.t.expiry()?.remove((expires, raw.as_str()))?;
             self.dirty = true;
             let Some(rec) = self.load(&raw)? else {
                 continue;
@@ -435,7 +445,7 @@ impl Ctx<'_> {
         for (raw, expires) in stale {
             self.t.kv.remove(raw.as_str())?;
             if expires != 0 {
-                self.t.expiry.remove((expires, raw.as_str()))?;
+                self.t.expiry()?.remove((expires, raw.as_str()))?;
             }
             if let Some(key) = Key::from_backend(&raw) {
                 self.events.push(Event::Delete { key, revision: rev });
@@ -463,16 +473,24 @@ impl Ctx<'_> {
                 .insert(rev, codec::encode_events(&self.events[i..j]).as_slice())?;
             i = j;
         }
+        // Pruned in steps, so that most commits leave the log's oldest page
+        // alone: the log keeps between `history` and `history + step`.
+        let step = (history / 16).clamp(1, 256);
         let cutoff = self.rev.saturating_sub(history);
-        if cutoff > *compacted {
+        if cutoff >= compacted.saturating_add(step) {
             self.t.events.retain_in(..=cutoff, |_, _| false)?;
             *compacted = cutoff;
         }
         Ok(())
     }
 
-    fn first_expiry(&self) -> Result<Option<u64>, Failure> {
-        Ok(self.t.expiry.first()?.map(|(k, _)| k.value().0))
+    /// The earliest expiry after this transaction: read again only if the
+    /// transaction touched the expiry table, else `known`.
+    fn next_expiry(&self, known: Option<u64>) -> Result<Option<u64>, Failure> {
+        match &self.t.expiry {
+            Some(t) => Ok(t.first()?.map(|(k, _)| k.value().0)),
+            None => Ok(known),
+        }
     }
 }
 
@@ -761,7 +779,7 @@ impl Writer {
             ctx.finish(self.settings.history, &mut compacted)
                 .map_err(|f| Abort::Txn(f.into_error("log events")))?;
             let next_expiry = ctx
-                .first_expiry()
+                .next_expiry(self.next_expiry)
                 .map_err(|f| Abort::Txn(f.into_error("read expiries")))?;
             (ctx.rev, ctx.events, outcomes, next_expiry, ctx.dirty)
         };
@@ -827,10 +845,12 @@ fn copy_error(e: &Error, shown: &str) -> Error {
 fn init(db: &Database, history: u64) -> Result<(Revision, Revision, Option<u64>), Failure> {
     let txn = db.begin_write()?;
     let out = {
-        let tables = Tables::open(&txn)?;
-        let format = tables.meta.get(META_FORMAT)?.map(|v| v.value());
+        let mut meta = txn.open_table(META)?;
+        let format = meta.get(META_FORMAT)?.map(|v| v.value());
         match format {
-            None => {}
+            None => {
+                meta.insert(META_FORMAT, FORMAT)?;
+            }
             Some(FORMAT) => {}
             Some(other) => {
                 return Err(Failure::Kv(Error::InvalidArgument {
@@ -841,6 +861,9 @@ fn init(db: &Database, history: u64) -> Result<(Revision, Revision, Option<u64>)
                 }));
             }
         }
+        let mut tables = Tables::open(&txn)?;
+        // Created now, so that readers never find it missing.
+        tables.expiry()?;
         let rev = tables.events.last()?.map_or(0, |(k, _)| k.value());
         let mut compacted = compacted_floor(&tables.events, rev)?;
         let mut ctx = Ctx {
@@ -850,12 +873,9 @@ fn init(db: &Database, history: u64) -> Result<(Revision, Revision, Option<u64>)
             events: Vec::new(),
             dirty: false,
         };
-        if format.is_none() {
-            ctx.t.meta.insert(META_FORMAT, FORMAT)?;
-        }
         ctx.drop_stale_locks()?;
         ctx.finish(history, &mut compacted)?;
-        (ctx.rev, compacted, ctx.first_expiry()?)
+        (ctx.rev, compacted, ctx.next_expiry(None)?)
     };
     txn.commit()?;
     Ok(out)
