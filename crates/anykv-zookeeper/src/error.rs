@@ -3,6 +3,7 @@
 //! | zookeeper-client | anykv | unreachable? |
 //! |---|---|---|
 //! | `ConnectionLoss`, `SessionExpired`, `SessionMoved`, `NoHosts`, `Timeout`, `ClientClosed`, `NotReadOnly`, `Throttled` | `Unavailable` | yes |
+//! | `Custom` (the client's own connection failures: I/O errors, "no response from connection in …") | `Unavailable` | yes |
 //! | `NoNode` | `NotFound` | no |
 //! | `NodeExists` | `AlreadyExists` | no |
 //! | `BadVersion`, `RuntimeInconsistent` | `Conflict` | no |
@@ -55,7 +56,11 @@ pub(crate) fn map(err: zk::Error, operation: &'static str, key: &str) -> Error {
         | Z::Timeout
         | Z::ClientClosed
         | Z::NotReadOnly
-        | Z::Throttled => Error::Unavailable {
+        | Z::Throttled
+        // zookeeper-client fails the requests in flight with the error that
+        // ended their connection, a `Custom` one (an I/O error, or "no
+        // response from connection in …"); server replies never are.
+        | Z::Custom(_) => Error::Unavailable {
             backend: BACKEND,
             message,
             source: Some(Box::new(err)),

@@ -205,6 +205,32 @@ impl Task {
         let mut snapshot = replay;
         loop {
             if self.resync && self.connected {
+                // zookeeper-client 0.11 does not send persistent watches
+                // again after a reconnect (its `resend_watches` only ever
+                // sends the one-shot kinds): register the watch anew.
+                // Dropping the old watcher does not remove the new one from
+                // the server (same path and mode).
+                match session
+                    .client
+                    .watch(self.range.path(), self.range.mode())
+                    .await
+                {
+                    Ok(w) => watcher = w,
+                    Err(e) => {
+                        match Interrupt::from(e) {
+                            Interrupt::SessionEnded => match self.reopen(&tx).await {
+                                Some((s, w)) => (session, watcher) = (s, w),
+                                None => return,
+                            },
+                            Interrupt::Failed(e) => {
+                                if !self.transient(e, &tx).await {
+                                    return;
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                }
                 match self.read_all(&session).await {
                     Ok(s) => snapshot = Some(s),
                     Err(Interrupt::SessionEnded) => match self.reopen(&tx).await {
@@ -268,10 +294,14 @@ impl Task {
             Got::Node(p) => return Some(p),
             Got::Nothing | Got::Ended => {}
             Got::Disconnected => {
+                tracing::debug!(path = self.range.path(), "zookeeper watch: disconnected");
                 self.connected = false;
                 self.resync = true;
             }
-            Got::Connected => self.connected = true,
+            Got::Connected => {
+                tracing::debug!(path = self.range.path(), "zookeeper watch: connected");
+                self.connected = true;
+            }
         }
         None
     }
@@ -305,10 +335,20 @@ impl Task {
     /// and re-reads the range. Retries with backoff until it works, the
     /// stream is dropped or the store is closed (`None`: stop).
     async fn reopen(&mut self, tx: &Tx) -> Option<(Arc<Session>, PersistentWatcher)> {
+        tracing::debug!(
+            path = self.range.path(),
+            "zookeeper watch: session ended, reopening"
+        );
         let mut delay = Duration::from_millis(100);
         loop {
             let attempt = async {
-                let session = self.inner.session().await.map_err(Some)?;
+                // No session yet (servers down or electing a leader) is
+                // transient; anything else (bad credentials) ends the watch.
+                let session = match self.inner.session().await {
+                    Ok(s) => s,
+                    Err(e) if e.indicates_unreachable() => return Err(None),
+                    Err(e) => return Err(Some(e)),
+                };
                 let watcher = match session
                     .client
                     .watch(self.range.path(), self.range.mode())
@@ -328,23 +368,27 @@ impl Task {
             };
             match attempt.await {
                 Ok((session, mut watcher)) => {
-                    let snapshot = match self.read_all(&session).await {
-                        Ok(s) => s,
-                        Err(_) => {
-                            tokio::time::sleep(delay).await;
-                            continue;
+                    let done = match self.read_all(&session).await {
+                        Ok(snapshot) => {
+                            self.batch(&session, &mut watcher, Some(snapshot), BTreeSet::new(), tx)
+                                .await
                         }
+                        Err(e) => Err(e),
                     };
-                    match self
-                        .batch(&session, &mut watcher, Some(snapshot), BTreeSet::new(), tx)
-                        .await
-                    {
+                    match done {
                         Ok(true) => {
                             self.connected = true;
                             return Some((session, watcher));
                         }
                         Ok(false) => return None,
-                        Err(_) => {}
+                        Err(Interrupt::Failed(e)) => {
+                            let err = error::map(e, "watch", self.range.path());
+                            if !err.indicates_unreachable() {
+                                let _ = tx.send(Err(err)).await;
+                                return None;
+                            }
+                        }
+                        Err(Interrupt::SessionEnded) => self.inner.conn.forget(&session),
                     }
                 }
                 Err(Some(fatal)) => {
@@ -405,7 +449,14 @@ impl Task {
                 results.insert(path, kv);
             }
         }
-        for ev in self.diff(results) {
+        let events = self.diff(results);
+        tracing::debug!(
+            path = self.range.path(),
+            rounds,
+            events = events.len(),
+            "zookeeper watch: batch"
+        );
+        for ev in events {
             if tx.send(Ok(ev)).await.is_err() {
                 return Ok(false);
             }
