@@ -53,8 +53,13 @@ struct Snapshot {
     /// Incremented whenever the index went backwards.
     epoch: u64,
     entries: Entries,
-    /// Set when the query failed; `entries` is then the last good state.
+    /// Set while the query fails; `entries` is then the last good state.
     fault: Option<Fault>,
+    /// Outages reported so far, and the last one: a stream that only sees a
+    /// later, healthy snapshot (the channel keeps the latest value) still
+    /// reports the outage it missed.
+    outages: u64,
+    last_fault: Option<Fault>,
 }
 
 /// A query failure, re-created as an [`Error`] for each stream.
@@ -201,6 +206,8 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
     let mut published = false;
     let mut backoff = FIRST_BACKOFF;
     let mut failing = false;
+    let mut outages = 0u64;
+    let mut last_fault: Option<Fault> = None;
     loop {
         let Some(store) = inner.upgrade() else {
             // The store is gone: nothing can answer any more.
@@ -208,7 +215,7 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
                 kind: ErrorKind::Cancelled,
                 message: "the store was dropped".into(),
             };
-            publish_fault(&tx, fault);
+            publish_fault(&tx, fault, outages + 1);
             return;
         };
         let slack = store.http.settings().timeout;
@@ -268,6 +275,8 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
                     epoch,
                     entries: Arc::new(entries),
                     fault: None,
+                    outages,
+                    last_fault: last_fault.clone(),
                 })));
             }
             Err(e) => {
@@ -279,7 +288,9 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
                 };
                 if !failing || fault.is_fatal() {
                     tracing::debug!(error = %e, path = %scope.path, "consul watch query failed; retrying");
-                    publish_fault(&tx, fault);
+                    outages += 1;
+                    last_fault = Some(fault.clone());
+                    publish_fault(&tx, fault, outages);
                 }
                 failing = true;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -316,7 +327,7 @@ fn store_retire(inner: &std::sync::Weak<Inner>, scope: &Scope, tx: &Channel) -> 
     }
 }
 
-fn publish_fault(tx: &Channel, fault: Fault) {
+fn publish_fault(tx: &Channel, fault: Fault, outages: u64) {
     tx.send_modify(|cur| {
         let (index, epoch, entries) = match cur {
             Some(s) => (s.index, s.epoch, s.entries.clone()),
@@ -326,7 +337,9 @@ fn publish_fault(tx: &Channel, fault: Fault) {
             index,
             epoch,
             entries,
-            fault: Some(fault),
+            fault: Some(fault.clone()),
+            outages,
+            last_fault: Some(fault),
         }));
     });
 }
@@ -338,7 +351,10 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
     // Subscribe first, read second: a snapshot published in between is
     // either older than the baseline (skipped) or newer (diffed).
     let rx = inner.watches.subscribe(inner, &scope);
-    let epoch = rx.borrow().as_ref().map_or(0, |s| s.epoch);
+    let (epoch, outages) = rx
+        .borrow()
+        .as_ref()
+        .map_or((0, 0), |s| (s.epoch, s.outages));
     let (kvs, index) = inner
         .read_raw(&scope.path, scope.recurse, ReadMode::Consistent)
         .await?;
@@ -369,6 +385,7 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
         view: Arc::new(view),
         index,
         epoch,
+        outages,
         pending,
         done: false,
     };
@@ -387,6 +404,8 @@ struct Stream {
     view: Entries,
     index: u64,
     epoch: u64,
+    /// Outages of the hub this stream has reported (or that predate it).
+    outages: u64,
     pending: VecDeque<Result<Event>>,
     done: bool,
 }
@@ -428,8 +447,14 @@ impl Stream {
     }
 
     fn apply(&mut self, s: &Snapshot) {
+        if s.outages > self.outages {
+            // One error per outage seen, even if it is already over.
+            self.outages = s.outages;
+            if let Some(fault) = s.fault.as_ref().or(s.last_fault.as_ref()) {
+                self.pending.push_back(Err(fault.to_error()));
+            }
+        }
         if let Some(fault) = &s.fault {
-            self.pending.push_back(Err(fault.to_error()));
             if fault.is_fatal() {
                 self.done = true;
             }
