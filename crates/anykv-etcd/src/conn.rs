@@ -24,6 +24,7 @@ pub(crate) struct Clients {
     _client: Client,
     /// Takes hung members out of the balancer (several endpoints only).
     _health: Option<Arc<Health>>,
+    _heartbeat: Arc<Heartbeat>,
     pub kv: KvClient,
     pub watch: WatchClient,
     pub lease: LeaseClient,
@@ -110,6 +111,34 @@ async fn connect(opts: &EtcdOptions) -> Result<Clients> {
         watch: client.watch_client().max_decoding_message_size(MAX_DECODE),
         lease: client.lease_client(),
         _health: health::spawn(client.clone(), opts).map(Arc::new),
+        _heartbeat: Arc::new(Heartbeat::spawn(opts.timeout)),
         _client: client,
     })
+}
+
+/// A timer that is always pending, earlier than any operation's deadline.
+///
+/// The layers bound every operation with a tokio timeout. When that timer is
+/// the earliest the runtime has, registering it wakes the thread parked in
+/// the I/O driver so that it re-parks with the shorter deadline: a syscall
+/// and a context switch per operation, measured at 7-10 µs on a 150 µs etcd
+/// get. With this heartbeat pending (it wakes once per half timeout, at most
+/// once a second) a new deadline is never the earliest, and costs nothing.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Heartbeat {
+    fn spawn(timeout: Duration) -> Heartbeat {
+        let every = (timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        Heartbeat(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+            }
+        }))
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
