@@ -43,8 +43,6 @@ pub struct Started {
 
 /// Shared context: paths and temp dirs of this run.
 pub struct Ctx {
-    /// Workspace root.
-    pub root: PathBuf,
     /// `target/xtask`: caches, logs.
     pub work: PathBuf,
     temps: Mutex<Vec<tempfile::TempDir>>,
@@ -56,7 +54,6 @@ impl Ctx {
         let work = root.join("target").join("xtask");
         fs::create_dir_all(work.join("logs"))?;
         Ok(Ctx {
-            root,
             work,
             temps: Mutex::new(Vec::new()),
         })
@@ -249,15 +246,6 @@ pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool
         thread::sleep(Duration::from_millis(100));
     }
     bail!("{what}: not ready after {timeout:?}")
-}
-
-/// True if something accepts TCP connections on 127.0.0.1:`port`.
-pub fn port_open(port: u16) -> bool {
-    std::net::TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(200),
-    )
-    .is_ok()
 }
 
 /// Sends a ZooKeeper-style four-letter command and returns the reply.
