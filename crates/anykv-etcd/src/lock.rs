@@ -123,7 +123,9 @@ pub(crate) async fn acquire(
 
     if first != Some(my_rev) {
         let Some(limit) = wait else {
-            session.revoke().await?;
+            // Held by someone else: the answer stands even if giving our
+            // place back fails (it is retried in the background).
+            let _ = session.revoke().await;
             return Ok(None);
         };
         let waiting = wait_predecessors(conn, lock, my_rev, session.lost.clone());
@@ -274,10 +276,16 @@ impl Session {
     }
 
     /// Stops renewing, marks the lock lost for its holder, and revokes the
-    /// lease (deleting the record).
+    /// lease (deleting the record). If that fails it is tried again in the
+    /// background: a record left behind would hold the queue until its
+    /// lease expires.
     async fn revoke(mut self) -> Result<()> {
         self.stop();
-        lease::revoke(self.client.clone(), self.lease.id, self.timeout).await
+        let revoked = lease::revoke(self.client.clone(), self.lease.id, self.timeout).await;
+        if revoked.is_err() {
+            lease::revoke_in_background(self.client.clone(), self.lease.id, self.timeout);
+        }
+        revoked
     }
 
     fn stop(&mut self) {
