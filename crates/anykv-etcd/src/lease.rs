@@ -12,10 +12,12 @@ use etcd_client::LeaseClient;
 
 use crate::{conn::Conn, error::Ctx};
 
-/// How late a TTL key may disappear: whole-second rounding (< 1 s) plus the
-/// server's expiry sweep (500 ms) and the raft round of the revoke, and the
-/// raise of 1 s TTLs to etcd's 2 s minimum.
-pub(crate) const TTL_GRANULARITY: Duration = Duration::from_secs(2);
+/// How late a TTL key may disappear. etcd raises any lease TTL below its
+/// minimum (1.5 × election timeout rounded up: 2 s with the defaults) to that
+/// minimum, counts whole seconds, and sweeps expired leases every 500 ms, so
+/// a 100 ms TTL key goes after about 2.4 s (measured on etcd 3.4) and a 2 s
+/// one about 0.4 s late. A server with a longer election timeout is later.
+pub(crate) const TTL_GRANULARITY: Duration = Duration::from_secs(3);
 
 /// A TTL in whole seconds, rounded up, at least one.
 pub(crate) fn ttl_secs(ttl: Duration) -> i64 {

@@ -37,7 +37,7 @@
 //! revoked or expired bucket would have to be detected and replaced under
 //! concurrency. Per-put leases give every key exactly its own TTL (within
 //! etcd's whole-second, 2 s minimum, 500 ms sweep granularity, declared as
-//! `Capabilities::ttl` = 2 s) with no shared state in the client, as
+//! `Capabilities::ttl` = 3 s) with no shared state in the client, as
 //! portworx/kvdb and libkv do. A lease left without keys by an overwrite
 //! simply expires; one granted for a conditional put that failed is revoked
 //! at once.
