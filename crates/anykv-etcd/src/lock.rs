@@ -143,6 +143,16 @@ pub(crate) async fn acquire(
                 }
             }
         };
+        let outcome = match outcome {
+            // Our record may have gone while we waited (lease expired, or
+            // deleted by hand): then we hold nothing.
+            Ok(()) => match record_exists(conn, &mine).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(lock_lost(lock)),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
         if let Err(e) = outcome {
             // Give up our place in the queue now rather than at lease expiry.
             let _ = session.revoke().await;
@@ -164,6 +174,21 @@ fn ranged(responses: &mut [etcd_client::proto::PbResponseOp], i: usize) -> Vec<P
         Some(PbTxnOpResponse::ResponseRange(r)) => r.kvs,
         _ => Vec::new(),
     }
+}
+
+/// Whether the record `mine` still exists.
+async fn record_exists(conn: &Conn, mine: &str) -> Result<bool> {
+    let ctx = Ctx::new("lock", Some(mine), conn.timeout());
+    let resp = conn
+        .call(ctx, |c| {
+            let mut kv = c.kv.clone();
+            async move {
+                kv.get(mine, Some(GetOptions::new().with_count_only()))
+                    .await
+            }
+        })
+        .await?;
+    Ok(resp.count() > 0)
 }
 
 /// Waits until no record of `lock` older than `my_rev` is left.

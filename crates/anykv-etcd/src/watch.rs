@@ -85,7 +85,15 @@ impl Watcher {
         let start = self.range.start.clone();
         let client = &mut self.client;
         let opening = async move {
-            let mut stream = client.watch(start, Some(opts)).await?;
+            // A member that refuses connections never saw the request: try
+            // again at once, the balancer may pick another one.
+            let mut refused = 0;
+            let mut stream = loop {
+                match client.watch(start.clone(), Some(opts.clone())).await {
+                    Err(e) if refused < 3 && error::never_sent(&e) => refused += 1,
+                    other => break other?,
+                }
+            };
             let created = stream.message().await?;
             Ok::<_, etcd_client::Error>((stream, created))
         };
