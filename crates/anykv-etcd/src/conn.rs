@@ -116,6 +116,13 @@ async fn connect(opts: &EtcdOptions) -> Result<Clients> {
     })
 }
 
+/// `from + d`, saturating far in the future instead of overflowing (a huge
+/// `?timeout=` or a lease TTL from a misbehaving server must not panic).
+pub(crate) fn after(from: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    from.checked_add(d).unwrap_or_else(|| from + YEAR)
+}
+
 /// A timer that is always pending, earlier than any operation's deadline.
 ///
 /// The layers bound every operation with a tokio timeout. When that timer is

@@ -29,7 +29,7 @@ use etcd_client::{
 use tokio::{task::JoinHandle, time::Instant};
 
 use crate::{
-    conn::Conn,
+    conn::{Conn, after},
     error::{self, BACKEND, Ctx},
     lease::{self, Lease},
     range::{Range, rev},
@@ -349,7 +349,7 @@ impl LockRelease for Release {
 async fn keep_alive(mut client: LeaseClient, lease: Lease, timeout: Duration, lost: LostNotifier) {
     let every = (lease.ttl / 3).max(Duration::from_millis(100));
     let retry = Duration::from_millis(200).min(every);
-    let mut expires = Instant::now() + lease.ttl;
+    let mut expires = after(Instant::now(), lease.ttl);
     let mut stream = None;
     let mut wait = every;
     loop {
@@ -361,7 +361,7 @@ async fn keep_alive(mut client: LeaseClient, lease: Lease, timeout: Duration, lo
         let bound = timeout.min(expires - sent);
         match tokio::time::timeout(bound, renew(&mut client, &mut stream, lease)).await {
             Ok(Ok(ttl)) if ttl > 0 => {
-                expires = sent + Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
+                expires = after(sent, Duration::from_secs(u64::try_from(ttl).unwrap_or(0)));
                 wait = every;
             }
             // Expired or revoked on the server.

@@ -25,7 +25,7 @@ use futures::StreamExt;
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
-    conn::Conn,
+    conn::{Conn, after},
     error::{self, BACKEND, Ctx},
     range::{Range, key_of, pair, rev},
 };
@@ -158,8 +158,8 @@ impl Watcher {
         let mut asked: Option<Instant> = None;
         loop {
             let wake = match asked {
-                Some(at) => at + self.timeout,
-                None => quiet_since + idle,
+                Some(at) => after(at, self.timeout),
+                None => after(quiet_since, idle),
             };
             let msg = tokio::select! {
                 _ = tx.closed() => return Pumped::Done,

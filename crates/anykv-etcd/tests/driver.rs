@@ -521,3 +521,23 @@ async fn export_streams_pages_and_import_batches_transactions() {
     assert!(dst.get(&key("e/2")).await.unwrap().is_none());
     let _ = kv.delete_prefix(&Prefix::root()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enormous_timeout_is_accepted_without_overflow() {
+    let Some(url) = common::url("ANYKV_TEST_ETCD") else {
+        return;
+    };
+    let kv = common::open(&url, &common::unique("huge"), "timeout=100000years").await;
+    kv.put(&key("k"), "v".into(), PutOptions::default())
+        .await
+        .unwrap();
+    let mut w = kv
+        .watch(Target::Key(key("k")), Start::After(0))
+        .await
+        .unwrap();
+    assert!(timeout(Duration::from_secs(5), w.next()).await.is_ok());
+    let g = kv.lock(&key("l"), LockOptions::default()).await.unwrap();
+    g.release().await.unwrap();
+    kv.probe().await.unwrap();
+    let _ = kv.delete_prefix(&Prefix::root()).await;
+}
