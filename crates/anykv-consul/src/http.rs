@@ -66,6 +66,9 @@ pub(crate) struct Transport {
     http: reqwest::Client,
     settings: Settings,
     token: Option<HeaderValue>,
+    /// `…/v1/txn` and `…/v1/status/leader`, parsed once.
+    txn_url: reqwest::Url,
+    leader_url: reqwest::Url,
 }
 
 impl std::fmt::Debug for Transport {
@@ -222,8 +225,14 @@ impl Transport {
                 Some(v)
             }
         };
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("{}/{path}", settings.base))
+                .map_err(|e| error::internal(format!("building the URL for {path}"), e))
+        };
         Ok(Transport {
             http,
+            txn_url: url("txn")?,
+            leader_url: url("status/leader")?,
             settings,
             token,
         })
@@ -305,11 +314,6 @@ impl Transport {
         })
     }
 
-    fn url(&self, path: &str) -> Result<reqwest::Url> {
-        reqwest::Url::parse(&format!("{}/{path}", self.settings.base))
-            .map_err(|e| error::internal(format!("building the URL for {path}"), e))
-    }
-
     /// `PUT /v1/txn`: all operations or none. A body over Consul's limit is
     /// refused before sending.
     pub(crate) async fn txn(&self, ops: &[TxnOp]) -> Result<TxnOutcome> {
@@ -324,7 +328,7 @@ impl Transport {
                 ),
             });
         }
-        let mut req = reqwest::Request::new(reqwest::Method::PUT, self.url("txn")?);
+        let mut req = reqwest::Request::new(reqwest::Method::PUT, self.txn_url.clone());
         *req.body_mut() = Some(body.into());
         let reply = self.send("txn", req, self.settings.timeout).await?;
         match reply.status {
@@ -343,7 +347,7 @@ impl Transport {
 
     /// `GET /v1/status/leader`: the address of the Raft leader, empty if none.
     pub(crate) async fn leader(&self) -> Result<String> {
-        let req = reqwest::Request::new(reqwest::Method::GET, self.url("status/leader")?);
+        let req = reqwest::Request::new(reqwest::Method::GET, self.leader_url.clone());
         let reply = self.send("probe", req, self.settings.timeout).await?;
         if !reply.ok() {
             return Err(reply.error("probe"));

@@ -451,12 +451,25 @@ impl Inner {
             TxnOp::new("delete-tree", &dir),
         ];
         match self.http.txn(&ops).await? {
-            TxnOutcome::Committed(r) => Ok(r
-                .results
-                .unwrap_or_default()
-                .iter()
-                .filter(|r| r.kv.is_some())
-                .count() as u64),
+            TxnOutcome::Committed(r) => {
+                let entries: Vec<_> = r
+                    .results
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|r| r.kv)
+                    .collect();
+                let mut sessions: Vec<String> = entries
+                    .iter()
+                    .filter_map(|kv| kv.session.clone())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                sessions.sort();
+                sessions.dedup();
+                for s in sessions {
+                    self.forget_ttl_session(s);
+                }
+                Ok(entries.len() as u64)
+            }
             TxnOutcome::RolledBack(errs) => Err(Error::Backend {
                 backend: BACKEND,
                 message: format!(

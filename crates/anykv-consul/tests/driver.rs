@@ -258,6 +258,24 @@ async fn ttl_sessions_are_replaced_and_cleaned_up() {
         || gone(s2.clone()),
     )
     .await;
+
+    let deep = Key::new("dir/t").unwrap();
+    kv.put(&deep, "3".into(), ttl).await.unwrap();
+    let s3 = session_of(url.clone(), format!("{ns}/dir/t"))
+        .await
+        .expect("held by a session");
+    assert_eq!(
+        kv.delete_prefix(&Prefix::new("dir").unwrap())
+            .await
+            .unwrap(),
+        1
+    );
+    eventually(
+        "delete_prefix destroys the sessions of the keys it deleted",
+        Duration::from_secs(5),
+        || gone(s3.clone()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
