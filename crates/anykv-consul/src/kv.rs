@@ -153,7 +153,7 @@ impl Inner {
         let reply = match mode {
             ReadMode::Blocking { wait, .. } => {
                 // Consul adds up to wait/16 of jitter before answering.
-                let deadline = wait + wait / 16 + self.http.settings().timeout;
+                let deadline = blocking_deadline(wait, self.http.settings().timeout);
                 self.http.call_within("get", &req, deadline).await?
             }
             _ => self.http.call("get", &req).await?,
@@ -535,6 +535,12 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// How long a blocking query may take: the wait, Consul's jitter of up to
+/// wait/16, and the request timeout (saturating: `?timeout=` is the user's).
+pub(crate) fn blocking_deadline(wait: Duration, timeout: Duration) -> Duration {
+    wait.saturating_add(wait / 16).saturating_add(timeout)
 }
 
 /// How a plain `PUT` writes.

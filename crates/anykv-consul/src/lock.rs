@@ -24,7 +24,7 @@ use crate::{
     Inner,
     error::BACKEND,
     http::{TxnOp, TxnOutcome},
-    kv::ReadMode,
+    kv::{ReadMode, blocking_deadline},
     session::{self, SessionGuard, SessionKind},
 };
 
@@ -51,7 +51,8 @@ pub(crate) async fn try_lock(
 
 pub(crate) async fn lock(inner: &Arc<Inner>, key: &Key, opts: LockOptions) -> Result<LockGuard> {
     session::check_ttl(opts.ttl)?;
-    let deadline = opts.wait.map(|w| Instant::now() + w);
+    // A wait too long to represent is no deadline at all.
+    let deadline = opts.wait.and_then(|w| Instant::now().checked_add(w));
     let renew_every = session::session_ttl(opts.ttl) / 3;
     let mut session = inner.create_session(SessionKind::Lock, opts.ttl).await?;
     let mut renewed = Instant::now();
@@ -99,7 +100,7 @@ pub(crate) async fn lock(inner: &Arc<Inner>, key: &Key, opts: LockOptions) -> Re
                 },
             );
             let slack = inner.http.settings().timeout;
-            let _ = tokio::time::timeout(step + step / 16 + slack, wait).await;
+            let _ = tokio::time::timeout(blocking_deadline(step, slack), wait).await;
         } else {
             // Free but refused: a lock-delay is running.
             tokio::time::sleep(DELAY_POLL.min(step)).await;
@@ -228,7 +229,7 @@ async fn keeper(
                 },
             );
             let slack = inner.http.settings().timeout;
-            match tokio::time::timeout(BLOCK_WAIT + BLOCK_WAIT / 16 + slack, wait).await {
+            match tokio::time::timeout(blocking_deadline(BLOCK_WAIT, slack), wait).await {
                 Ok(Ok((kvs, new_index))) => {
                     let ours = kvs.into_iter().any(|kv| {
                         kv.key == key.as_str() && kv.session.as_deref() == Some(session.as_str())

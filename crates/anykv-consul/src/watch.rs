@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use crate::{
     Inner,
     error::BACKEND,
-    kv::{ReadMode, entry},
+    kv::{ReadMode, blocking_deadline, entry},
 };
 
 /// How long one blocking query waits on the agent (Consul adds up to 1/16
@@ -229,7 +229,7 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
         );
         // Bound the request ourselves: the client has no overall timeout,
         // and a hung agent must not stall the loop forever.
-        let query = tokio::time::timeout(BLOCK_WAIT + BLOCK_WAIT / 16 + slack, query);
+        let query = tokio::time::timeout(blocking_deadline(BLOCK_WAIT, slack), query);
         let outcome = tokio::select! {
             _ = tx.closed() => None,
             r = query => Some(r),
@@ -245,7 +245,7 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
             Err(Error::Timeout {
                 backend: BACKEND,
                 operation: "watch",
-                after: BLOCK_WAIT + slack,
+                after: blocking_deadline(BLOCK_WAIT, slack),
             })
         });
         match result.and_then(|(kvs, new_index)| {

@@ -412,3 +412,37 @@ async fn url_options() {
         assert_eq!(e.kind(), ErrorKind::InvalidUrl, "{bad}: {e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_durations_do_not_panic() {
+    // No agent needed: a refused port answers at once.
+    let url = format!(
+        "consul://127.0.0.1:{}/x?timeout=1000000000years",
+        common::closed_port()
+    );
+    let store = bare(&url);
+    let k = Key::new("k").unwrap();
+    let e = store.get(&k).await.unwrap_err();
+    assert!(e.indicates_unreachable(), "{e}");
+    let forever = LockOptions {
+        wait: Some(Duration::MAX),
+        ..LockOptions::default()
+    };
+    let e = store.lock(&k, forever).await.unwrap_err();
+    assert!(e.indicates_unreachable(), "{e}");
+    let e = store
+        .watch(Target::Key(k.clone()), Start::Now)
+        .await
+        .err()
+        .expect("no agent");
+    assert!(e.indicates_unreachable(), "{e}");
+    let e = store
+        .put(
+            &k,
+            "v".into(),
+            PutOptions::default().with_ttl(Duration::MAX),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+}
