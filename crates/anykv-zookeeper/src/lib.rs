@@ -16,75 +16,96 @@
 //! * **Keys are znodes.** Key `a/b` in namespace `ns` is znode `/ns/a/b`;
 //!   the value is the znode's data, byte for byte, so `zkCli.sh get /ns/a/b`
 //!   shows it and anykv reads what other clients wrote (an empty znode they
-//!   created is a key with an empty value).
+//!   created is a key with an empty value). ZooKeeper's own `/zookeeper`
+//!   subtree is never a key, never listed, watched or deleted.
 //! * **Implicit parents are not keys.** Writing `a/b/c` creates missing
 //!   parents as persistent znodes holding the marker `\0anykv\0d`; `get`
-//!   says absent for them and `list` skips them. An explicitly written
+//!   says absent for them and `list` skips them, while an explicitly written
 //!   empty value is a key. A value that itself starts with `\0anykv\0` is
-//!   stored escaped (`\0anykv\0v` + value) — the only values other clients
-//!   see differently. Deleting a key removes the markers above it that are
-//!   left without children (one multi with version checks); deleting a key
-//!   that has children turns it back into a marker. CONTAINER znodes made by
-//!   other clients are not keys either.
+//!   stored escaped (`\0anykv\0v` + value). Deleting a key removes the
+//!   markers above it left without children (one multi with version
+//!   checks, so a parent that gained a child or became a key meanwhile
+//!   stays); deleting a key that has children turns it back into a marker.
+//!   Markers left by keys the server expired stay until a delete below them
+//!   or a `delete_prefix` removes them; they are never keys.
 //! * **Versions.** A key's version is its `mzxid`, the zxid of its last
 //!   write: store-wide, so never reused after delete and re-create (the
 //!   per-znode `version` restarts at 0 and is only used internally for
 //!   ZooKeeper's expected-version checks). `create_revision` is `czxid`,
 //!   `mod_revision` is `mzxid`.
-//! * **Conditional writes** read the znode, evaluate the condition, then
+//! * **Writes.** A plain put is one `setData` (or `create`, with implicit
+//!   parents, when the znode is missing): the same round trip as the raw
+//!   client. Conditional writes read the znode, evaluate the condition, then
 //!   write with the expected znode version (`setData`/`delete` with version,
 //!   or a multi of delete + create to change a znode's type); a concurrent
 //!   write fails that check and the condition is evaluated again.
 //! * **list / keys / delete_prefix** walk the subtree level by level with
-//!   multi-reads (one round trip per depth level and 64 znodes), results
-//!   sorted by key, directory-scoped (`a` covers `/ns/a/…` only). Not a
-//!   snapshot across levels. ZooKeeper's own `/zookeeper` subtree is never
-//!   listed, watched or deleted.
-//! * **TTL** uses persistent-with-TTL znodes (`extendedTypesEnabled=true` on
-//!   the server, else `Error::Unsupported`). The server removes an expired
-//!   TTL znode at its next container check (`znode.container.checkIntervalMs`,
-//!   60 s by default), so reads hide it as soon as `now - mtime > ttl` on
-//!   this machine's clock; watches see the delete when the server removes
-//!   it. `Capabilities::ttl` is `ttl_check_interval` + 1 s. A put without
-//!   TTL on a TTL key makes it permanent (the znode is replaced in one
-//!   multi); a znode with children cannot change type, so it keeps its TTL
-//!   (and a TTL cannot be given to a key with children).
-//! * **Watch** uses persistent recursive watches (`AddWatchMode::PersistentRecursive`,
-//!   or `Persistent` for one key). ZooKeeper 3.8 notifications carry no data
-//!   and no zxid, so the watch reads the changed znodes (multi-reads, until
-//!   no further notification is pending, which makes the batch a consistent
-//!   cut) and emits the differences from what it delivered before, puts in
-//!   `mzxid` order, with `prev` from its own view. A delete's revision is
-//!   not reported by ZooKeeper: the event carries one more than the last
-//!   revision the watch had seen, which orders it correctly. After a
-//!   reconnect (events can be lost, ZOOKEEPER-4698) or a session expiry
-//!   (the watch is set up again on a new session) it re-reads the whole
-//!   range and emits the differences: `watch_history: Converge`.
-//!   `Start::After(r)` emits the current keys whose `mzxid > r` as puts,
-//!   then live events. A watch keeps its range's keys in memory.
+//!   multi-reads (one round trip per depth level and 64 znodes); results are
+//!   sorted by key and directory-scoped (`a` covers `/ns/a/…` only). Not a
+//!   snapshot across levels.
+//! * **TTL** keys are persistent-with-TTL znodes (the server needs
+//!   `extendedTypesEnabled=true`; otherwise the put is `Error::Unsupported`).
+//!   ZooKeeper shows TTL znodes to clients exactly like persistent ones, so
+//!   anykv marks them itself: their data is `\0anykv\0t` + the TTL in
+//!   milliseconds (8 bytes) + the value — the one case where other clients
+//!   see more than the value — and they are created without WRITE
+//!   permission, so a plain put learns from its single `setData` (refused)
+//!   that it must replace the TTL znode by a persistent one (a put without
+//!   TTL makes a key permanent). Reads hide a TTL key as soon as
+//!   `now - mtime > ttl` on this machine's clock (the server's own rule);
+//!   the server removes the znode at its next container check
+//!   (`znode.container.checkIntervalMs`, 60 s by default), which is when
+//!   watches see the delete. `Capabilities::ttl` is `ttl_check_interval`
+//!   plus one second. A znode with children cannot change type: giving a
+//!   TTL to (or taking it from) a key that has children is an
+//!   `InvalidArgument`, and the server never expires a TTL znode that has
+//!   children.
+//! * **Watch** uses persistent watches (`AddWatchMode::PersistentRecursive`
+//!   for a prefix, `Persistent` for one key). ZooKeeper 3.8 notifications
+//!   carry no data and no zxid, so the watch reads the changed znodes
+//!   (multi-reads, repeated until no further notification is pending, which
+//!   makes the batch a consistent cut) and emits the differences from what
+//!   it delivered before: puts in `mzxid` order with `prev` from its own
+//!   view; a delete carries one more than the last revision the watch had
+//!   seen (at or below the real zxid, above every earlier event). After a
+//!   disconnection (persistent watches can miss events across it,
+//!   ZOOKEEPER-4698, and zookeeper-client 0.11 does not register them again)
+//!   the watch registers itself anew and re-reads the whole range; after a
+//!   session expiry it does the same on a new session: `watch_history:
+//!   Converge`. `Start::After(r)` emits the current keys whose `mzxid > r`
+//!   as puts, then live events. A watch keeps its range's keys in memory.
+//!   Dropping the stream removes the server-side watch.
 //! * **Locks** follow the ephemeral-sequential recipe under
 //!   `/__anykv/locks/<ns>/<key>`: znode `lock-<guid>-<seq>` (the GUID finds
-//!   our znode again if a create reply was lost), the lowest sequence holds
-//!   the lock, each waiter watches only its predecessor. The fencing token
-//!   is the holder znode's `czxid` (strictly increasing across holders, even
-//!   if the lock directory is removed and re-created). The lock lives as
-//!   long as the store's session: `LockOptions::ttl` is not used; a dead
-//!   holder's lock frees when its session expires (`session_timeout`).
-//!   `lost()` fires when the session expires or the holder znode is deleted.
+//!   one's znode again if a create reply was lost), the lowest sequence
+//!   holds the lock, each waiter watches only its predecessor. The fencing
+//!   token is the holder znode's `czxid` (strictly increasing across
+//!   holders, even if the lock directory is removed and re-created). A lock
+//!   lives as long as the store's session: `LockOptions::ttl` is not used;
+//!   a dead holder's lock frees when its session expires
+//!   (`session_timeout`). `lost()` fires when the session expires or the
+//!   holder znode is deleted by someone else.
 //! * **atomic** is one ZooKeeper multi: checks become `check` ops on the
 //!   znode versions read just before (an absence check on a missing znode
 //!   becomes create + delete of that path), writes carry expected versions;
-//!   if anything changed in between, the multi fails and is evaluated again.
-//!   It returns the multi's zxid.
+//!   if anything changed in between, the multi fails as a whole and the call
+//!   is evaluated again. It returns the multi's zxid. The whole multi must
+//!   fit ZooKeeper's request limit (`jute.maxbuffer`, 1 MiB).
 //! * **Errors**: connection loss, session expiry and unreachable servers are
 //!   `Unavailable` (not alive); NoNode / NodeExists / BadVersion are
 //!   NotFound / AlreadyExists / Conflict; NoAuth is `PermissionDenied`.
-//!   The probe is `sync` + `exists` on the namespace root.
+//!   The probe is `sync` + `exists` on the namespace root, bounded by
+//!   `timeout`.
 //! * **Sessions**: one session per store, opened on first use (bounded by
-//!   `timeout`, failing fast when every server refuses), reconnected by the
-//!   client across servers, and opened again after it expires.
+//!   `timeout`, failing fast when every server refuses, so opening a store
+//!   against a dead endpoint never hangs and its liveness reports it),
+//!   moved across servers by the client, and opened again after it expires.
 //! * **ACLs**: znodes are created `world:anyone` with all permissions, or,
-//!   when the URL carries credentials, `auth` (creator) only.
+//!   when the URL carries credentials, for the authenticated user only
+//!   (`auth`); TTL znodes the same without WRITE. That includes the implicit
+//!   parents such a store creates, namespace path included: other users
+//!   cannot create below them, so create shared ancestors beforehand (or
+//!   use a top-level namespace) when several users share a server.
 
 mod codec;
 mod conn;
@@ -310,10 +331,12 @@ impl Store for ZkStore {
         if codec::is_system(&path) {
             return Err(reserved(key));
         }
-        let data = codec::encode(&value, opts.ttl);
+        // ZooKeeper counts TTLs in whole milliseconds (and refuses 0).
+        let ttl = opts.ttl.map(|t| t.max(Duration::from_millis(1)));
+        let data = codec::encode(&value, ttl);
         let s = self.inner.session().await?;
         let cx = self.cx(&s, "put", key.as_str());
-        match (opts.condition, opts.ttl) {
+        match (opts.condition, ttl) {
             (Condition::Always, None) => write::put_always(&cx, &path, &data).await,
             (cond, ttl) => write::put_checked(&cx, key, &path, &data, cond, ttl).await,
         }

@@ -35,7 +35,32 @@ struct Read {
 /// (with the same marker), to learn the commit's zxid from its stat.
 const TXN_CLOCK: &str = "/__anykv/txn";
 
+/// Largest multi request sent: ZooKeeper's `jute.maxbuffer` default is
+/// 1 MiB, and a larger request makes the server drop the connection.
+const MAX_REQUEST: usize = 1_000_000;
+
 pub(crate) async fn atomic(inner: &Inner, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {
+    // Per op: path, header and version; per put: the value (escaped).
+    let size: usize = checks
+        .iter()
+        .map(|c| c.key().as_str().len() + 32)
+        .chain(ops.iter().map(|o| {
+            o.key().as_str().len()
+                + 64
+                + match o {
+                    Op::Put(_, v) => v.len() + codec::MAGIC.len() + 1,
+                    Op::Delete(_) => 0,
+                }
+        }))
+        .sum();
+    if size > MAX_REQUEST {
+        return Err(anykv_core::Error::InvalidArgument {
+            backend: BACKEND,
+            message: format!(
+                "atomic of about {size} bytes is over ZooKeeper's request limit of {MAX_REQUEST} (jute.maxbuffer)"
+            ),
+        });
+    }
     let session = inner.session().await?;
     let client = &session.client;
     let fail = |e: zk::Error| inner.fail(&session, e, "atomic", "");

@@ -213,7 +213,9 @@ async fn digest_acl_denies_other_clients_and_never_shows_the_password() {
     let Some(url) = common::url("ANYKV_TEST_ZK") else {
         return;
     };
-    let ns = common::unique("acl");
+    // A top-level namespace: the implicit parents an authenticated store
+    // creates are its user's only, and must not be shared with other tests.
+    let ns = common::unique("acl").replace('/', "-");
     let authed_base = url.replacen("zk://", "zk://alice:s3cr3t-pw@", 1);
     let alice = common::open(&authed_base, &ns, "").await;
     alice
@@ -360,4 +362,43 @@ async fn dropped_watch_removes_the_server_watch() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(removed, "dropping the stream removed the server-side watch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn largest_values_and_request_limits() {
+    let Some(url) = common::url("ANYKV_TEST_ZK") else {
+        return;
+    };
+    let ns = common::unique("sizes");
+    let kv = common::open(&url, &ns, "").await;
+    let max = kv.capabilities().max_value_size;
+    let big = Bytes::from(vec![b'x'; max]);
+    kv.put(&key("big"), big.clone(), PutOptions::default())
+        .await
+        .unwrap();
+    kv.put(
+        &key("big-ttl"),
+        big.clone(),
+        PutOptions::default().with_ttl(Duration::from_secs(60)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(kv.get(&key("big")).await.unwrap().unwrap().value.len(), max);
+    let listed = kv.list(&Prefix::root()).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    // Two maximal values do not fit one ZooKeeper request: refused up front,
+    // without touching the connection.
+    let e = kv
+        .atomic(
+            vec![],
+            vec![
+                anykv_core::Op::Put(key("a1"), big.clone()),
+                anykv_core::Op::Put(key("a2"), big),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(kv.liveness().is_alive());
+    kv.delete_prefix(&Prefix::root()).await.unwrap();
 }
