@@ -17,8 +17,11 @@
 //!
 //! The driver is built on consulrs 0.1.0's request and response types,
 //! executed on one `reqwest` client; `/v1/txn` and `/v1/status/leader`, which
-//! consulrs lacks, go through that same client (see the `http` module for why
-//! consulrs' own executor is not used).
+//! consulrs lacks, go through that same client. consulrs' own helpers are not
+//! used: they percent-encode key paths twice (a key `ü` or `a b` reaches
+//! Consul as `%C3%BC`, `a%20b`), `unwrap()` the token into a header, drop
+//! the `X-Consul-Index` of 404 answers (which blocking queries on absent
+//! keys need), and `kv::set` takes only `&'static` values.
 //!
 //! # How the contract maps onto Consul
 //!
@@ -29,7 +32,7 @@
 //! - **Writes** go through `/v1/txn`, because Consul's plain `PUT` answers
 //!   only `true`/`false` and `put` must return the new version: `set` (plain),
 //!   `check-not-exists` + `set` (create-only), `get` + `set` (update-only),
-//!   `cas` with the index (compare-and-swap). Deletes are `get` + `delete`
+//!   `check-index` + `set` (compare-and-swap). Deletes are `get` + `delete`
 //!   (whether the key existed) and `check-index` + `delete` (compare-and-delete).
 //!   A failed condition is classified with a `consistent` read, so errors
 //!   are `AlreadyExists`, `NotFound` or `Conflict { actual }` as everywhere.
@@ -113,8 +116,10 @@
 //! - **Reads that feed a decision** (condition classification, lock state,
 //!   watch baselines, value checks) use `?consistent`; plain reads use the
 //!   `consistency` option.
-//! - **Errors**: connect/IO errors and 5xx/429 → `Unavailable`, our own
-//!   deadlines → `Timeout` (both flip liveness to not-alive); 403 →
+//! - **Errors**: connect/IO errors and 5xx/429 → `Unavailable`, deadlines →
+//!   `Timeout` (both flip liveness to not-alive; every request carries a
+//!   deadline — the timeout, or a blocking query's wait plus slack — so
+//!   background work such as lock renewal never hangs on a frozen agent); 403 →
 //!   `PermissionDenied` (`Unauthenticated` for an unknown token); 404 on a
 //!   read → absent. See the `error` module's table.
 //! - **probe** = `GET /v1/status/leader` within the timeout; an empty leader
