@@ -410,3 +410,27 @@ async fn renew(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_direct_children_are_records_of_a_lock() {
+        let kv = |k: &str| PbKeyValue {
+            key: k.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let lock = Key::from_backend("__anykv/locks/ns/a").unwrap();
+        let kvs = vec![
+            kv("__anykv/locks/ns/a/694d7c"),
+            kv("__anykv/locks/ns/a/b/694d7d"),
+            kv("__anykv/locks/ns/ab/694d7e"),
+            kv("__anykv/locks/ns/a/"),
+        ];
+        let got: Vec<String> = records(&lock, kvs)
+            .map(|kv| String::from_utf8(kv.key).unwrap())
+            .collect();
+        assert_eq!(got, ["__anykv/locks/ns/a/694d7c"]);
+    }
+}

@@ -336,3 +336,102 @@ fn cancel_error(resp: &WatchResponse, asked: u64) -> Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use etcd_client::proto::{PbEvent, PbKeyValue, PbResponseHeader, PbWatchResponse};
+
+    use super::*;
+
+    fn kv(key: &str, rev: i64) -> PbKeyValue {
+        PbKeyValue {
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            create_revision: rev,
+            mod_revision: rev,
+            version: 1,
+            lease: 0,
+        }
+    }
+
+    fn response(header: i64, events: Vec<(i32, PbKeyValue)>) -> WatchResponse {
+        WatchResponse(PbWatchResponse {
+            header: Some(PbResponseHeader {
+                revision: header,
+                ..Default::default()
+            }),
+            events: events
+                .into_iter()
+                .map(|(t, kv)| PbEvent {
+                    r#type: t,
+                    kv: Some(kv),
+                    prev_kv: None,
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn drain(rx: &mut mpsc::Receiver<Result<Event>>) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            let e = item.unwrap();
+            out.push((e.key().to_string(), e.revision()));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn replayed_events_at_or_below_the_floor_are_dropped() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let resp = response(
+            12,
+            vec![
+                (PUT, kv("a", 10)),
+                (DELETE, kv("b", 11)),
+                (PUT, kv("c", 12)),
+            ],
+        );
+        assert!(matches!(forward(resp, 10, &tx).await, Forwarded::Upto(12)));
+        assert_eq!(drain(&mut rx).await, [("b".into(), 11), ("c".into(), 12)]);
+    }
+
+    #[tokio::test]
+    async fn progress_advances_and_foreign_keys_are_skipped_but_counted() {
+        let (tx, mut rx) = mpsc::channel(16);
+        assert!(matches!(
+            forward(response(40, vec![]), 0, &tx).await,
+            Forwarded::Upto(40)
+        ));
+        let resp = response(42, vec![(PUT, kv("/abs", 41)), (PUT, kv("ok", 42))]);
+        assert!(matches!(forward(resp, 40, &tx).await, Forwarded::Upto(42)));
+        assert_eq!(drain(&mut rx).await, [("ok".into(), 42)]);
+        // Unknown event types are skipped, not a panic.
+        let resp = response(43, vec![(7, kv("x", 43))]);
+        assert!(matches!(forward(resp, 42, &tx).await, Forwarded::Upto(43)));
+        assert!(drain(&mut rx).await.is_empty());
+    }
+
+    #[test]
+    fn cancellations_map_to_compacted_permission_or_retry() {
+        let mut r = response(5, vec![]);
+        r.0.canceled = true;
+        r.0.compact_revision = 9;
+        assert!(matches!(
+            cancel_error(&r, 3),
+            Error::Compacted {
+                revision: 3,
+                oldest: 9,
+                ..
+            }
+        ));
+        r.0.compact_revision = 0;
+        r.0.cancel_reason = "etcdserver: permission denied".into();
+        assert!(matches!(
+            cancel_error(&r, 3),
+            Error::PermissionDenied { .. }
+        ));
+        r.0.cancel_reason = "etcdserver: no leader".into();
+        assert!(cancel_error(&r, 3).indicates_unreachable());
+    }
+}
