@@ -223,7 +223,7 @@ impl Task {
                                 None => return,
                             },
                             Interrupt::Failed(e) => {
-                                if !self.transient(e, &tx).await {
+                                if !self.transient(e, &session, &tx).await {
                                     return;
                                 }
                             }
@@ -238,7 +238,7 @@ impl Task {
                         None => return,
                     },
                     Err(Interrupt::Failed(e)) => {
-                        if !self.transient(e, &tx).await {
+                        if !self.transient(e, &session, &tx).await {
                             return;
                         }
                     }
@@ -259,7 +259,7 @@ impl Task {
                         None => return,
                     },
                     Err(Interrupt::Failed(e)) => {
-                        if !self.transient(e, &tx).await {
+                        if !self.transient(e, &session, &tx).await {
                             return;
                         }
                     }
@@ -308,12 +308,21 @@ impl Task {
 
     /// A failed read: keeps going (after a full re-read once connected) if
     /// the error is transient, else delivers it and ends.
-    async fn transient(&mut self, e: zk::Error, tx: &Tx) -> bool {
+    async fn transient(&mut self, e: zk::Error, session: &Session, tx: &Tx) -> bool {
         let err = error::map(e, "watch", self.range.path());
         if err.indicates_unreachable() {
             tracing::debug!(error = %err, "zookeeper: watch read failed, re-reading once connected");
             self.resync = true;
-            self.connected = false;
+            // Usually the connection dropped and a reconnect notification
+            // follows; if the session is connected already (a throttled
+            // read), try again after a pause instead of waiting for one.
+            self.connected = matches!(
+                session.client.state(),
+                SessionState::SyncConnected | SessionState::ConnectedReadOnly
+            );
+            if self.connected {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             true
         } else {
             let _ = tx.send(Err(err)).await;
