@@ -20,7 +20,9 @@
 use std::time::Duration;
 
 use anykv_core::{Error, Event, Result, Start, Target, WatchStream};
-use etcd_client::{WatchClient, WatchOptions, WatchResponse, WatchStream as EtcdWatchStream};
+use etcd_client::{
+    WatchClient, WatchOptions, WatchResponse, WatchStream as EtcdWatchStream, proto::PbEvent,
+};
 use futures::StreamExt;
 use tokio::{sync::mpsc, time::Instant};
 
@@ -75,7 +77,12 @@ impl Watcher {
             .with_prev_key()
             // Empty responses that advance the resume point of a quiet watch,
             // so that it does not resume from a compacted revision.
-            .with_progress_notify();
+            .with_progress_notify()
+            // A revision larger than etcd's request limit (a delete_prefix of
+            // a big directory, with previous values) comes in fragments
+            // instead of one message over the client's size limit, which
+            // would fail the same way at every resume.
+            .with_fragment();
         if !self.range.end.is_empty() {
             opts = opts.with_range(self.range.end.clone());
         }
@@ -156,6 +163,8 @@ impl Watcher {
         let idle = self.timeout.max(Duration::from_secs(1));
         let mut quiet_since = Instant::now();
         let mut asked: Option<Instant> = None;
+        // Events of a fragmented response, until its last fragment.
+        let mut fragments: Vec<PbEvent> = Vec::new();
         loop {
             let wake = match asked {
                 Some(at) => after(at, self.timeout),
@@ -207,6 +216,15 @@ impl Watcher {
             }
             if resp.created() {
                 continue;
+            }
+            let mut resp = resp;
+            if resp.0.fragment {
+                fragments.append(&mut resp.0.events);
+                continue;
+            }
+            if !fragments.is_empty() {
+                fragments.append(&mut resp.0.events);
+                resp.0.events = std::mem::take(&mut fragments);
             }
             match forward(resp, floor, tx).await {
                 Forwarded::Upto(r) => *last = (*last).max(r),
@@ -339,7 +357,7 @@ fn cancel_error(resp: &WatchResponse, asked: u64) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use etcd_client::proto::{PbEvent, PbKeyValue, PbResponseHeader, PbWatchResponse};
+    use etcd_client::proto::{PbKeyValue, PbResponseHeader, PbWatchResponse};
 
     use super::*;
 

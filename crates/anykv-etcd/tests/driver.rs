@@ -541,3 +541,47 @@ async fn an_enormous_timeout_is_accepted_without_overflow() {
     kv.probe().await.unwrap();
     let _ = kv.delete_prefix(&Prefix::root()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_over_the_request_limit_arrives_whole_and_once() {
+    let Some((_ns, kv, _raw)) = setup("fragments").await else {
+        return;
+    };
+    // 24 × 100 KiB: the delete's events with their previous values exceed
+    // etcd's 1.5 MiB message limit, so etcd sends the revision in fragments.
+    for i in 0..24 {
+        kv.put(
+            &key(&format!("big/{i:02}")),
+            vec![b'x'; 100 << 10].into(),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut w = kv
+        .watch(Target::Prefix(Prefix::new("big").unwrap()), Start::Now)
+        .await
+        .unwrap();
+    assert_eq!(
+        kv.delete_prefix(&Prefix::new("big").unwrap())
+            .await
+            .unwrap(),
+        24
+    );
+    let mut revisions = Vec::new();
+    for _ in 0..24 {
+        match timeout(Duration::from_secs(10), w.next()).await {
+            Ok(Some(Ok(Event::Delete { revision, .. }))) => revisions.push(revision),
+            other => panic!("after {} deletes: {other:?}", revisions.len()),
+        }
+    }
+    assert!(revisions.iter().all(|r| *r == revisions[0]), "one revision");
+    kv.put(&key("big/after"), "1".into(), PutOptions::default())
+        .await
+        .unwrap();
+    match timeout(Duration::from_secs(10), w.next()).await {
+        Ok(Some(Ok(Event::Put { kv: p, .. }))) => assert_eq!(p.key.as_str(), "big/after"),
+        other => panic!("no duplicate delete expected: {other:?}"),
+    }
+    let _ = kv.delete_prefix(&Prefix::root()).await;
+}
