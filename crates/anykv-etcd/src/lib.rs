@@ -24,7 +24,7 @@
 //! | `export(p)` | the same pages, read as the consumer goes, all at the first page's revision |
 //! | `import` | transactions of up to 128 puts or 1 MiB of values (a repeated key starts a new one), instead of a round trip per pair |
 //! | TTL | one lease per put (see below) |
-//! | `watch` | the Watch API with `prev_kv` and progress notifications, resumed after a broken stream from the last delivered revision + 1; a compacted resume point is [`Error::Compacted`] |
+//! | `watch` | the Watch API with `prev_kv`, progress notifications and fragments (reassembled), resumed after a broken stream from the last delivered revision + 1; a compacted resume point is [`Error::Compacted`] |
 //! | locks | etcd's `concurrency.Mutex` layout: a record `<lock key>/<lease id hex>` on a lease renewed by a task; holder = lowest create revision; fencing token = the record's create revision; waiters watch their predecessor's delete; `lost()` when the lease is gone or could not be renewed in time |
 //! | `probe` | a count-only linearizable range read of one key, bounded by the timeout: it needs a leader and a quorum, like every write |
 //!
@@ -64,6 +64,16 @@
 //! answer within the timeout, resumes on another member; HTTP/2 pings (every
 //! 10 s while a stream is open, as etcd's keepalive policy allows) back this
 //! up for lease renewals.
+//!
+//! ## Background tasks
+//!
+//! Each store keeps one timer pending (a heartbeat once per half timeout, at
+//! most once a second): the layers put a tokio timeout around every
+//! operation, and registering a timer that is the runtime's earliest wakes
+//! the thread parked in the I/O driver, which cost 7-10 µs on a 150 µs get.
+//! Stores with several endpoints run the member checks above. Each watch
+//! runs one task and each held lock one renewal task. All of them end when
+//! their store, stream or guard is dropped.
 //!
 //! Errors map by gRPC code after the voltha classification: `Unavailable`,
 //! `DeadlineExceeded`, `DataLoss` are unreachable; `InvalidArgument`,
