@@ -8,7 +8,8 @@
 //!
 //! 1. take every notification already received (without waiting);
 //! 2. read their paths in multi-reads;
-//! 3. repeat while new notifications arrived meanwhile. ZooKeeper sends a
+//! 3. repeat while new notifications arrived meanwhile (for at most 2 s of
+//!    uninterrupted writes to the range). ZooKeeper sends a
 //!    session its notifications before any reply that shows the change, so
 //!    when a read returns with nothing new pending, the values read form a
 //!    consistent cut: every change up to it is included, every later change
@@ -46,9 +47,11 @@ use crate::{
     tree,
 };
 
-/// Read rounds of one batch before its events are emitted anyway (only
-/// reached under a continuous stream of writes to the range).
-const MAX_ROUNDS: usize = 8;
+/// How long one batch may keep reading newly notified znodes before its
+/// events are emitted anyway. Only a continuous stream of writes to the
+/// range keeps a batch from settling; cut short, a batch may emit a put
+/// whose revision is below one already emitted.
+const MAX_BATCH: Duration = Duration::from_secs(2);
 
 /// Events buffered between the task and a slow consumer.
 const BUFFER: usize = 256;
@@ -439,12 +442,13 @@ impl Task {
             }
         }
         let mut rounds = 0;
+        let started = tokio::time::Instant::now();
         loop {
             self.drain(watcher, &mut paths)?;
             if paths.is_empty() {
                 break;
             }
-            if rounds == MAX_ROUNDS {
+            if started.elapsed() > MAX_BATCH {
                 // Writes keep coming: emit what was read, read the rest next.
                 self.carry = std::mem::take(&mut paths);
                 break;

@@ -402,3 +402,73 @@ async fn largest_values_and_request_limits() {
     assert!(kv.liveness().is_alive());
     kv.delete_prefix(&Prefix::root()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_under_concurrent_writers_is_ordered_and_converges() {
+    use std::collections::BTreeMap;
+    let Some(url) = common::url("ANYKV_TEST_ZK") else {
+        return;
+    };
+    let ns = common::unique("churn");
+    let kv = common::open(&url, &ns, "").await;
+    let mut w = kv
+        .watch(Target::Prefix(Prefix::new("c").unwrap()), Start::Now)
+        .await
+        .unwrap();
+    let mut writers = Vec::new();
+    for t in 0..4u32 {
+        let kv = kv.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..60u32 {
+                let k = key(&format!("c/k{}", (t * 7 + i) % 12));
+                if i % 5 == 4 {
+                    kv.delete(&k, Condition::Always).await.unwrap();
+                } else {
+                    kv.put(&k, Bytes::from(format!("{t}-{i}")), PutOptions::default())
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    for wr in writers {
+        wr.await.unwrap();
+    }
+    kv.put(&key("c/zz-done"), "end".into(), PutOptions::default())
+        .await
+        .unwrap();
+    let mut view: BTreeMap<String, (Bytes, u64)> = BTreeMap::new();
+    let mut last = 0;
+    loop {
+        let e = next_event(&mut w).await;
+        assert!(
+            e.revision() >= last,
+            "event {e:?} goes back from revision {last}"
+        );
+        last = e.revision();
+        match e {
+            Event::Put { kv: p, .. } => {
+                let done = p.key.as_str() == "c/zz-done";
+                view.insert(p.key.to_string(), (p.value, p.mod_revision));
+                if done {
+                    break;
+                }
+            }
+            Event::Delete { key, .. } => {
+                assert!(
+                    view.remove(key.as_str()).is_some(),
+                    "delete of {key}, never put"
+                );
+            }
+        }
+    }
+    let now: BTreeMap<String, (Bytes, u64)> = kv
+        .list(&Prefix::new("c").unwrap())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.key.to_string(), (p.value, p.mod_revision)))
+        .collect();
+    assert_eq!(view, now, "the watch's view converges to the store");
+    kv.delete_prefix(&Prefix::root()).await.unwrap();
+}
