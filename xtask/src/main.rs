@@ -80,15 +80,21 @@ fn real_main() -> Result<()> {
                 lint()?;
             }
             let started = start_servers(&ctx, &servers)?;
+            let reports = ctx.work.join("conformance");
+            let _ = std::fs::remove_dir_all(&reports);
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--all-features"])
                 .args(&cargo_args)
-                .env("ANYKV_REQUIRE_SERVERS", "1");
+                .env("ANYKV_REQUIRE_SERVERS", "1")
+                .env("ANYKV_CONFORMANCE_DIR", &reports);
             apply_env(&mut cmd, &started);
             let status = cmd.status().context("running cargo test")?;
             drop(started);
             if !status.success() {
                 bail!("tests failed ({status}); server logs are in target/xtask/logs");
+            }
+            if cargo_args.is_empty() && servers.is_empty() {
+                check_conformance(&reports)?;
             }
             println!("xtask: all tests passed against real servers");
             Ok(())
@@ -225,6 +231,42 @@ fn ensure_cargo_deny() -> Result<()> {
             "cargo install cargo-deny",
             cargo().args(["install", "--locked", "cargo-deny"]),
         )?;
+    }
+    Ok(())
+}
+
+/// Every backend must have run the whole conformance suite: a driver whose
+/// suite silently did not run (not linked, skipped) fails the run.
+fn check_conformance(dir: &Path) -> Result<()> {
+    const BACKENDS: &[&str] = &["memory", "redb", "etcd", "zookeeper", "consul"];
+    let mut missing = Vec::new();
+    let (mut passed_all, mut failed_all) = (0, 0);
+    println!("xtask: conformance suite per backend");
+    for b in BACKENDS {
+        let text = std::fs::read_to_string(dir.join(format!("{b}.txt"))).unwrap_or_default();
+        let n: Vec<usize> = text
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        match n[..] {
+            [executed, passed, failed] if executed > 0 && failed == 0 && passed == executed => {
+                println!("xtask:   {b:<10} {executed} scenarios executed, {passed} passed");
+                passed_all += passed;
+            }
+            [executed, passed, failed] => {
+                println!("xtask:   {b:<10} {executed} executed, {passed} passed, {failed} failed");
+                failed_all += failed.max(1);
+                missing.push(*b);
+            }
+            _ => {
+                println!("xtask:   {b:<10} NOT RUN");
+                missing.push(*b);
+            }
+        }
+    }
+    println!("conformance: {passed_all} passed, {failed_all} failed");
+    if !missing.is_empty() {
+        bail!("conformance suite incomplete for: {}", missing.join(", "));
     }
     Ok(())
 }

@@ -580,7 +580,7 @@ impl Store for Kv {
                     .await
             }
             Some(wait) => {
-                let limit = wait + self.inner.cfg.timeout;
+                let limit = wait.saturating_add(self.inner.cfg.timeout);
                 match tokio::time::timeout(
                     limit,
                     self.inner.driver.lock(&k, opts.clone()).instrument(span),

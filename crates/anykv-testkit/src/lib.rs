@@ -132,6 +132,7 @@ pub async fn run(name: &str, store: Kv) -> Report {
         report.passed,
         report.failures.len()
     );
+    record(name, &report);
     assert!(report.executed > 0, "{name}: no conformance scenario ran");
     assert!(
         report.failures.is_empty(),
@@ -141,6 +142,30 @@ pub async fn run(name: &str, store: Kv) -> Report {
         report.failures.join("\n  ")
     );
     report
+}
+
+/// Env var naming a directory where each run records its counts, one file
+/// per backend (`<name>.txt`: `executed passed failed`). `cargo xtask test`
+/// sets it and fails unless every backend recorded a complete run.
+pub const REPORT_DIR: &str = "ANYKV_CONFORMANCE_DIR";
+
+fn record(name: &str, report: &Report) {
+    let Ok(dir) = std::env::var(REPORT_DIR) else {
+        return;
+    };
+    let line = format!(
+        "{} {} {}\n",
+        report.executed,
+        report.passed,
+        report.failures.len()
+    );
+    let path = std::path::Path::new(&dir).join(format!("{name}.txt"));
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, line)) {
+        panic!(
+            "cannot record the conformance report in {}: {e}",
+            path.display()
+        );
+    }
 }
 
 /// Time limit of one scenario.
