@@ -177,8 +177,8 @@ async fn lock_is_lost_when_its_lease_cannot_be_renewed() {
     timeout(Duration::from_secs(6), lost)
         .await
         .expect("lost() did not fire although the lease could not be renewed");
-    // Not before the lease could have run out on the server, nor much after.
-    assert!(t.elapsed() <= Duration::from_secs(4), "{:?}", t.elapsed());
+    // By the time the lease runs out on the server (3 s), give or take a renewal.
+    assert!(t.elapsed() <= Duration::from_secs(5), "{:?}", t.elapsed());
     assert!(guard.is_lost());
     // Releasing needs the server; it fails as unreachable, without hanging.
     let e = timeout(Duration::from_secs(5), guard.release())
