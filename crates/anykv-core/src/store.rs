@@ -65,15 +65,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// The distinct names one level below `prefix`, sorted.
     async fn keys(&self, prefix: &Prefix) -> Result<Vec<String>> {
-        let mut names: Vec<String> = Vec::new();
-        for kv in self.list(prefix).await? {
-            if let Some(name) = prefix.child_name(kv.key.as_str())
-                && names.last().map(String::as_str) != Some(name)
-            {
-                names.push(name.to_owned());
-            }
-        }
-        Ok(names)
+        // Not adjacent in key order: `a`, `a-x`, `a/b` name `a` twice.
+        let names: std::collections::BTreeSet<String> = self
+            .list(prefix)
+            .await?
+            .iter()
+            .filter_map(|kv| prefix.child_name(kv.key.as_str()).map(str::to_owned))
+            .collect();
+        Ok(names.into_iter().collect())
     }
 
     /// Deletes every key strictly below `prefix`; returns how many.
