@@ -5,8 +5,10 @@
 //!
 //! The raw side sends what anykv sends for these operations: `getData` for a
 //! get and `setData` (no expected version) for a put of an existing key, on
-//! the same znodes. For each cell (get / put × concurrency 1 / 64) the two
-//! sides take turns, round after round (the order alternating), each round a
+//! the same znodes. A third side runs the driver alone, without the layers
+//! (namespace, timeout, retry, liveness, tracing), to show where overhead
+//! lies. For each cell (get / put × concurrency 1 / 64) the sides take
+//! turns, round after round (the order rotating), each round a
 //! fixed number of operations on 8-byte keys over 1,000 names with 256-byte
 //! values, so noise on a shared machine hits both alike. Prints a markdown
 //! table of ops/s, p50/p99 latency and the anykv/raw throughput ratio.
@@ -44,7 +46,11 @@ impl Op {
 
 #[derive(Clone, Copy, PartialEq)]
 enum Side {
+    /// The store as applications get it: driver + layers.
     Anykv,
+    /// The driver alone, without the layers (shows where overhead lies).
+    Driver,
+    /// zookeeper-client.
     Raw,
 }
 
@@ -90,6 +96,9 @@ impl Sample {
 /// Everything the sides need, shared by the tasks of a round.
 struct Clients {
     kv: Kv,
+    driver: anykv_zookeeper::ZkStore,
+    /// Keys with the namespace, as the driver takes them.
+    full_keys: Vec<Key>,
     raw: zookeeper_client::Client,
     keys: Vec<Key>,
     paths: Vec<String>,
@@ -104,6 +113,19 @@ async fn one(c: &Clients, side: Side, op: Op, i: usize) {
         }
         (Side::Anykv, Op::Put) => {
             c.kv.put(&c.keys[i], c.value.clone(), PutOptions::default())
+                .await
+                .unwrap();
+        }
+        (Side::Driver, Op::Get) => {
+            c.driver
+                .get(&c.full_keys[i])
+                .await
+                .unwrap()
+                .expect("bench key");
+        }
+        (Side::Driver, Op::Put) => {
+            c.driver
+                .put(&c.full_keys[i], c.value.clone(), PutOptions::default())
                 .await
                 .unwrap();
         }
@@ -157,9 +179,10 @@ fn main() {
 
 async fn run(url: &str) {
     let sep = if url.contains('?') { '&' } else { '?' };
-    let kv = anykv_core::open(&format!("{url}{sep}prefix={NS}"))
-        .await
-        .unwrap();
+    let scoped = format!("{url}{sep}prefix={NS}");
+    let kv = anykv_core::open(&scoped).await.unwrap();
+    let (_, config, _) = anykv_core::registry::prepare(&scoped).unwrap();
+    let driver = anykv_zookeeper::ZkStore::open(config).await.unwrap();
     let hosts = url
         .split_once("://")
         .map(|(_, r)| r)
@@ -171,6 +194,10 @@ async fn run(url: &str) {
     let raw = zookeeper_client::Client::connect(&hosts).await.unwrap();
     let c = Arc::new(Clients {
         kv,
+        driver,
+        full_keys: (0..NAMES)
+            .map(|i| Key::new(format!("{NS}/{}", name(i))).unwrap())
+            .collect(),
         raw,
         keys: (0..NAMES).map(|i| Key::new(name(i)).unwrap()).collect(),
         paths: (0..NAMES).map(|i| format!("/{NS}/{}", name(i))).collect(),
@@ -188,36 +215,34 @@ async fn run(url: &str) {
     );
     println!("8-byte keys over {NAMES} names, {VALUE}-byte values\n");
     println!(
-        "| op | conc | anykv ops/s | raw ops/s | anykv/raw | anykv p50/p99 µs | raw p50/p99 µs |"
+        "| op | conc | anykv ops/s | raw ops/s | anykv/raw | driver alone/raw | anykv p50/p99 µs | raw p50/p99 µs |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
+    let sides = [Side::Anykv, Side::Driver, Side::Raw];
     for op in [Op::Get, Op::Put] {
         for conc in [1usize, 64] {
-            // Warm both paths (session, allocator) before measuring.
-            round(&c, Side::Anykv, op, conc).await;
-            round(&c, Side::Raw, op, conc).await;
-            let (mut a, mut r) = (Sample::default(), Sample::default());
+            // Warm every path (session, allocator) before measuring.
+            for side in sides {
+                round(&c, side, op, conc).await;
+            }
+            let mut samples: Vec<Sample> = sides.iter().map(|_| Sample::default()).collect();
             let n = ops_per_round(op, conc) / conc * conc;
-            for i in 0..ROUNDS {
-                let order = if i % 2 == 0 {
-                    [Side::Anykv, Side::Raw]
-                } else {
-                    [Side::Raw, Side::Anykv]
-                };
-                for side in order {
-                    let s = round(&c, side, op, conc).await;
-                    match side {
-                        Side::Anykv => a.add(n, s),
-                        Side::Raw => r.add(n, s),
-                    }
+            for r in 0..ROUNDS {
+                for j in 0..sides.len() {
+                    let s = (r + j) % sides.len(); // rotate who goes first
+                    samples[s].add(n, round(&c, sides[s], op, conc).await);
                 }
             }
+            let [a, d, r] = &mut samples[..] else {
+                unreachable!("three sides")
+            };
             println!(
-                "| {} | {conc} | {:.0} | {:.0} | {:.3} | {}/{} | {}/{} |",
+                "| {} | {conc} | {:.0} | {:.0} | {:.3} | {:.3} | {}/{} | {}/{} |",
                 op.name(),
                 a.ops_per_s(),
                 r.ops_per_s(),
                 a.ops_per_s() / r.ops_per_s(),
+                d.ops_per_s() / r.ops_per_s(),
                 a.pct(0.5),
                 a.pct(0.99),
                 r.pct(0.5),

@@ -15,7 +15,10 @@
 //! * The rare value that itself starts with [`MAGIC`] is stored as
 //!   `MAGIC + "v" + value`, so no value can be mistaken for a marker.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    borrow::Cow,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use anykv_core::{Bytes, Key, KvPair, Version};
 use zookeeper_client::Stat;
@@ -35,24 +38,25 @@ const TTL: u8 = b't';
 /// Length of the TTL header: magic, tag, 8-byte TTL.
 const TTL_HEADER: usize = MAGIC.len() + 1 + 8;
 
-/// The znode data for `value`, with a TTL header if it has a TTL.
-pub(crate) fn encode(value: &[u8], ttl: Option<Duration>) -> Vec<u8> {
+/// The znode data for `value`, with a TTL header if it has a TTL (borrowed
+/// in the common case: a plain value is sent as it is).
+pub(crate) fn encode(value: &[u8], ttl: Option<Duration>) -> Cow<'_, [u8]> {
     if let Some(ttl) = ttl {
         let mut out = Vec::with_capacity(TTL_HEADER + value.len());
         out.extend_from_slice(MAGIC);
         out.push(TTL);
         out.extend_from_slice(&(ttl.as_millis() as u64).to_be_bytes());
         out.extend_from_slice(value);
-        return out;
+        return Cow::Owned(out);
     }
     if value.starts_with(MAGIC) {
         let mut out = Vec::with_capacity(MAGIC.len() + 1 + value.len());
         out.extend_from_slice(MAGIC);
         out.push(ESCAPED);
         out.extend_from_slice(value);
-        out
+        Cow::Owned(out)
     } else {
-        value.to_vec()
+        Cow::Borrowed(value)
     }
 }
 
@@ -233,11 +237,15 @@ mod tests {
             b"\0anykv\0x",
             b"\0anykv\0t12345678",
         ] {
-            assert_eq!(value(encode(v, None)).as_deref(), Some(v), "{v:?}");
+            assert_eq!(
+                value(encode(v, None).into_owned()).as_deref(),
+                Some(v),
+                "{v:?}"
+            );
         }
         assert_eq!(decode(DIR.to_vec()), Decoded::Dir);
         assert_eq!(
-            encode(b"plain", None),
+            &encode(b"plain", None)[..],
             b"plain",
             "plain values are stored raw"
         );
@@ -250,7 +258,7 @@ mod tests {
 
     #[test]
     fn ttl_header_and_expiry() {
-        let data = encode(b"x", Some(Duration::from_millis(3000)));
+        let data = encode(b"x", Some(Duration::from_millis(3000))).into_owned();
         assert_eq!(ttl_of(&data), Some(3000));
         assert_eq!(
             decode(data.clone()),
