@@ -207,6 +207,15 @@ impl Task {
     ) {
         let mut snapshot = replay;
         loop {
+            // Checked here too, not only while waiting: a watch retrying
+            // reads must still stop when dropped or closed.
+            if tx.is_closed() {
+                return;
+            }
+            if self.closed.has_changed().unwrap_or(true) {
+                let _ = tx.send(Err(cancelled())).await;
+                return;
+            }
             if self.resync && self.connected {
                 // zookeeper-client 0.11 does not send persistent watches
                 // again after a reconnect (its `resend_watches` only ever
