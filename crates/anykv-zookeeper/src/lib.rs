@@ -11,6 +11,11 @@
 //! | `timeout` | 5s | per-operation timeout (layers) and bound of opening a session |
 //! | `ttl_check_interval` | 60s | the server's `znode.container.checkIntervalMs`: when expired TTL znodes are really removed |
 //!
+//! TLS is not offered: zookeeper-client's `tls` feature builds rustls with
+//! the aws-lc-rs provider only, whose aws-lc-sys carries the OpenSSL
+//! license, outside the workspace's license policy (deny.toml). An option
+//! such as `tls=true` is rejected as unknown, never ignored.
+//!
 //! # How the contract maps onto ZooKeeper
 //!
 //! * **Keys are znodes.** Key `a/b` in namespace `ns` is znode `/ns/a/b`;
