@@ -372,12 +372,15 @@ impl Kv {
             inner: futures::stream::BoxStream<'static, Result<T>>,
             closed: tokio::sync::watch::Receiver<bool>,
             done: bool,
+            /// The last item was an error: ending after it is a clean end.
+            after_error: bool,
         }
         let st = St {
             kv: self.clone(),
             inner: stream,
             closed: self.inner.closed.subscribe(),
             done: false,
+            after_error: false,
         };
         futures::stream::unfold((st, map), move |(mut st, map)| async move {
             if st.done {
@@ -399,15 +402,17 @@ impl Kv {
                 };
                 match item {
                     Some(Ok(v)) => {
+                        st.after_error = false;
                         if let Some(v) = map(&st.kv, v) {
                             return Some((Ok(v), (st, map)));
                         }
                     }
                     Some(Err(e)) => {
                         st.kv.inner.liveness.set(!e.indicates_unreachable());
+                        st.after_error = true;
                         return Some((Err(st.kv.error_to_outer(e)), (st, map)));
                     }
-                    None if endless => {
+                    None if endless && !st.after_error => {
                         st.done = true;
                         let e = Error::Unavailable {
                             backend: st.kv.inner.backend,
@@ -755,6 +760,8 @@ mod tests {
         fail: AtomicU32,
         calls: AtomicU32,
         caps: Option<Capabilities>,
+        /// What `watch` streams, then the stream ends.
+        watch_items: Mutex<Vec<Result<Event>>>,
     }
 
     impl Fake {
@@ -801,6 +808,10 @@ mod tests {
         }
         async fn probe(&self) -> Result<()> {
             self.answer().await
+        }
+        async fn watch(&self, _: Target, _: Start) -> Result<WatchStream> {
+            let items = std::mem::take(&mut *self.watch_items.lock().unwrap());
+            Ok(futures::stream::iter(items).boxed())
         }
     }
 
@@ -940,6 +951,53 @@ mod tests {
         assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
         let mut states = kv.liveness().subscribe();
         assert_eq!(states.next().await, Some(false), "liveness untouched");
+    }
+
+    fn delete_event(k: &str) -> Result<Event> {
+        Ok(Event::Delete {
+            key: Key::new(k).unwrap(),
+            revision: 7,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_watch_never_ends_silently() {
+        let fake = Arc::new(Fake::default());
+        *fake.watch_items.lock().unwrap() = vec![delete_event("a")];
+        let kv = layered(fake.clone());
+        let mut w = kv
+            .watch(Target::Prefix(Prefix::root()), Start::Now)
+            .await
+            .unwrap();
+        assert!(matches!(w.next().await, Some(Ok(Event::Delete { .. }))));
+        let end = w.next().await.expect("an error item, not a silent end");
+        assert_eq!(end.unwrap_err().kind(), ErrorKind::Unavailable);
+        assert!(w.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_ends_after_its_error_ends_cleanly() {
+        let fake = Arc::new(Fake::default());
+        let compacted = Err(Error::Compacted {
+            backend: "fake",
+            revision: 1,
+            oldest: 5,
+        });
+        *fake.watch_items.lock().unwrap() = vec![delete_event("a"), compacted];
+        let kv = layered(fake.clone());
+        let mut w = kv
+            .watch(Target::Prefix(Prefix::root()), Start::After(1))
+            .await
+            .unwrap();
+        assert!(matches!(w.next().await, Some(Ok(_))));
+        assert_eq!(
+            w.next().await.unwrap().unwrap_err().kind(),
+            ErrorKind::Compacted
+        );
+        assert!(
+            w.next().await.is_none(),
+            "no extra error after the driver's own"
+        );
     }
 
     #[tokio::test(start_paused = true)]
