@@ -254,6 +254,7 @@ async fn url_options_are_checked() {
         ),
         ("zk://bob@127.0.0.1:1/x", "user:password"),
         ("zk:///x", "no ZooKeeper server"),
+        ("zk://127.0.0.1:1/x?tls=true", "tls"),
     ] {
         let e = anykv_core::open(url).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidUrl, "{url}: {e}");
