@@ -343,7 +343,17 @@ impl Store for ZkStore {
         let cx = self.cx(&s, "put", key.as_str());
         match (opts.condition, ttl) {
             (Condition::Always, None) => write::put_always(&cx, &path, &data).await,
-            (cond, ttl) => write::put_checked(&cx, key, &path, &data, cond, ttl).await,
+            (cond, ttl) => write::put_checked(&cx, key, &path, &data, cond, ttl)
+                .await
+                // A server without `extendedTypesEnabled=true` refuses TTL
+                // znodes as unimplemented.
+                .map_err(|e| match e {
+                    Error::Unsupported { backend, .. } if ttl.is_some() => Error::Unsupported {
+                        backend,
+                        operation: "ttl",
+                    },
+                    e => e,
+                }),
         }
     }
 
