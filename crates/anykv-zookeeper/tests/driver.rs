@@ -473,3 +473,69 @@ async fn watch_under_concurrent_writers_is_ordered_and_converges() {
     assert_eq!(view, now, "the watch's view converges to the store");
     kv.delete_prefix(&Prefix::root()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_znodes_follow_the_recipe_and_deleting_the_holder_loses_the_lock() {
+    let Some(url) = common::url("ANYKV_TEST_ZK") else {
+        return;
+    };
+    let ns = common::unique("lockrecipe");
+    let kv = common::open(&url, &ns, "").await;
+    let other = common::open(&url, &ns, "").await;
+    let raw = common::raw(&url).await;
+    let opts = LockOptions {
+        owner: Some("first".into()),
+        ..LockOptions::default()
+    };
+    let guard = kv.lock(&key("job"), opts).await.unwrap();
+    let dir = format!("/__anykv/locks/{ns}/job");
+    let children = raw.list_children(&dir).await.unwrap();
+    assert_eq!(children.len(), 1, "{children:?}");
+    let name = &children[0];
+    assert!(
+        name.starts_with("lock-") && name.len() == 5 + 32 + 1 + 10,
+        "{name}"
+    );
+    let (data, stat) = raw.get_data(&format!("{dir}/{name}")).await.unwrap();
+    assert_eq!(data, b"first", "the owner is the znode's data");
+    assert_ne!(stat.ephemeral_owner, 0, "an ephemeral znode");
+    assert_eq!(
+        guard.fencing_token(),
+        stat.czxid as u64,
+        "the token is the czxid"
+    );
+    // A waiter queues behind the holder.
+    let waiter = tokio::spawn(async move {
+        other
+            .lock(
+                &key("job"),
+                LockOptions {
+                    wait: Some(Duration::from_secs(20)),
+                    ..LockOptions::default()
+                },
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(raw.list_children(&dir).await.unwrap().len(), 2);
+    // Someone deletes the holder's znode: the holder learns it lost the
+    // lock, the waiter gets it.
+    raw.delete(&format!("{dir}/{name}"), None).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), guard.lost())
+        .await
+        .expect("lost() fires when the holder znode is deleted");
+    let g2 = waiter.await.unwrap().unwrap();
+    assert!(g2.fencing_token() > guard.fencing_token());
+    g2.release().await.unwrap();
+    drop(guard);
+    // Released and empty: the lock directory is gone again.
+    let mut gone = false;
+    for _ in 0..20 {
+        if raw.check_stat(&dir).await.unwrap().is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "an unused lock directory is removed");
+}

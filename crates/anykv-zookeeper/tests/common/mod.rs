@@ -117,26 +117,31 @@ pub async fn four_letter(endpoint: &str, cmd: &str) -> String {
 }
 
 /// Expires the store's current session the way Curator's tests do: another
-/// client takes the session over and closes it.
+/// client takes the session over and closes it. The store's own client
+/// reconnects when the server moves its session away, which can take it
+/// back before the close lands: repeat until the session is really gone.
 pub async fn expire_session(store: &ZkStore, url: &str) {
     let info = store.session_info().expect("the store has a session");
-    // The store's own client reconnects when the server moves its session to
-    // the thief, which can in turn knock the thief off: try a few times.
-    for attempt in 1..=5 {
+    let old = info.id().0;
+    for attempt in 1..=10 {
         let thief = zookeeper_client::Client::connector()
             .with_session(info.clone())
             .with_session_timeout(Duration::from_secs(4))
             .connect(&endpoints(url).join(","))
             .await;
         match thief {
-            Ok(thief) => {
-                drop(thief); // closes the session on the server
+            Ok(thief) => drop(thief), // closes the session on the server
+            Err(e) => eprintln!("taking the session over failed ({e}), again"),
+        }
+        for _ in 0..20 {
+            if store.session_id() != old {
                 return;
             }
-            Err(e) if attempt < 5 => eprintln!("taking the session over failed ({e}), again"),
-            Err(e) => panic!("could not take the session over: {e}"),
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        eprintln!("session {old:#x} still alive after attempt {attempt}");
     }
+    panic!("could not expire session {old:#x}");
 }
 
 /// Signals a process (`STOP`, `CONT`, `KILL`).
