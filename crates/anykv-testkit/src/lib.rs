@@ -19,7 +19,9 @@
 //! fails with `Error::Unsupported` instead, so it still counts as executed.
 //! The run panics if any scenario failed or if none ran.
 
+pub mod liveness;
 mod scenarios;
+pub mod server;
 mod support;
 
 use std::{sync::Arc, time::Duration};

@@ -2,56 +2,34 @@
 #![allow(dead_code)] // each test binary uses a part
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::{
-    sync::atomic::{AtomicU32, Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::time::Duration;
 
 use anykv_core::Kv;
+use anykv_testkit::server;
 
 /// The URL of a test agent (`None`: skip, unless `cargo xtask test` requires it).
 pub fn url(var: &str) -> Option<String> {
     anykv_testkit::server_url(var)
 }
 
-/// A required companion env var of a server URL (panics when missing: the
-/// server is there, so xtask must have exported it too).
+/// A required companion env var of a server URL.
 pub fn companion(var: &str) -> String {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => v,
-        _ => panic!("{var} is not set although the server URL is (run `cargo xtask test`)"),
-    }
+    server::companion(var)
 }
 
 /// A namespace no other test or run uses.
 pub fn unique(name: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "consul-tests/{name}-{}-{nanos:x}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    server::unique("consul-tests", name)
 }
 
 /// `base` with extra query options (`k=v&…`).
 pub fn with_query(base: &str, query: &str) -> String {
-    let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}{query}")
+    server::with_query(base, query)
 }
 
 /// Opens `base` scoped to namespace `ns` with extra options.
 pub async fn open(base: &str, ns: &str, query: &str) -> Kv {
-    let mut q = format!("prefix={ns}");
-    if !query.is_empty() {
-        q = format!("{q}&{query}");
-    }
-    anykv_core::open(&with_query(base, &q))
-        .await
-        .unwrap_or_else(|e| panic!("open {}: {e}", anykv_core::config::redact(base)))
+    server::open_ns(base, ns, query).await
 }
 
 /// `host:port` of a `consul://host:port/…` URL.
@@ -99,8 +77,7 @@ pub async fn raw_entry(url: &str, key: &str, token: Option<&str>) -> Option<serd
 
 /// A 127.0.0.1 port nothing listens on.
 pub fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    server::closed_port()
 }
 
 /// A free 127.0.0.1 port (bound, then released for the agent).

@@ -2,12 +2,10 @@
 #![allow(dead_code)] // each test binary uses a part
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::{
-    sync::atomic::{AtomicU32, Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::time::Duration;
 
 use anykv_core::Kv;
+use anykv_testkit::server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The URL of a test server (`None`: skip, unless `cargo xtask test` requires it).
@@ -15,58 +13,29 @@ pub fn url(var: &str) -> Option<String> {
     anykv_testkit::server_url(var)
 }
 
-/// A required companion env var of a server URL (panics when missing: the
-/// server is there, so xtask must have exported it too).
+/// A required companion env var of a server URL.
 pub fn companion(var: &str) -> String {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => v,
-        _ => panic!("{var} is not set although the server URL is (run `cargo xtask test`)"),
-    }
+    server::companion(var)
 }
 
 /// A namespace no other test or run uses.
 pub fn unique(name: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "etcd-tests/{name}-{}-{nanos:x}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    server::unique("etcd-tests", name)
 }
 
 /// `base` with extra query options (`k=v&…`).
 pub fn with_query(base: &str, query: &str) -> String {
-    let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}{query}")
+    server::with_query(base, query)
 }
 
 /// Opens `base` scoped to namespace `ns` with extra options.
 pub async fn open(base: &str, ns: &str, query: &str) -> Kv {
-    let mut q = format!("prefix={ns}");
-    if !query.is_empty() {
-        q = format!("{q}&{query}");
-    }
-    anykv_core::open(&with_query(base, &q))
-        .await
-        .unwrap_or_else(|e| panic!("open {base}: {e}"))
+    server::open_ns(base, ns, query).await
 }
 
-/// `host:port` endpoints of an `etcd://a,b,c` URL.
+/// `host:port` endpoints of a URL.
 pub fn endpoints(url: &str) -> Vec<String> {
-    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
-    let authority = rest.split(['/', '?']).next().unwrap_or("");
-    authority
-        .rsplit('@')
-        .next()
-        .unwrap_or("")
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
+    server::endpoints(url)
 }
 
 /// A raw etcd-client connection to the endpoints of `url`.

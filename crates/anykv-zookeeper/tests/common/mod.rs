@@ -2,16 +2,10 @@
 #![allow(dead_code)] // each test binary uses a part
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::{
-    process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
-    },
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{process::Command, sync::Arc, time::Duration};
 
 use anykv_core::{Kv, registry};
+use anykv_testkit::server;
 use anykv_zookeeper::ZkStore;
 
 /// The URL of a test server (`None`: skip, unless `cargo xtask test` requires it).
@@ -21,50 +15,32 @@ pub fn url(var: &str) -> Option<String> {
 
 /// A required companion env var of a server URL.
 pub fn companion(var: &str) -> String {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => v,
-        _ => panic!("{var} is not set although the server URL is (run `cargo xtask test`)"),
-    }
+    server::companion(var)
 }
 
 /// A namespace no other test or run uses.
 pub fn unique(name: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "zk-tests/{name}-{}-{nanos:x}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    server::unique("zk-tests", name)
 }
 
 /// `base` with extra query options (`k=v&…`).
 pub fn with_query(base: &str, query: &str) -> String {
-    if query.is_empty() {
-        return base.to_owned();
-    }
-    let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}{query}")
+    server::with_query(base, query)
 }
 
 /// The full URL of namespace `ns` on `base` with extra options.
 pub fn scoped_url(base: &str, ns: &str, query: &str) -> String {
-    let mut q = format!("prefix={ns}");
-    if !query.is_empty() {
-        q = format!("{q}&{query}");
-    }
+    let q = if query.is_empty() {
+        format!("prefix={ns}")
+    } else {
+        format!("prefix={ns}&{query}")
+    };
     with_query(base, &q)
 }
 
 /// Opens `base` scoped to namespace `ns` with extra options.
 pub async fn open(base: &str, ns: &str, query: &str) -> Kv {
-    let url = scoped_url(base, ns, query);
-    anykv_core::open(&url)
-        .await
-        .unwrap_or_else(|e| panic!("open {url}: {e}"))
+    server::open_ns(base, ns, query).await
 }
 
 /// Opens the driver itself (to reach its session) and the layered store on it.
@@ -76,18 +52,9 @@ pub async fn open_driver(base: &str, ns: &str, query: &str) -> (ZkStore, Kv) {
     (store, kv)
 }
 
-/// `host:port` endpoints of a `zk://a,b,c/…` URL.
+/// `host:port` endpoints of a URL.
 pub fn endpoints(url: &str) -> Vec<String> {
-    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
-    let authority = rest.split(['/', '?']).next().unwrap_or("");
-    authority
-        .rsplit('@')
-        .next()
-        .unwrap_or("")
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
+    server::endpoints(url)
 }
 
 /// A raw zookeeper-client session on the endpoints of `url`.
