@@ -1,35 +1,18 @@
 //! Helpers shared by the Consul integration tests.
-#![allow(dead_code)] // each test binary uses a part
+#![allow(dead_code, unused_imports)] // each test binary uses a part
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 use std::time::Duration;
 
-use anykv_core::Kv;
 use anykv_testkit::server;
-
-/// The URL of a test agent (`None`: skip, unless `cargo xtask test` requires it).
-pub fn url(var: &str) -> Option<String> {
-    anykv_testkit::server_url(var)
-}
-
-/// A required companion env var of a server URL.
-pub fn companion(var: &str) -> String {
-    server::companion(var)
-}
+pub use anykv_testkit::{
+    server::{closed_port, companion, open_ns as open, with_query},
+    server_url as url,
+};
 
 /// A namespace no other test or run uses.
 pub fn unique(name: &str) -> String {
     server::unique("consul-tests", name)
-}
-
-/// `base` with extra query options (`k=v&…`).
-pub fn with_query(base: &str, query: &str) -> String {
-    server::with_query(base, query)
-}
-
-/// Opens `base` scoped to namespace `ns` with extra options.
-pub async fn open(base: &str, ns: &str, query: &str) -> Kv {
-    server::open_ns(base, ns, query).await
 }
 
 /// `host:port` of a `consul://host:port/…` URL.
@@ -73,11 +56,6 @@ pub async fn raw_entry(url: &str, key: &str, token: Option<&str>) -> Option<serd
         }
         other => panic!("GET kv/{key}: {other} {body}"),
     }
-}
-
-/// A 127.0.0.1 port nothing listens on.
-pub fn closed_port() -> u16 {
-    server::closed_port()
 }
 
 /// A free 127.0.0.1 port (bound, then released for the agent).

@@ -1,41 +1,19 @@
 //! Helpers shared by the etcd integration tests.
-#![allow(dead_code)] // each test binary uses a part
+#![allow(dead_code, unused_imports)] // each test binary uses a part
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 use std::time::Duration;
 
-use anykv_core::Kv;
 use anykv_testkit::server;
+pub use anykv_testkit::{
+    server::{companion, endpoints, open_ns as open, with_query},
+    server_url as url,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The URL of a test server (`None`: skip, unless `cargo xtask test` requires it).
-pub fn url(var: &str) -> Option<String> {
-    anykv_testkit::server_url(var)
-}
-
-/// A required companion env var of a server URL.
-pub fn companion(var: &str) -> String {
-    server::companion(var)
-}
 
 /// A namespace no other test or run uses.
 pub fn unique(name: &str) -> String {
     server::unique("etcd-tests", name)
-}
-
-/// `base` with extra query options (`k=v&…`).
-pub fn with_query(base: &str, query: &str) -> String {
-    server::with_query(base, query)
-}
-
-/// Opens `base` scoped to namespace `ns` with extra options.
-pub async fn open(base: &str, ns: &str, query: &str) -> Kv {
-    server::open_ns(base, ns, query).await
-}
-
-/// `host:port` endpoints of a URL.
-pub fn endpoints(url: &str) -> Vec<String> {
-    server::endpoints(url)
 }
 
 /// A raw etcd-client connection to the endpoints of `url`.

@@ -1,31 +1,20 @@
 //! Helpers shared by the ZooKeeper integration tests.
-#![allow(dead_code)] // each test binary uses a part
+#![allow(dead_code, unused_imports)] // each test binary uses a part
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 use std::{process::Command, sync::Arc, time::Duration};
 
 use anykv_core::{Kv, registry};
 use anykv_testkit::server;
+pub use anykv_testkit::{
+    server::{companion, endpoints, open_ns as open, with_query},
+    server_url as url,
+};
 use anykv_zookeeper::ZkStore;
-
-/// The URL of a test server (`None`: skip, unless `cargo xtask test` requires it).
-pub fn url(var: &str) -> Option<String> {
-    anykv_testkit::server_url(var)
-}
-
-/// A required companion env var of a server URL.
-pub fn companion(var: &str) -> String {
-    server::companion(var)
-}
 
 /// A namespace no other test or run uses.
 pub fn unique(name: &str) -> String {
     server::unique("zk-tests", name)
-}
-
-/// `base` with extra query options (`k=v&…`).
-pub fn with_query(base: &str, query: &str) -> String {
-    server::with_query(base, query)
 }
 
 /// The full URL of namespace `ns` on `base` with extra options.
@@ -38,11 +27,6 @@ pub fn scoped_url(base: &str, ns: &str, query: &str) -> String {
     with_query(base, &q)
 }
 
-/// Opens `base` scoped to namespace `ns` with extra options.
-pub async fn open(base: &str, ns: &str, query: &str) -> Kv {
-    server::open_ns(base, ns, query).await
-}
-
 /// Opens the driver itself (to reach its session) and the layered store on it.
 pub async fn open_driver(base: &str, ns: &str, query: &str) -> (ZkStore, Kv) {
     let url = scoped_url(base, ns, query);
@@ -50,11 +34,6 @@ pub async fn open_driver(base: &str, ns: &str, query: &str) -> (ZkStore, Kv) {
     let store = ZkStore::open(config).await.unwrap();
     let kv = Kv::new(Arc::new(store.clone()), layers);
     (store, kv)
-}
-
-/// `host:port` endpoints of a URL.
-pub fn endpoints(url: &str) -> Vec<String> {
-    server::endpoints(url)
 }
 
 /// A raw zookeeper-client session on the endpoints of `url`.
