@@ -18,7 +18,13 @@
 //! needs a capability the driver does not declare asserts that the operation
 //! fails with `Error::Unsupported` instead, so it still counts as executed.
 //! The run panics if any scenario failed or if none ran.
+//!
+//! Besides the suite: [`server`] helps a driver's own tests against a real
+//! server, [`liveness`] checks liveness reporting, and [`bench`] is the
+//! harness of every driver's `raw_vs_anykv` benchmark (anykv vs the raw
+//! client, interleaved, in one process).
 
+pub mod bench;
 pub mod liveness;
 mod scenarios;
 pub mod server;
