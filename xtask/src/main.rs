@@ -68,6 +68,7 @@ fn real_main() -> Result<()> {
     let root = workspace_root()?;
     env::set_current_dir(&root)?;
     set_protoc()?;
+    servers::stop_all_on_signal()?;
     let ctx = Ctx::new(root)?;
     match cli.cmd {
         Cmd::Lint => lint(),

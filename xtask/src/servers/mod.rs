@@ -284,6 +284,7 @@ impl Proc {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        running_groups().push(child.id() as i32);
         Ok(Proc {
             name: name.to_owned(),
             child,
@@ -316,9 +317,32 @@ impl Proc {
     }
 }
 
+/// Process groups of the servers still running, for [`stop_all_on_signal`].
+fn running_groups() -> std::sync::MutexGuard<'static, Vec<i32>> {
+    static GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+    GROUPS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Makes Ctrl-C / SIGTERM of xtask stop every server it started: servers run
+/// in process groups of their own (so a test can stop one), which the
+/// terminal's signal does not reach, and a signal ends xtask without `Drop`.
+pub fn stop_all_on_signal() -> Result<()> {
+    ctrlc::set_handler(|| {
+        let groups: Vec<i32> = running_groups().clone();
+        for pgid in groups {
+            signal_group(pgid, "CONT");
+            signal_group(pgid, "KILL");
+        }
+        eprintln!("xtask: interrupted; servers stopped");
+        std::process::exit(130);
+    })
+    .context("installing the signal handler")
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let pgid = self.child.id() as i32;
+        running_groups().retain(|g| *g != pgid);
         // SIGCONT first: a test may have left the server stopped (SIGSTOP).
         for sig in ["CONT", "TERM"] {
             signal_group(pgid, sig);
