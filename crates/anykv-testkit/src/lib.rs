@@ -20,7 +20,7 @@
 //! The run panics if any scenario failed or if none ran.
 //!
 //! Besides the suite: [`server`] helps a driver's own tests against a real
-//! server, [`liveness`] checks liveness reporting, and [`bench`] is the
+//! server, [`liveness`] checks liveness reporting, and [`bench`](mod@bench) is the
 //! harness of every driver's `raw_vs_anykv` benchmark (anykv vs the raw
 //! client, interleaved, in one process).
 
