@@ -33,7 +33,7 @@ use crate::{
     error::{self, BACKEND, Ctx},
     lease::{self, Lease},
     range::{Range, rev},
-    txn::header_rev,
+    txn::{exec, header_rev},
 };
 
 /// The records of `lock` (direct children only), in the order etcd returned.
@@ -94,13 +94,7 @@ pub(crate) async fn acquire(
             TxnOp::get(pfx, Some(all)),
         ]);
     let ctx = Ctx::new("lock", Some(lock.as_str()), conn.timeout());
-    let mut resp = conn
-        .call(ctx, |c| {
-            let mut kv = c.kv.clone();
-            let txn = txn.clone();
-            async move { kv.txn(txn).await }
-        })
-        .await?;
+    let mut resp = exec(conn, ctx, &txn).await?;
     let my_rev = if resp.succeeded() {
         header_rev(&resp)
     } else {

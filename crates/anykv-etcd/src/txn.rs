@@ -92,13 +92,7 @@ pub(crate) async fn put(
         .when(compares(key, condition))
         .and_then(vec![TxnOp::put(key.as_str(), value, opts)])
         .or_else(vec![TxnOp::get(key.as_str(), None)]);
-    let resp = conn
-        .call(ctx, |c| {
-            let mut kv = c.kv.clone();
-            let txn = txn.clone();
-            async move { kv.txn(txn).await }
-        })
-        .await?;
+    let resp = exec(conn, ctx, &txn).await?;
     if resp.succeeded() {
         // The put is the transaction's only write: its revision is the
         // header's, and that is the key's new mod_revision.
@@ -112,6 +106,16 @@ pub(crate) async fn put(
     }
 }
 
+/// Sends one transaction (re-sent by `Conn::call` only if it never left).
+pub(crate) async fn exec(conn: &Conn, ctx: Ctx<'_>, txn: &Txn) -> Result<TxnResponse> {
+    conn.call(ctx, |c| {
+        let mut kv = c.kv.clone();
+        let txn = txn.clone();
+        async move { kv.txn(txn).await }
+    })
+    .await
+}
+
 /// A delete under `IfPresent` or `IfVersion`; `true` when it happened.
 pub(crate) async fn delete(conn: &Conn, key: &Key, condition: Condition) -> Result<bool> {
     let ctx = Ctx::new("delete", Some(key.as_str()), conn.timeout());
@@ -119,13 +123,7 @@ pub(crate) async fn delete(conn: &Conn, key: &Key, condition: Condition) -> Resu
         .when(compares(key, condition))
         .and_then(vec![TxnOp::delete(key.as_str(), None)])
         .or_else(vec![TxnOp::get(key.as_str(), None)]);
-    let resp = conn
-        .call(ctx, |c| {
-            let mut kv = c.kv.clone();
-            let txn = txn.clone();
-            async move { kv.txn(txn).await }
-        })
-        .await?;
+    let resp = exec(conn, ctx, &txn).await?;
     if resp.succeeded() {
         Ok(true)
     } else {
@@ -168,13 +166,7 @@ pub(crate) async fn atomic(conn: &Conn, checks: Vec<Check>, ops: Vec<Op>) -> Res
         .map(|c| TxnOp::get(c.key().as_str(), None))
         .collect();
     let txn = Txn::new().when(when).and_then(then).or_else(reads);
-    let resp = conn
-        .call(ctx, |c| {
-            let mut kv = c.kv.clone();
-            let txn = txn.clone();
-            async move { kv.txn(txn).await }
-        })
-        .await?;
+    let resp = exec(conn, ctx, &txn).await?;
     if resp.succeeded() {
         return Ok(header_rev(&resp));
     }

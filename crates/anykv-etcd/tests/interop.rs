@@ -136,13 +136,7 @@ async fn what_etcdctl_writes_anykv_reads() {
         dump[&format!("{ns}/x/y")].1,
         "version = mod_revision"
     );
-    let listed: Vec<String> = kv
-        .list(&Prefix::root())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|p| p.key.to_string())
-        .collect();
+    let listed = common::key_names(&kv, &Prefix::root()).await;
     assert_eq!(listed, ["x/y", "z"]);
     assert_eq!(kv.keys(&Prefix::root()).await.unwrap(), ["x", "z"]);
     // etcdctl deletes, anykv sees it gone.

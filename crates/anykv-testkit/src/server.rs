@@ -6,7 +6,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anykv_core::Kv;
+use anykv_core::{Kv, Prefix, Store};
 
 /// A required companion of a server URL (a binary path, PIDs…): panics when
 /// missing, since the server is there and `cargo xtask test` exports both.
@@ -93,4 +93,12 @@ pub async fn silent_port() -> u16 {
         }
     });
     port
+}
+
+/// The keys `list(prefix)` returns, as strings; panics on error.
+pub async fn key_names(kv: &Kv, prefix: &Prefix) -> Vec<String> {
+    match kv.list(prefix).await {
+        Ok(pairs) => pairs.into_iter().map(|p| p.key.into_string()).collect(),
+        Err(e) => panic!("list {prefix:?}: {e}"),
+    }
 }

@@ -88,13 +88,7 @@ async fn znodes_written_by_other_clients_are_keys() {
         kv.get(&key("dir")).await.unwrap().unwrap().value,
         Bytes::new()
     );
-    let listed: Vec<String> = kv
-        .list(&Prefix::root())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|p| p.key.to_string())
-        .collect();
+    let listed = common::key_names(&kv, &Prefix::root()).await;
     assert_eq!(listed, ["dir", "dir/x"]);
     // anykv's writes are visible to the raw client and the other way round.
     kv.put(&key("dir/x"), "from-anykv".into(), PutOptions::default())

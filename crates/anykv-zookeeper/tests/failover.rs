@@ -123,13 +123,7 @@ async fn stopping_the_connected_server_keeps_operations_and_watches_going() {
     );
     let e = event_for(&mut w, "f/before", Duration::from_secs(30)).await;
     assert!(matches!(e, Event::Delete { .. }), "{e:?}");
-    let listed: Vec<String> = kv
-        .list(&Prefix::root())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|p| p.key.to_string())
-        .collect();
+    let listed = common::key_names(&kv, &Prefix::root()).await;
     assert_eq!(listed, ["f/after", "f/later"]);
     let holder = kv
         .try_lock(&key("l"), Default::default())

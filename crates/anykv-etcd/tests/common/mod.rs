@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anykv_testkit::server;
 pub use anykv_testkit::{
-    server::{companion, endpoints, open_ns as open, with_query},
+    server::{companion, endpoints, key_names, open_ns as open, with_query},
     server_url as url,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

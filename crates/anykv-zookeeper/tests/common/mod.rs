@@ -7,7 +7,7 @@ use std::{process::Command, sync::Arc, time::Duration};
 use anykv_core::{Kv, registry};
 use anykv_testkit::server;
 pub use anykv_testkit::{
-    server::{companion, endpoints, open_ns as open, with_query},
+    server::{companion, endpoints, key_names, open_ns as open, with_query},
     server_url as url,
 };
 use anykv_zookeeper::ZkStore;
