@@ -369,34 +369,34 @@ impl Engine {
     /// Reads one key. Cheap enough (a B-tree lookup in redb's cache, in a
     /// shared snapshot) to run on the async thread: see the crate docs.
     pub(crate) fn get(&self, key: &Key) -> Result<Option<KvPair>> {
+        self.lookup(key, |raw| {
+            let rec = codec::decode_record(raw).map_err(error::corrupt)?;
+            // The clock is read only for keys with a TTL.
+            if rec.expires_ms != 0 && rec.expired(now_ms()) {
+                return Ok(None);
+            }
+            Ok(Some(rec.into_pair(key.clone())))
+        })
+        .map(Option::flatten)
+    }
+
+    /// Runs `read` on the stored record of `key`, if any, in the shared snapshot.
+    fn lookup<T>(&self, key: &Key, read: impl FnOnce(&[u8]) -> Result<T>) -> Result<Option<T>> {
         let snap = self.snapshot()?;
-        let Some(raw) = snap
+        let raw = snap
             .kv
             .get(key.as_str())
-            .map_err(|e| error::from("read", e))?
-        else {
-            return Ok(None);
-        };
-        let rec = codec::decode_record(raw.value()).map_err(error::corrupt)?;
-        // The clock is read only for keys with a TTL.
-        if rec.expires_ms != 0 && rec.expired(now_ms()) {
-            return Ok(None);
-        }
-        Ok(Some(rec.into_pair(key.clone())))
+            .map_err(|e| error::from("read", e))?;
+        raw.map(|raw| read(raw.value())).transpose()
     }
 
     /// Whether a key exists, without copying its value.
     pub(crate) fn exists(&self, key: &Key) -> Result<bool> {
-        let snap = self.snapshot()?;
-        let Some(raw) = snap
-            .kv
-            .get(key.as_str())
-            .map_err(|e| error::from("read", e))?
-        else {
-            return Ok(false);
-        };
-        let (_, _, expires) = codec::record_header(raw.value()).map_err(error::corrupt)?;
-        Ok(expires == 0 || expires > now_ms())
+        let live = self.lookup(key, |raw| {
+            let (_, _, expires) = codec::record_header(raw).map_err(error::corrupt)?;
+            Ok(expires == 0 || expires > now_ms())
+        })?;
+        Ok(live == Some(true))
     }
 
     /// Visits every live pair strictly below `prefix` in key order, in one

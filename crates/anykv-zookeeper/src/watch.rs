@@ -229,28 +229,22 @@ impl Task {
                 {
                     Ok(w) => watcher = w,
                     Err(e) => {
-                        match Interrupt::from(e) {
-                            Interrupt::SessionEnded => match self.reopen(&tx).await {
-                                Some((s, w)) => (session, watcher) = (s, w),
-                                None => return,
-                            },
-                            Interrupt::Failed(e) => {
-                                if !self.transient(e, &session, &tx).await {
-                                    return;
-                                }
-                            }
+                        if !self
+                            .recover(Interrupt::from(e), &mut session, &mut watcher, &tx)
+                            .await
+                        {
+                            return;
                         }
                         continue;
                     }
                 }
                 match self.read_all(&session).await {
                     Ok(s) => snapshot = Some(s),
-                    Err(Interrupt::SessionEnded) => match self.reopen(&tx).await {
-                        Some((s, w)) => (session, watcher) = (s, w),
-                        None => return,
-                    },
-                    Err(Interrupt::Failed(e)) => {
-                        if !self.transient(e, &session, &tx).await {
+                    Err(interrupt) => {
+                        if !self
+                            .recover(interrupt, &mut session, &mut watcher, &tx)
+                            .await
+                        {
                             return;
                         }
                     }
@@ -266,12 +260,11 @@ impl Task {
                 {
                     Ok(true) => {}
                     Ok(false) => return,
-                    Err(Interrupt::SessionEnded) => match self.reopen(&tx).await {
-                        Some((s, w)) => (session, watcher) = (s, w),
-                        None => return,
-                    },
-                    Err(Interrupt::Failed(e)) => {
-                        if !self.transient(e, &session, &tx).await {
+                    Err(interrupt) => {
+                        if !self
+                            .recover(interrupt, &mut session, &mut watcher, &tx)
+                            .await
+                        {
                             return;
                         }
                     }
@@ -287,10 +280,12 @@ impl Task {
                 got = next(&mut watcher, &self.range) => got,
             };
             match got {
-                Got::Ended => match self.reopen(&tx).await {
-                    Some((s, w)) => (session, watcher) = (s, w),
-                    None => return,
-                },
+                Got::Ended => {
+                    let ended = Interrupt::SessionEnded;
+                    if !self.recover(ended, &mut session, &mut watcher, &tx).await {
+                        return;
+                    }
+                }
                 other => {
                     if let Some(path) = self.note(other) {
                         self.carry.insert(path);
@@ -320,6 +315,28 @@ impl Task {
 
     /// A failed read: keeps going (after a full re-read once connected) if
     /// the error is transient, else delivers it and ends.
+    /// Recovers from an interrupted step: a new session after the old one
+    /// ended, or a wait for reconnection after a transient failure. False
+    /// when the watch is over.
+    async fn recover(
+        &mut self,
+        interrupt: Interrupt,
+        session: &mut Arc<Session>,
+        watcher: &mut PersistentWatcher,
+        tx: &Tx,
+    ) -> bool {
+        match interrupt {
+            Interrupt::SessionEnded => match self.reopen(tx).await {
+                Some((s, w)) => {
+                    (*session, *watcher) = (s, w);
+                    true
+                }
+                None => false,
+            },
+            Interrupt::Failed(e) => self.transient(e, session, tx).await,
+        }
+    }
+
     async fn transient(&mut self, e: zk::Error, session: &Session, tx: &Tx) -> bool {
         let err = error::map(e, "watch", self.range.path());
         if err.indicates_unreachable() {
