@@ -11,6 +11,17 @@ use crate::types::Version;
 /// A boxed error kept as the `source` of an [`Error`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// Marks a failure that provably happened before the request reached the
+/// server (connection refused, no connection to send on): the write did not
+/// happen, so trying it again cannot apply it twice.
+///
+/// Drivers wrap such a failure's cause in `NotSent` (see
+/// [`Error::not_sent`]); [`Error::never_reached_server`] finds it, or an
+/// `io::ErrorKind::ConnectionRefused`, anywhere in the source chain.
+#[derive(Debug, thiserror::Error)]
+#[error("request not sent: {0}")]
+pub struct NotSent(#[source] pub BoxError);
+
 /// Result alias used across anykv.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -307,6 +318,39 @@ impl Error {
         }
     }
 
+    /// [`Error::Unavailable`] for a request that provably never reached the
+    /// server: the retry layer may retry even a non-idempotent write on it.
+    pub fn not_sent(
+        backend: &'static str,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::unavailable(backend, message, NotSent(source.into()))
+    }
+
+    /// True when the request provably never reached the server: the source
+    /// chain holds a [`NotSent`] marker or a refused TCP connection. Only
+    /// then is a write retried (etcd's own client does the same), since a
+    /// write that timed out may have been applied.
+    pub fn never_reached_server(&self) -> bool {
+        if self.kind() != ErrorKind::Unavailable {
+            return false;
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(self);
+        while let Some(c) = cause {
+            if c.is::<NotSent>() {
+                return true;
+            }
+            if let Some(io) = c.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                return true;
+            }
+            cause = c.source();
+        }
+        false
+    }
+
     /// Shorthand for [`Error::Backend`] with a source.
     pub fn backend(
         backend: &'static str,
@@ -411,6 +455,25 @@ mod tests {
             assert_eq!(e.indicates_unreachable(), unreachable, "{e}");
             assert_eq!(e.is_retryable(), retryable, "{e}");
         }
+    }
+
+    #[test]
+    fn only_a_marked_or_refused_failure_never_reached_the_server() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let wrapped = Error::unavailable("t", "connect", Error::backend("t", "x", refused));
+        assert!(wrapped.never_reached_server(), "refused deep in the chain");
+        assert!(Error::not_sent("t", "no connection", "closed").never_reached_server());
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(!Error::unavailable("t", "io", reset).never_reached_server());
+        let timeout = Error::Timeout {
+            backend: "t",
+            operation: "put",
+            after: Duration::from_secs(1),
+        };
+        assert!(
+            !timeout.never_reached_server(),
+            "a timed-out write may have applied"
+        );
     }
 
     #[test]

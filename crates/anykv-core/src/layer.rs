@@ -22,6 +22,7 @@ use tracing::Instrument;
 use crate::{
     capability::Capabilities,
     error::{Error, Result},
+    held_locks::HeldLocks,
     key::{Key, Prefix, RESERVED_ROOT},
     liveness::{DEFAULT_LIVENESS_INTERVAL, LivenessMonitor},
     lock::LockGuard,
@@ -116,15 +117,50 @@ struct KvInner {
     cfg: LayerConfig,
     liveness: Arc<LivenessMonitor>,
     prober: Mutex<Option<JoinHandle<()>>>,
-    /// Set by `close()`: ends this handle's watch streams.
+    /// Set by `close()`: ends this handle's watch streams and refuses
+    /// further operations.
     closed: tokio::sync::watch::Sender<bool>,
     /// Scoped views share the driver and must not close it.
     owns_driver: bool,
+    /// Locks taken through this handle, released by `close()`.
+    locks: Arc<HeldLocks>,
+    /// Probes the backend while watches are open (see [`Kv::watchdog_enter`]).
+    watchdog: Mutex<Watchdog>,
+}
+
+/// Open watch streams of one handle and the probe task they keep running.
+#[derive(Default)]
+struct Watchdog {
+    open: usize,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Held by an open watch stream; the last one dropped stops the probe task.
+struct WatchTicket {
+    inner: std::sync::Weak<KvInner>,
+}
+
+impl Drop for WatchTicket {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let mut w = inner.watchdog.lock().unwrap_or_else(|p| p.into_inner());
+        w.open = w.open.saturating_sub(1);
+        if w.open == 0
+            && let Some(task) = w.task.take()
+        {
+            task.abort();
+        }
+    }
 }
 
 impl Drop for KvInner {
     fn drop(&mut self) {
         if let Some(h) = self.prober.get_mut().ok().and_then(Option::take) {
+            h.abort();
+        }
+        if let Some(h) = self.watchdog.get_mut().ok().and_then(|w| w.task.take()) {
             h.abort();
         }
     }
@@ -154,6 +190,8 @@ impl Kv {
                 prober: Mutex::new(None),
                 closed: tokio::sync::watch::Sender::new(false),
                 owns_driver: true,
+                locks: Arc::default(),
+                watchdog: Mutex::default(),
             }),
         };
         if let Some(every) = kv.inner.cfg.probe_interval {
@@ -194,6 +232,8 @@ impl Kv {
                 prober: Mutex::new(None),
                 closed: tokio::sync::watch::Sender::new(false),
                 owns_driver: false,
+                locks: Arc::default(),
+                watchdog: Mutex::default(),
             }),
         }
     }
@@ -219,6 +259,55 @@ impl Kv {
         if let Some(old) = slot.replace(task) {
             old.abort();
         }
+    }
+
+    /// Counts an open watch stream; the first one starts a task that probes
+    /// the backend every `timeout`. A watch whose backend stops answering
+    /// may itself see nothing (a frozen server, a blocking query that never
+    /// returns), so the probe turns liveness not-alive within 2 × timeout of
+    /// an outage and every open watch yields `Err(Unavailable)` then.
+    fn watchdog_enter(&self) -> WatchTicket {
+        let mut w = self
+            .inner
+            .watchdog
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        w.open += 1;
+        if w.task.is_none()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let weak = Arc::downgrade(&self.inner);
+            let every = self.inner.cfg.timeout;
+            w.task = Some(rt.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let _ = Kv { inner }.probe().await;
+                }
+            }));
+        }
+        WatchTicket {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
+    /// Registers a driver's guard with this handle (see [`HeldLocks`]).
+    fn track(&self, guard: LockGuard) -> LockGuard {
+        self.inner
+            .locks
+            .track(guard, self.inner.backend, self.inner.cfg.timeout)
+    }
+
+    fn ensure_open(&self) -> Result<()> {
+        if *self.inner.closed.borrow() {
+            return Err(Error::Cancelled {
+                backend: self.inner.backend,
+                message: "store handle closed".into(),
+            });
+        }
+        Ok(())
     }
 
     // ---- namespace mapping -------------------------------------------------
@@ -316,6 +405,7 @@ impl Kv {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
+        self.ensure_open()?;
         let inner = &self.inner;
         let span = tracing::debug_span!(
             "anykv",
@@ -337,7 +427,12 @@ impl Kv {
                     }),
                 };
                 match result {
-                    Err(e) if idempotent && e.is_retryable() && attempt < policy.max_attempts => {
+                    // A write is retried only when it provably never reached
+                    // the server: one that timed out may have been applied.
+                    Err(e)
+                        if (e.never_reached_server() || idempotent && e.is_retryable())
+                            && attempt < policy.max_attempts =>
+                    {
                         tracing::debug!(attempt, error = %e, "retrying");
                         tokio::time::sleep(policy.backoff(attempt)).await;
                         attempt += 1;
@@ -361,6 +456,11 @@ impl Kv {
     /// the liveness monitor, ends with `Err(Cancelled)` when this handle is
     /// closed, and turns a driver stream that ends on its own (which the
     /// contract forbids for watches) into a final `Err(Unavailable)`.
+    ///
+    /// A watch (`endless`) also yields one non-terminal `Err(Unavailable)`
+    /// when liveness turns not-alive (the [watchdog](Kv::watchdog_enter)
+    /// probes while watches are open), unless the driver already said so;
+    /// it stays open and goes on once the driver resumes.
     fn outer_stream<T: Send + 'static>(
         &self,
         stream: futures::stream::BoxStream<'static, Result<T>>,
@@ -374,6 +474,10 @@ impl Kv {
             done: bool,
             /// The last item was an error: ending after it is a clean end.
             after_error: bool,
+            /// Liveness, for watches; `signalled` once this outage was reported.
+            alive: Option<tokio::sync::watch::Receiver<bool>>,
+            signalled: bool,
+            _ticket: Option<WatchTicket>,
         }
         let st = St {
             kv: self.clone(),
@@ -381,16 +485,48 @@ impl Kv {
             closed: self.inner.closed.subscribe(),
             done: false,
             after_error: false,
+            alive: endless.then(|| self.inner.liveness.state()),
+            signalled: false,
+            _ticket: endless.then(|| self.watchdog_enter()),
         };
         futures::stream::unfold((st, map), move |(mut st, map)| async move {
             if st.done {
                 return None;
             }
             loop {
+                // Reported outage: wait for alive again; else for not-alive.
+                let want = st.signalled;
+                let alive = async {
+                    match st.alive.as_mut() {
+                        Some(rx) => rx.wait_for(|a| *a == want).await.is_ok(),
+                        None => futures::future::pending().await,
+                    }
+                };
                 let item = tokio::select! {
                     biased;
                     _ = st.closed.wait_for(|c| *c) => None,
-                    item = st.inner.next() => Some(item),
+                    changed = alive => Some(Err(changed)),
+                    item = st.inner.next() => Some(Ok(item)),
+                };
+                let item = match item {
+                    Some(Ok(item)) => Some(item),
+                    None => None,
+                    Some(Err(changed)) => {
+                        if !changed {
+                            st.alive = None; // monitor gone: nothing more to report
+                        } else if want {
+                            st.signalled = false;
+                        } else {
+                            st.signalled = true;
+                            let e = Error::Unavailable {
+                                backend: st.kv.inner.backend,
+                                message: "backend unreachable; the watch resumes by itself".into(),
+                                source: None,
+                            };
+                            return Some((Err(e), (st, map)));
+                        }
+                        continue;
+                    }
                 };
                 let Some(item) = item else {
                     st.done = true;
@@ -409,6 +545,7 @@ impl Kv {
                     }
                     Some(Err(e)) => {
                         st.kv.inner.liveness.set(!e.indicates_unreachable());
+                        st.signalled |= e.indicates_unreachable();
                         st.after_error = true;
                         return Some((Err(st.kv.error_to_outer(e)), (st, map)));
                     }
@@ -453,9 +590,9 @@ impl Store for Kv {
         self.check_value(key, &value)?;
         self.check_ttl(opts.ttl)?;
         let k = self.to_inner(key);
-        // Only an unconditional put without TTL gives the same outcome twice.
-        let idempotent = opts.condition == Condition::Always && opts.ttl.is_none();
-        self.call("put", Some(key.as_str()), idempotent, || {
+        // Not idempotent, even unconditional: a retried put that had been
+        // applied would write a second version (and a second event).
+        self.call("put", Some(key.as_str()), false, || {
             self.inner.driver.put(&k, value.clone(), opts)
         })
         .await
@@ -563,6 +700,7 @@ impl Store for Kv {
     }
 
     async fn lock(&self, key: &Key, opts: LockOptions) -> Result<LockGuard> {
+        self.ensure_open()?;
         self.check_locks("lock")?;
         if opts.ttl.is_zero() {
             return Err(self.invalid_argument("lock ttl must be positive"));
@@ -606,7 +744,7 @@ impl Store for Kv {
             self.inner.liveness.record(&outcome);
         }
         outcome
-            .map(|g| g.with_key(key.clone()))
+            .map(|g| self.track(g.with_key(key.clone())))
             .map_err(|e| self.error_to_outer(e))
     }
 
@@ -621,7 +759,7 @@ impl Store for Kv {
                 self.inner.driver.try_lock(&k, opts.clone())
             })
             .await?;
-        Ok(guard.map(|g| g.with_key(key.clone())))
+        Ok(guard.map(|g| self.track(g.with_key(key.clone()))))
     }
 
     async fn lock_holder(&self, key: &Key) -> Result<Option<LockInfo>> {
@@ -713,9 +851,10 @@ impl Store for Kv {
             .await
     }
 
-    /// Ends this handle's watch streams (each yields `Err(Cancelled)`), stops
-    /// the prober and, unless this is a [`scoped`](Kv::scoped) view, closes
-    /// the driver.
+    /// Ends this handle's watch streams (each yields `Err(Cancelled)`),
+    /// releases every lock taken through it (each guard's `lost()` fires),
+    /// stops the prober and, unless this is a [`scoped`](Kv::scoped) view,
+    /// closes the driver. Every later operation fails with `Cancelled`.
     async fn close(&self) -> Result<()> {
         self.inner.closed.send_replace(true);
         let prober = self
@@ -727,11 +866,17 @@ impl Store for Kv {
         if let Some(h) = prober {
             h.abort();
         }
-        if self.inner.owns_driver {
+        let released = self
+            .inner
+            .locks
+            .release_all(self.inner.backend, self.inner.cfg.timeout)
+            .await;
+        let closed = if self.inner.owns_driver {
             self.inner.driver.close().await
         } else {
             Ok(())
-        }
+        };
+        released.and(closed)
     }
 }
 
@@ -762,6 +907,30 @@ mod tests {
         caps: Option<Capabilities>,
         /// What `watch` streams, then the stream ends.
         watch_items: Mutex<Vec<Result<Event>>>,
+        /// When set, `watch` streams from this channel instead (stays open).
+        watch_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Result<Event>>>>,
+        /// Failures that provably never reached the server.
+        refuse: AtomicU32,
+        /// Lock releases started, and whether they hang.
+        releases: Arc<AtomicU32>,
+        hang_release: bool,
+    }
+
+    /// A fake driver's lock release: counts, and hangs if asked to.
+    struct FakeRelease {
+        releases: Arc<AtomicU32>,
+        hang: bool,
+    }
+
+    #[async_trait]
+    impl crate::lock::LockRelease for FakeRelease {
+        async fn release(self: Box<Self>) -> Result<()> {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            if self.hang {
+                futures::future::pending::<()>().await;
+            }
+            Ok(())
+        }
     }
 
     impl Fake {
@@ -774,6 +943,10 @@ mod tests {
             if self.fail.load(Ordering::SeqCst) > 0 {
                 self.fail.fetch_sub(1, Ordering::SeqCst);
                 return Err(Error::unavailable("fake", "down", "connection refused"));
+            }
+            if self.refuse.load(Ordering::SeqCst) > 0 {
+                self.refuse.fetch_sub(1, Ordering::SeqCst);
+                return Err(Error::not_sent("fake", "down", "connection refused"));
             }
             Ok(())
         }
@@ -810,10 +983,28 @@ mod tests {
             self.answer().await
         }
         async fn watch(&self, _: Target, _: Start) -> Result<WatchStream> {
+            if let Some(rx) = self.watch_rx.lock().unwrap().take() {
+                return Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed());
+            }
             let items = std::mem::take(&mut *self.watch_items.lock().unwrap());
             Ok(futures::stream::iter(items).boxed())
         }
+        async fn lock(&self, key: &Key, _: LockOptions) -> Result<LockGuard> {
+            self.answer().await?;
+            let (notifier, lost) = crate::lock::lost_pair();
+            std::mem::forget(notifier); // held "forever" by the fake's lease
+            let release = FakeRelease {
+                releases: self.releases.clone(),
+                hang: self.hang_release,
+            };
+            Ok(LockGuard::new(key.clone(), 1, lost, Box::new(release)))
+        }
+        async fn try_lock(&self, key: &Key, opts: LockOptions) -> Result<Option<LockGuard>> {
+            self.lock(key, opts).await.map(Some)
+        }
     }
+
+    const LOCK_CAPS: Capabilities = Capabilities::full(8).with_ttl(None);
 
     fn layered(fake: Arc<Fake>) -> Kv {
         let cfg = LayerConfig {
@@ -951,6 +1142,116 @@ mod tests {
         assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
         let mut states = kv.liveness().subscribe();
         assert_eq!(states.next().await, Some(false), "liveness untouched");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_is_retried_only_when_it_never_reached_the_server() {
+        let fake = Arc::new(Fake::default());
+        fake.fail.store(1, Ordering::SeqCst);
+        let kv = layered(fake.clone());
+        let e = kv.put(&k(), "v".into(), PutOptions::default()).await;
+        assert_eq!(e.unwrap_err().kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            fake.calls.load(Ordering::SeqCst),
+            1,
+            "an unconditional put that may have been applied is not retried"
+        );
+        fake.refuse.store(2, Ordering::SeqCst);
+        kv.put(&k(), "v".into(), PutOptions::if_absent())
+            .await
+            .expect("refused twice, then applied");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 4);
+    }
+
+    fn lock_fake(hang_release: bool) -> Arc<Fake> {
+        Arc::new(Fake {
+            caps: Some(LOCK_CAPS),
+            hang_release,
+            ..Fake::default()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_ends_within_the_timeout_on_a_hung_backend() {
+        let fake = lock_fake(true);
+        let kv = layered(fake.clone());
+        let guard = kv.lock(&k(), LockOptions::default()).await.unwrap();
+        let lost = guard.lost();
+        let started = Instant::now();
+        let e = guard.release().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert_eq!(started.elapsed(), Duration::from_secs(1), "one timeout");
+        assert_eq!(fake.releases.load(Ordering::SeqCst), 1);
+        tokio::time::timeout(Duration::from_millis(1), lost)
+            .await
+            .expect("a released guard reports lost");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_releases_held_locks_and_refuses_operations() {
+        let fake = lock_fake(false);
+        let kv = layered(fake.clone());
+        let guard = kv.lock(&k(), LockOptions::default()).await.unwrap();
+        let kept = kv.try_lock(&k(), LockOptions::default()).await.unwrap();
+        assert!(!guard.is_lost());
+        kv.close().await.unwrap();
+        assert_eq!(fake.releases.load(Ordering::SeqCst), 2, "both released");
+        tokio::time::timeout(Duration::from_millis(1), guard.lost())
+            .await
+            .expect("close fires lost()");
+        assert!(kept.expect("taken").is_lost());
+        guard.release().await.expect("releasing again is a no-op");
+        assert_eq!(fake.releases.load(Ordering::SeqCst), 2, "not twice");
+        let calls = fake.calls.load(Ordering::SeqCst);
+        for e in [
+            kv.get(&k()).await.map(drop).unwrap_err(),
+            kv.lock(&k(), LockOptions::default())
+                .await
+                .map(drop)
+                .unwrap_err(),
+            kv.watch(Target::Key(k()), Start::Now)
+                .await
+                .map(drop)
+                .unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), calls, "driver untouched");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_reports_an_outage_within_two_timeouts_then_goes_on() {
+        let fake = Arc::new(Fake::default());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *fake.watch_rx.lock().unwrap() = Some(rx);
+        let kv = layered(fake.clone());
+        let mut w = kv
+            .watch(Target::Prefix(Prefix::root()), Start::Now)
+            .await
+            .unwrap();
+        tx.send(delete_event("a")).unwrap();
+        assert!(matches!(w.next().await, Some(Ok(Event::Delete { .. }))));
+        // The backend freezes: every probe hangs from now on.
+        fake.hang.store(u32::MAX, Ordering::SeqCst);
+        let started = Instant::now();
+        let e = w.next().await.expect("an item").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(
+            started.elapsed() <= Duration::from_secs(2),
+            "within 2 × timeout, took {:?}",
+            started.elapsed()
+        );
+        // Once reported, no second item for the same outage; events go on.
+        fake.hang.store(0, Ordering::SeqCst);
+        tx.send(delete_event("b")).unwrap();
+        assert!(matches!(w.next().await, Some(Ok(Event::Delete { .. }))));
+        drop(w);
+        let calls = fake.calls.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(
+            fake.calls.load(Ordering::SeqCst) <= calls + 1,
+            "the last watch dropped stops the probes"
+        );
     }
 
     fn delete_event(k: &str) -> Result<Event> {

@@ -15,6 +15,7 @@ pub mod capability;
 pub mod config;
 pub mod error;
 pub mod ext;
+mod held_locks;
 pub mod key;
 pub mod layer;
 pub mod liveness;
@@ -25,7 +26,7 @@ pub mod types;
 
 pub use capability::{Capabilities, WatchHistory};
 pub use config::{Config, Secret};
-pub use error::{BoxError, Error, ErrorKind, Result};
+pub use error::{BoxError, Error, ErrorKind, NotSent, Result};
 pub use ext::StoreExt;
 pub use key::{Key, MAX_KEY_LEN, Prefix, RESERVED_ROOT};
 pub use layer::{Kv, LayerConfig, RetryPolicy};

@@ -77,6 +77,11 @@ impl LivenessMonitor {
         WatchStream::new(self.tx.subscribe())
     }
 
+    /// The raw state channel, for layers that react to a change at once.
+    pub(crate) fn state(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+
     /// Updates the state from an operation's outcome: success and errors that
     /// prove the backend answered mean alive; unreachable errors mean not alive.
     pub fn record<T>(&self, outcome: &Result<T>) {

@@ -57,6 +57,11 @@ impl LostNotifier {
     pub fn is_closed(&self) -> bool {
         self.0.is_closed()
     }
+
+    /// Resolves once no holder is listening any more (every signal dropped).
+    pub async fn closed(&self) {
+        self.0.closed().await
+    }
 }
 
 impl LostSignal {
@@ -151,6 +156,19 @@ impl LockGuard {
     pub fn with_key(mut self, key: Key) -> Self {
         self.key = key;
         self
+    }
+
+    /// Takes the guard apart, for a layer that wraps its release or its lost
+    /// signal and builds a new guard with [`LockGuard::new`]. The lock stays
+    /// held: the caller owns the release now (`None` if already released).
+    pub fn into_parts(mut self) -> (Key, u64, LostSignal, Option<Box<dyn LockRelease>>) {
+        let release = self.release.take();
+        (
+            self.key.clone(),
+            self.fencing_token,
+            self.lost.clone(),
+            release,
+        )
     }
 }
 

@@ -1,0 +1,145 @@
+//! The locks held through one [`Kv`](crate::Kv) handle.
+//!
+//! The layer wraps every guard a driver hands back so that, on every
+//! backend alike:
+//! - `release()` ends within the per-operation timeout, even while the
+//!   server is frozen; the driver's release goes on in the background until
+//!   it is done (or the lease runs out), so giving up waiting never leaves
+//!   the lock held longer than the driver would;
+//! - closing the handle releases every lock taken through it and fires each
+//!   guard's `lost()`: a closed handle holds nothing;
+//! - `lost()` fires when the driver reports the lease or session lost.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+
+use crate::{
+    error::{Error, Result},
+    lock::{LockGuard, LockRelease, LostNotifier, lost_pair},
+};
+
+/// A driver's release, taken by whichever comes first: the guard or `close()`.
+type Slot = Arc<Mutex<Option<Box<dyn LockRelease>>>>;
+
+/// The registry of one handle's held locks.
+#[derive(Default)]
+pub(crate) struct HeldLocks {
+    next: AtomicU64,
+    held: Mutex<HashMap<u64, (Slot, LostNotifier)>>,
+}
+
+impl HeldLocks {
+    /// Wraps a driver's guard: bounded release, registered for `close()`.
+    pub(crate) fn track(
+        self: &Arc<Self>,
+        guard: LockGuard,
+        backend: &'static str,
+        timeout: Duration,
+    ) -> LockGuard {
+        let (key, token, driver_lost, release) = guard.into_parts();
+        let (notifier, lost) = lost_pair();
+        let slot: Slot = Arc::new(Mutex::new(release));
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.entries().insert(id, (slot.clone(), notifier.clone()));
+        // Forward the driver's signal until nobody listens any more.
+        let forward = notifier.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = driver_lost.wait() => forward.notify(),
+                _ = forward.closed() => {}
+            }
+        });
+        let release = LayerRelease {
+            id,
+            slot,
+            locks: Arc::downgrade(self),
+            lost: notifier,
+            backend,
+            timeout,
+        };
+        LockGuard::new(key, token, lost, Box::new(release))
+    }
+
+    /// Releases every lock still held through this handle, each bounded by
+    /// `timeout`, and fires their `lost()`. Returns the first error.
+    pub(crate) async fn release_all(&self, backend: &'static str, timeout: Duration) -> Result<()> {
+        let all: Vec<(Slot, LostNotifier)> = self.entries().drain().map(|(_, v)| v).collect();
+        let releases = all.into_iter().map(|(slot, lost)| async move {
+            let release = take(&slot);
+            let out = match release {
+                Some(r) => bounded_release(r, backend, timeout).await,
+                None => Ok(()),
+            };
+            lost.notify();
+            out
+        });
+        futures::future::join_all(releases)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>>>()
+            .map(drop)
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Slot, LostNotifier)>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn take(slot: &Slot) -> Option<Box<dyn LockRelease>> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// Runs the driver's release in a task of its own and waits at most
+/// `timeout` for it: past the deadline the caller gets `Timeout` while the
+/// release carries on (a dropped release future could leave the lock held
+/// until its lease ran out).
+async fn bounded_release(
+    release: Box<dyn LockRelease>,
+    backend: &'static str,
+    timeout: Duration,
+) -> Result<()> {
+    let task = tokio::spawn(release.release());
+    match tokio::time::timeout(timeout, task).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(join)) => Err(Error::backend(backend, "lock release task failed", join)),
+        Err(_) => Err(Error::Timeout {
+            backend,
+            operation: "release",
+            after: timeout,
+        }),
+    }
+}
+
+/// The release the layer hands out in place of the driver's.
+struct LayerRelease {
+    id: u64,
+    slot: Slot,
+    locks: Weak<HeldLocks>,
+    lost: LostNotifier,
+    backend: &'static str,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl LockRelease for LayerRelease {
+    async fn release(self: Box<Self>) -> Result<()> {
+        if let Some(locks) = self.locks.upgrade() {
+            locks.entries().remove(&self.id);
+        }
+        // None: the handle was closed and released it already.
+        let outcome = match take(&self.slot) {
+            Some(r) => bounded_release(r, self.backend, self.timeout).await,
+            None => Ok(()),
+        };
+        self.lost.notify();
+        outcome
+    }
+}
