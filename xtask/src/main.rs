@@ -14,9 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-mod servers;
-
-use servers::{Ctx, Started};
+use anykv_servers::{self as servers, Ctx, Started};
 
 #[derive(Parser)]
 #[command(about = "anykv project automation")]

@@ -25,7 +25,11 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use super::{Ctx, Proc, Started, four_letter, free_port, wait_until};
+use crate::{
+    Ctx, Proc, Started,
+    cluster::{Cluster, Member, Port, Probes},
+    four_letter, wait_until,
+};
 
 /// Debian packages holding the jars below (the server and `zkCli`).
 const PACKAGES: &[&str] = &[
@@ -72,27 +76,31 @@ pub fn start(ctx: &Ctx) -> Result<Started> {
     let query = format!("ttl_check_interval={CHECK_INTERVAL_MS}ms");
     let mut started = Started::default();
 
-    let single = Server::new(0)?;
+    let single = Server::new(0, false)?;
     let mut proc = single.spawn(ctx, &java, &classpath, "zookeeper", &[])?;
-    wait_serving(&mut proc, single.client, &["standalone"])?;
+    wait_serving(&mut proc, single.client.listen, &["standalone"])?;
     started.env.push((
         "ANYKV_TEST_ZK".into(),
-        format!("zk://127.0.0.1:{}?{query}", single.client),
+        format!("zk://127.0.0.1:{}?{query}", single.client.listen),
     ));
     started.procs.push(proc);
 
-    let ensemble = [Server::new(1)?, Server::new(2)?, Server::new(3)?];
+    let ensemble = [
+        Server::new(1, false)?,
+        Server::new(2, false)?,
+        Server::new(3, false)?,
+    ];
     let mut procs = Vec::new();
     for s in &ensemble {
         let name = format!("zookeeper-ensemble-{}", s.id);
         procs.push(s.spawn(ctx, &java, &classpath, &name, &ensemble)?);
     }
     for (s, p) in ensemble.iter().zip(procs.iter_mut()) {
-        wait_serving(p, s.client, &["leader", "follower"])?;
+        wait_serving(p, s.client.listen, &["leader", "follower"])?;
     }
     let hosts: Vec<String> = ensemble
         .iter()
-        .map(|s| format!("127.0.0.1:{}", s.client))
+        .map(|s| format!("127.0.0.1:{}", s.client.listen))
         .collect();
     let pids: Vec<String> = procs.iter().map(|p| p.pid().to_string()).collect();
     started.env.push((
@@ -109,6 +117,48 @@ pub fn start(ctx: &Ctx) -> Result<Started> {
         .env
         .push(("ANYKV_ZKCLI".into(), cli.display().to_string()));
     Ok(started)
+}
+
+/// Starts a standalone server (`n` = 1) or an ensemble of `n` for the fault
+/// suite, without waiting: with `proxied`, every client, quorum and
+/// election port has a proxy port in front (start the proxies, then
+/// [`Cluster::wait_all_ready`]).
+pub fn cluster(ctx: &Ctx, name: &str, n: usize, proxied: bool) -> Result<Cluster> {
+    let java = java(ctx)?;
+    let classpath = classpath(ctx)?;
+    let servers: Vec<Server> = if n == 1 {
+        vec![Server::new(0, proxied)?]
+    } else {
+        (1..=n)
+            .map(|i| Server::new(i as u32, proxied))
+            .collect::<Result<_>>()?
+    };
+    let ensemble: &[Server] = if n == 1 { &[] } else { &servers };
+    let mut members = Vec::new();
+    for s in &servers {
+        let log = format!("{name}-{}", s.id);
+        members.push(Member {
+            proc: s.spawn(ctx, &java, &classpath, &log, ensemble)?,
+            name: log,
+            client: s.client,
+            peers: vec![s.quorum, s.election],
+        });
+    }
+    let probes = Probes {
+        ready: |m| {
+            four_letter(m.client.listen, "srvr").is_some_and(|r| {
+                ["standalone", "leader", "follower"]
+                    .iter()
+                    .any(|mode| r.contains(&format!("Mode: {mode}")))
+            })
+        },
+        is_leader: |m| {
+            four_letter(m.client.listen, "srvr")
+                .is_some_and(|r| r.contains("Mode: leader") || r.contains("Mode: standalone"))
+        },
+    };
+    let query = format!("ttl_check_interval={CHECK_INTERVAL_MS}ms");
+    Ok(Cluster::new("zookeeper", "zk", query, members, probes))
 }
 
 /// The `java` launcher: the machine's, or Debian's headless JRE installed.
@@ -151,18 +201,18 @@ fn classpath(ctx: &Ctx) -> Result<String> {
 /// One server's id (0: standalone) and ports.
 struct Server {
     id: u32,
-    client: u16,
-    quorum: u16,
-    election: u16,
+    client: Port,
+    quorum: Port,
+    election: Port,
 }
 
 impl Server {
-    fn new(id: u32) -> Result<Server> {
+    fn new(id: u32, proxied: bool) -> Result<Server> {
         Ok(Server {
             id,
-            client: free_port()?,
-            quorum: free_port()?,
-            election: free_port()?,
+            client: Port::new(proxied)?,
+            quorum: Port::new(proxied)?,
+            election: Port::new(proxied)?,
         })
     }
 
@@ -190,13 +240,17 @@ impl Server {
              extendedTypesEnabled=true\n\
              4lw.commands.whitelist=*\n",
             data.display(),
-            self.client
+            self.client.listen
         );
+        // Each server binds the ports of its own line and reaches the
+        // others at theirs: through proxies, when they are proxied.
         for s in ensemble {
-            cfg.push_str(&format!(
-                "server.{}=127.0.0.1:{}:{}\n",
-                s.id, s.quorum, s.election
-            ));
+            let (quorum, election) = if s.id == self.id {
+                (s.quorum.listen, s.election.listen)
+            } else {
+                (s.quorum.reach, s.election.reach)
+            };
+            cfg.push_str(&format!("server.{}=127.0.0.1:{quorum}:{election}\n", s.id));
         }
         if !ensemble.is_empty() {
             fs::write(data.join("myid"), format!("{}\n", self.id))?;

@@ -22,7 +22,11 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use super::{Ctx, Proc, Started, free_port, wait_until};
+use crate::{
+    Ctx, Proc, Started,
+    cluster::{Cluster, Member as ClusterMember, Port, Probes},
+    wait_until,
+};
 
 /// How long a member may take to answer `/health`.
 const READY: Duration = Duration::from_secs(60);
@@ -33,7 +37,7 @@ pub fn start(ctx: &Ctx) -> Result<Started> {
     let etcdctl = binary(ctx, "etcd-client", "etcdctl")?;
     let mut started = Started::default();
 
-    let single = Member::new("default")?;
+    let single = Member::new("default", false)?;
     let mut proc = single.spawn(ctx, &etcd, "etcd", &[&single], "anykv-single")?;
     single.wait_ready(&mut proc)?;
     started.env.push((
@@ -42,7 +46,11 @@ pub fn start(ctx: &Ctx) -> Result<Started> {
     ));
     started.procs.push(proc);
 
-    let members = [Member::new("m1")?, Member::new("m2")?, Member::new("m3")?];
+    let members = [
+        Member::new("m1", false)?,
+        Member::new("m2", false)?,
+        Member::new("m3", false)?,
+    ];
     let all: Vec<&Member> = members.iter().collect();
     let token = format!("anykv-cluster-{}", std::process::id());
     let mut procs = Vec::new();
@@ -73,6 +81,36 @@ pub fn start(ctx: &Ctx) -> Result<Started> {
     Ok(started)
 }
 
+/// Starts `n` members named `<name>-m<i>` for the fault suite, without
+/// waiting: with `proxied`, every client and peer port has a proxy port in
+/// front (start the proxies, then [`Cluster::wait_all_ready`]).
+pub fn cluster(ctx: &Ctx, name: &str, n: usize, proxied: bool) -> Result<Cluster> {
+    let etcd = binary(ctx, "etcd-server", "etcd")?;
+    let members: Vec<Member> = (1..=n)
+        .map(|i| Member::new(&format!("m{i}"), proxied))
+        .collect::<Result<_>>()?;
+    let all: Vec<&Member> = members.iter().collect();
+    let token = format!("anykv-{name}-{}", std::process::id());
+    let mut out = Vec::new();
+    for m in &members {
+        let log = format!("{name}-{}", m.name);
+        out.push(ClusterMember {
+            proc: m.spawn(ctx, &etcd, &log, &all, &token)?,
+            name: log,
+            client: m.client,
+            peers: vec![m.peer],
+        });
+    }
+    let probes = Probes {
+        ready: |m| healthy(m.client.listen),
+        is_leader: |m| {
+            http_get(m.client.listen, "/metrics")
+                .is_some_and(|body| body.lines().any(|l| l == "etcd_server_is_leader 1"))
+        },
+    };
+    Ok(Cluster::new("etcd", "etcd", "", out, probes))
+}
+
 /// `/usr/bin/<bin>` of a Debian package, extracted (and cached) by apt.
 fn binary(ctx: &Ctx, pkg: &str, bin: &str) -> Result<PathBuf> {
     let root = ctx.apt_package(pkg, None)?;
@@ -81,28 +119,30 @@ fn binary(ctx: &Ctx, pkg: &str, bin: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// One member's name, ports and data dir.
+/// One member's name and ports.
 struct Member {
     name: String,
-    client: u16,
-    peer: u16,
+    client: Port,
+    peer: Port,
 }
 
 impl Member {
-    fn new(name: &str) -> Result<Member> {
+    fn new(name: &str, proxied: bool) -> Result<Member> {
         Ok(Member {
             name: name.to_owned(),
-            client: free_port()?,
-            peer: free_port()?,
+            client: Port::new(proxied)?,
+            peer: Port::new(proxied)?,
         })
     }
 
+    /// Where clients reach it.
     fn client(&self) -> String {
-        format!("127.0.0.1:{}", self.client)
+        format!("127.0.0.1:{}", self.client.reach)
     }
 
+    /// Where peers reach it.
     fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer)
+        format!("http://127.0.0.1:{}", self.peer.reach)
     }
 
     /// Starts this member of the cluster made of `cluster`.
@@ -119,18 +159,17 @@ impl Member {
             .iter()
             .map(|m| format!("{}={}", m.name, m.peer_url()))
             .collect();
-        let client_url = format!("http://{}", self.client());
         let mut cmd = Command::new(etcd);
         cmd.arg("--name")
             .arg(&self.name)
             .arg("--data-dir")
             .arg(&data)
             .arg("--listen-client-urls")
-            .arg(&client_url)
+            .arg(format!("http://127.0.0.1:{}", self.client.listen))
             .arg("--advertise-client-urls")
-            .arg(&client_url)
+            .arg(format!("http://{}", self.client()))
             .arg("--listen-peer-urls")
-            .arg(self.peer_url())
+            .arg(format!("http://127.0.0.1:{}", self.peer.listen))
             .arg("--initial-advertise-peer-urls")
             .arg(self.peer_url())
             .arg("--initial-cluster")
@@ -151,7 +190,7 @@ impl Member {
                 exited = Some(e);
                 return true;
             }
-            healthy(self.client)
+            healthy(self.client.listen)
         });
         if let Some(e) = exited {
             return Err(e);
@@ -162,16 +201,17 @@ impl Member {
 
 /// True if `GET /health` on the client port says `"health":"true"`.
 fn healthy(port: u16) -> bool {
+    http_get(port, "/health").is_some_and(|out| out.contains("\"health\":\"true\""))
+}
+
+/// A minimal HTTP/1.0 GET on 127.0.0.1: the whole reply.
+fn http_get(port: u16, path: &str) -> Option<String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let req = format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    s.write_all(req.as_bytes()).ok()?;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    out.contains("\"health\":\"true\"")
+    Some(out)
 }

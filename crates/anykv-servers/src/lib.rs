@@ -1,9 +1,14 @@
-//! Real servers for the test and bench runs: provisioning from Debian
-//! packages (cached under `target/xtask`), start on free loopback ports in
-//! temp dirs, readiness waits, and stop on drop — also when tests fail.
+//! Real servers for anykv's test, bench and fault runs: provisioning from
+//! Debian packages (cached under `target/xtask`), start on free loopback
+//! ports in temp dirs, readiness waits, and stop on drop — also when tests
+//! fail.
 //!
-//! Each server lives in its own module with `pub fn start(ctx: &Ctx) -> Result<Started>`;
-//! adding a backend means adding a module and a line in [`ALL`].
+//! Each server lives in its own module with `pub fn start(ctx: &Ctx) -> Result<Started>`
+//! (what `cargo xtask test` starts; adding a backend means adding a module
+//! and a line in [`ALL`]) and `pub fn cluster(…) -> Result<Cluster>` (a
+//! single node or a three-member cluster the fault suite kills, freezes,
+//! restarts on the same data dir and ports, and partitions through proxies
+//! in front of the ports in [`Port::reach`]).
 
 use std::{
     fs,
@@ -18,9 +23,12 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod cluster;
 pub mod consul;
 pub mod etcd;
 pub mod zookeeper;
+
+pub use cluster::{Cluster, Member, Port};
 
 /// A server definition: name and starter.
 pub type Starter = fn(&Ctx) -> Result<Started>;
@@ -268,14 +276,39 @@ pub struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
+    /// How it was started, to start it again the same way.
+    cmd: Command,
 }
 
 impl Proc {
     /// Spawns `cmd` with stdout/stderr to `target/xtask/logs/<name>.log`.
-    pub fn spawn(ctx: &Ctx, name: &str, mut cmd: Command) -> Result<Proc> {
-        use std::os::unix::process::CommandExt;
+    pub fn spawn(ctx: &Ctx, name: &str, cmd: Command) -> Result<Proc> {
         let log = ctx.log_path(name);
-        let out = fs::File::create(&log)?;
+        fs::File::create(&log)?;
+        let child = Self::launch(name, &log, &cmd)?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+            cmd,
+        })
+    }
+
+    /// Starts `template` again as a new process (appending to its log).
+    fn launch(name: &str, log: &Path, template: &Command) -> Result<Child> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(template.get_program());
+        cmd.args(template.get_args());
+        for (k, v) in template.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        if let Some(dir) = template.get_current_dir() {
+            cmd.current_dir(dir);
+        }
+        let out = fs::OpenOptions::new().append(true).create(true).open(log)?;
         let err = out.try_clone()?;
         let child = cmd
             .stdin(Stdio::null())
@@ -285,16 +318,46 @@ impl Proc {
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
         running_groups().push(child.id() as i32);
-        Ok(Proc {
-            name: name.to_owned(),
-            child,
-            log,
-        })
+        Ok(child)
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// `kill -9` of the process (group), waiting until it is gone. Its data
+    /// dir and ports stay for [`restart`](Self::restart).
+    pub fn kill(&mut self) {
+        let pgid = self.child.id() as i32;
+        signal_group(pgid, "KILL");
+        let _ = self.child.wait();
+        running_groups().retain(|g| *g != pgid);
+    }
+
+    /// Starts the same command again after [`kill`](Self::kill) (kills
+    /// first if still running): same data dir, same ports, same log.
+    pub fn restart(&mut self) -> Result<()> {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+        self.child = Self::launch(&self.name, &self.log, &self.cmd)?;
+        Ok(())
+    }
+
+    /// Freezes the process (SIGSTOP): it holds its sockets and answers nothing.
+    pub fn freeze(&self) {
+        signal_group(self.child.id() as i32, "STOP");
+    }
+
+    /// Lets a frozen process go on (SIGCONT).
+    pub fn thaw(&self) {
+        signal_group(self.child.id() as i32, "CONT");
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// The process name.

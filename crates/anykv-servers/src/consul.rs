@@ -24,21 +24,18 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{Ctx, Proc, Started, free_port, wait_until};
+use crate::{
+    Ctx, Proc, Started,
+    cluster::{Cluster, Member, Port, Probes},
+    free_port, wait_until,
+};
 
 /// How long an agent may take to elect itself leader.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts both agents and exports their URLs, the ACL token and the binary.
 pub fn start(ctx: &Ctx) -> Result<Started> {
-    let root = ctx.apt_package("consul", Some("bullseye"))?;
-    let bin = root.join("usr/bin/consul");
-    if !bin.exists() {
-        bail!(
-            "the consul package has no usr/bin/consul under {}",
-            root.display()
-        );
-    }
+    let bin = binary(ctx)?;
 
     let mut started = Started::default();
 
@@ -64,6 +61,97 @@ pub fn start(ctx: &Ctx) -> Result<Started> {
         .env
         .push(("ANYKV_CONSUL_BIN".into(), bin.display().to_string()));
     Ok(started)
+}
+
+/// `usr/bin/consul` of bullseye's package, extracted (and cached) by apt.
+fn binary(ctx: &Ctx) -> Result<PathBuf> {
+    let root = ctx.apt_package("consul", Some("bullseye"))?;
+    let bin = root.join("usr/bin/consul");
+    if !bin.exists() {
+        bail!(
+            "the consul package has no usr/bin/consul under {}",
+            root.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Starts `n` Consul servers (not `-dev`: data dirs on disk, so a killed
+/// server restarts with its data) for the fault suite, without waiting.
+/// `raft_multiplier = 1` lets a restarted server elect itself in 1–2 s
+/// instead of ~10 s. With `proxied`, each HTTP (client) port has a proxy
+/// port in front; the peer ports (server RPC, serf) are always direct.
+pub fn cluster(ctx: &Ctx, name: &str, n: usize, proxied: bool) -> Result<Cluster> {
+    let bin = binary(ctx)?;
+    struct Ports {
+        http: Port,
+        server: Port,
+        serf_lan: Port,
+        serf_wan: u16,
+    }
+    let ports: Vec<Ports> = (0..n)
+        .map(|_| {
+            Ok(Ports {
+                http: Port::new(proxied)?,
+                server: Port::direct()?,
+                serf_lan: Port::direct()?,
+                serf_wan: free_port()?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let mut members = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        let node = format!("{name}-{}", i + 1);
+        let dir = ctx.tempdir(&node)?;
+        let config = dir.join("server.hcl");
+        fs::write(
+            &config,
+            format!(
+                "performance {{ raft_multiplier = 1 }}\n\
+                 limits {{ http_max_conns_per_client = 4096 }}\n\
+                 ports {{ dns = -1, grpc = -1, http = {}, server = {}, serf_lan = {}, serf_wan = {} }}\n",
+                p.http.listen, p.server.listen, p.serf_lan.listen, p.serf_wan
+            ),
+        )?;
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "agent",
+            "-server",
+            "-client",
+            "127.0.0.1",
+            "-bind",
+            "127.0.0.1",
+        ])
+        .args(["-node", &node])
+        .args(["-bootstrap-expect", &n.to_string()])
+        .arg("-data-dir")
+        .arg(dir.join("data"))
+        .arg("-config-file")
+        .arg(&config)
+        .env("HOME", &dir)
+        .current_dir(&dir);
+        for (j, other) in ports.iter().enumerate() {
+            if j != i {
+                cmd.arg("-retry-join")
+                    .arg(format!("127.0.0.1:{}", other.serf_lan.listen));
+            }
+        }
+        members.push(Member {
+            proc: Proc::spawn(ctx, &node, cmd)?,
+            name: node,
+            client: p.http,
+            peers: vec![p.server, p.serf_lan],
+        });
+    }
+    let probes = Probes {
+        ready: |m| has_leader(m.client.listen),
+        is_leader: |m| {
+            let me = format!("127.0.0.1:{}", m.peers[0].listen);
+            http_get(m.client.listen, "/v1/status/leader", None)
+                .is_some_and(|(status, body)| status == 200 && body.trim().trim_matches('"') == me)
+        },
+    };
+    Ok(Cluster::new("consul", "consul", "", members, probes))
 }
 
 struct Agent {
