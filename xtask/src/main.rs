@@ -4,6 +4,8 @@
 //!   workspace with real etcd, ZooKeeper and Consul servers started here.
 //! - `cargo xtask bench [BACKEND…]`: anykv vs the raw client, same server, one run.
 //! - `cargo xtask servers`: start the servers and print their env, for development.
+//! - `cargo xtask chaos [BACKEND…]`: the fault suite (`anykv-chaos`): servers
+//!   killed, frozen, restarted and partitioned under checked workloads.
 
 use std::{
     env,
@@ -43,6 +45,14 @@ enum Cmd {
     Bench {
         /// Backends to bench (default: all): redb, etcd, zookeeper, consul.
         backends: Vec<String>,
+    },
+    /// The fault suite: every scenario (or `--ci`: the subset `test` runs).
+    Chaos {
+        /// Backends (default: all): etcd, zookeeper, consul.
+        backends: Vec<String>,
+        /// Arguments for `anykv-chaos run` (e.g. `--runs 3`, `--fault kill`).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Starts the servers, prints their environment and waits for Ctrl-C.
     Servers {
@@ -94,10 +104,12 @@ fn real_main() -> Result<()> {
             }
             if cargo_args.is_empty() && servers.is_empty() {
                 check_conformance(&reports)?;
+                chaos(&[], &["--ci".to_owned()])?;
             }
             println!("xtask: all tests passed against real servers");
             Ok(())
         }
+        Cmd::Chaos { backends, args } => chaos(&backends, &args),
         Cmd::Bench { backends } => bench(&ctx, &backends),
         Cmd::Servers { names } => {
             let started = start_servers(&ctx, &names)?;
@@ -284,6 +296,17 @@ fn start_servers(ctx: &Ctx, only: &[String]) -> Result<Vec<Started>> {
         all.push(started);
     }
     Ok(all)
+}
+
+/// Runs the fault suite; it starts (and stops) servers of its own.
+fn chaos(backends: &[String], args: &[String]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["run", "-q", "-p", "anykv-chaos", "--", "run"]);
+    for b in backends {
+        cmd.args(["--backend", b]);
+    }
+    cmd.args(args);
+    step("fault suite (anykv-chaos)", &mut cmd)
 }
 
 fn bench(ctx: &Ctx, backends: &[String]) -> Result<()> {
