@@ -1,16 +1,21 @@
 //! Consul's failures mapped onto [`anykv_core::Error`] (DESIGN §8).
 //!
-//! | Consul says                                   | anykv error          | liveness   |
-//! |-----------------------------------------------|----------------------|------------|
-//! | connect refused, reset, I/O error on the wire | `Unavailable`        | not alive  |
-//! | no answer within the deadline (every request  | `Timeout`            | not alive  |
-//! | carries one: the timeout, or a blocking wait) |                      |            |
-//! | 5xx, 429 (no leader, rate limited, …)         | `Unavailable`        | not alive  |
-//! | 403 `ACL not found` (unknown token)           | `Unauthenticated`    | alive      |
-//! | 403 anything else (`Permission denied`)       | `PermissionDenied`   | alive      |
-//! | 404 on a read                                 | absent (`Ok(None)`)  | alive      |
-//! | 400, 413                                      | `InvalidArgument`    | alive      |
-//! | anything else (unparsable body, odd status)   | `Backend`            | alive      |
+//! | Consul says                                   | anykv error                   | liveness  |
+//! |-----------------------------------------------|-------------------------------|-----------|
+//! | no connection (refused, connect timeout, TLS  | `Unavailable`, marked         | not alive |
+//! | handshake): the request provably never left   | `never_reached_server`        |           |
+//! | reset, I/O error after the request was sent   | `Unavailable`                 | not alive |
+//! | no answer within the deadline (every request  | `Timeout`                     | not alive |
+//! | carries one: the timeout, or a blocking wait) |                               |           |
+//! | 5xx, 429 (no leader, rate limited, …)         | `Unavailable`                 | not alive |
+//! | 403 `ACL not found` (unknown token)           | `Unauthenticated`             | alive     |
+//! | 403 anything else (`Permission denied`)       | `PermissionDenied`            | alive     |
+//! | 404 on a read                                 | absent (`Ok(None)`)           | alive     |
+//! | 400, 413                                      | `InvalidArgument`             | alive     |
+//! | anything else (unparsable body, odd status)   | `Backend`                     | alive     |
+//!
+//! Only a `never_reached_server` failure lets the retry layer send a write
+//! again: a write cut after sending, or timed out, may have been applied.
 //!
 //! Inside `/v1/txn`, Consul reports ACL refusals as a 409 whose error text is
 //! `Permission denied` / `ACL not found`; [`txn_failure`] maps those the same
@@ -93,15 +98,27 @@ pub(crate) fn from_transport(
     deadline: Duration,
     err: reqwest::Error,
 ) -> Error {
-    if err.is_timeout() && !err.is_connect() {
+    // reqwest's Display names the URL but never headers, so the token
+    // (sent as X-Consul-Token) cannot leak through it.
+    if err.is_connect() {
+        // No connection (refused, connect timeout, TLS handshake): not a
+        // byte of the request went out, so the retry layer may send even
+        // a write again without applying it twice.
+        return Error::not_sent(
+            BACKEND,
+            format!("{operation}: cannot connect to the consul agent"),
+            err,
+        );
+    }
+    if err.is_timeout() {
         return Error::Timeout {
             backend: BACKEND,
             operation,
             after: deadline,
         };
     }
-    // reqwest's Display names the URL but never headers, so the token
-    // (sent as X-Consul-Token) cannot leak through it.
+    // Sent, at least partly (reset, broken reply): the agent may have
+    // applied it, so only idempotent operations are retried.
     Error::unavailable(
         BACKEND,
         format!("{operation}: cannot reach the consul agent"),
@@ -217,6 +234,48 @@ mod tests {
         let e = from_transport("probe", std::time::Duration::from_secs(1), err);
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert!(e.indicates_unreachable());
+        assert!(
+            e.never_reached_server(),
+            "a refused connection sent nothing: a write may be retried"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_cut_after_sending_may_have_been_applied() {
+        // A server that reads the request, then closes without answering,
+        // as an agent killed mid-request does.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            if let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = tokio::io::AsyncReadExt::read(&mut sock, &mut buf).await;
+            }
+        });
+        let err = reqwest::Client::new()
+            .put(format!("http://127.0.0.1:{port}/v1/txn"))
+            .body("[]")
+            .send()
+            .await
+            .unwrap_err();
+        let e = from_transport("txn", std::time::Duration::from_secs(1), err);
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert!(!e.never_reached_server(), "{e}: the write may have applied");
+    }
+
+    #[tokio::test]
+    async fn a_request_without_answer_is_a_timeout_that_may_have_applied() {
+        let port = anykv_testkit::server::silent_port().await;
+        let err = reqwest::Client::new()
+            .put(format!("http://127.0.0.1:{port}/v1/txn"))
+            .timeout(std::time::Duration::from_millis(200))
+            .body("[]")
+            .send()
+            .await
+            .unwrap_err();
+        let e = from_transport("txn", std::time::Duration::from_millis(200), err);
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        assert!(!e.never_reached_server());
     }
 
     #[test]

@@ -34,15 +34,43 @@ pub(crate) struct Entry {
     pub flags: u64,
 }
 
-/// How a read is served.
+/// How a read is served: its consistency mode, and whether it blocks.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum ReadMode {
-    /// The store's `consistency` option.
-    Plain,
+pub(crate) struct ReadMode {
+    /// `None`: the store's `consistency` option.
+    consistency: Option<Consistency>,
+    /// A blocking query: from this index, waiting at most this long.
+    block: Option<(u64, Duration)>,
+}
+
+impl ReadMode {
+    /// A read a user asked for: the store's `consistency` option.
+    pub(crate) const PLAIN: ReadMode = ReadMode {
+        consistency: None,
+        block: None,
+    };
     /// `?consistent`: for reads that feed a decision.
-    Consistent,
-    /// A blocking query from `index`, waiting at most `wait`.
-    Blocking { index: u64, wait: Duration },
+    pub(crate) const CONSISTENT: ReadMode = ReadMode {
+        consistency: Some(Consistency::Consistent),
+        block: None,
+    };
+
+    /// A blocking query from `index`, waiting at most `wait`, in the
+    /// store's `consistency` mode.
+    pub(crate) fn blocking(index: u64, wait: Duration) -> ReadMode {
+        ReadMode {
+            consistency: None,
+            block: Some((index, wait)),
+        }
+    }
+
+    /// The same read, `?consistent`.
+    pub(crate) fn consistent(self) -> ReadMode {
+        ReadMode {
+            consistency: Some(Consistency::Consistent),
+            ..self
+        }
+    }
 }
 
 /// Converts Consul's entry; `None` for names no anykv client could write
@@ -121,6 +149,21 @@ fn no_entry(what: &str) -> Error {
 const WRITE_ATTEMPTS: usize = 8;
 
 impl Inner {
+    /// The query flag for a read in `wanted` mode (`None`: the store's
+    /// `consistency` option); Consul's default mode has none.
+    pub(crate) fn consistency_mode(&self, wanted: Option<Consistency>) -> Option<ConsistencyMode> {
+        match wanted.unwrap_or(self.http.settings().consistency) {
+            Consistency::Consistent => Some(ConsistencyMode::CONSISTENT),
+            Consistency::Default => None,
+            Consistency::Stale => Some(ConsistencyMode::STALE),
+        }
+    }
+
+    /// Whether reads in mode `mode` are `?consistent`.
+    pub(crate) fn is_consistent(&self, mode: ReadMode) -> bool {
+        mode.consistency.unwrap_or(self.http.settings().consistency) == Consistency::Consistent
+    }
+
     /// Reads a key, or every key below `path` with `recurse`; returns the
     /// entries and `X-Consul-Index`. 404 is an empty answer.
     pub(crate) async fn read_raw(
@@ -129,20 +172,15 @@ impl Inner {
         recurse: bool,
         mode: ReadMode,
     ) -> Result<(Vec<KVPair>, u64)> {
-        let mut features = Features::default();
-        match mode {
-            ReadMode::Plain => {
-                if self.http.settings().consistency == Consistency::Consistent {
-                    features.mode = Some(ConsistencyMode::CONSISTENT);
-                }
-            }
-            ReadMode::Consistent => features.mode = Some(ConsistencyMode::CONSISTENT),
-            ReadMode::Blocking { index, wait } => {
-                features.blocking = Some(Blocking {
-                    index,
-                    wait: Some(format!("{}ms", wait.as_millis().max(1))),
-                });
-            }
+        let mut features = Features {
+            mode: self.consistency_mode(mode.consistency),
+            ..Features::default()
+        };
+        if let Some((index, wait)) = mode.block {
+            features.blocking = Some(Blocking {
+                index,
+                wait: Some(format!("{}ms", wait.as_millis().max(1))),
+            });
         }
         let mut req = ReadKeyRequest::builder();
         req.key(path).features(features);
@@ -150,13 +188,13 @@ impl Inner {
             req.recurse(true);
         }
         let req = req.build().map_err(|e| build_err("get", e))?;
-        let reply = match mode {
-            ReadMode::Blocking { wait, .. } => {
+        let reply = match mode.block {
+            Some((_, wait)) => {
                 // Consul adds up to wait/16 of jitter before answering.
                 let deadline = blocking_deadline(wait, self.http.settings().timeout);
                 self.http.call_within("get", &req, deadline).await?
             }
-            _ => self.http.call("get", &req).await?,
+            None => self.http.call("get", &req).await?,
         };
         let index = reply.index.unwrap_or(0);
         match reply.status {
@@ -179,13 +217,13 @@ impl Inner {
 
     pub(crate) async fn get(&self, key: &Key) -> Result<Option<KvPair>> {
         Ok(self
-            .read_entry(key.as_str(), ReadMode::Plain)
+            .read_entry(key.as_str(), ReadMode::PLAIN)
             .await?
             .map(|e| e.pair))
     }
 
     pub(crate) async fn list(&self, prefix: &Prefix) -> Result<Vec<KvPair>> {
-        let (kvs, _) = self.read_raw(&prefix.dir(), true, ReadMode::Plain).await?;
+        let (kvs, _) = self.read_raw(&prefix.dir(), true, ReadMode::PLAIN).await?;
         let mut pairs = Vec::with_capacity(kvs.len());
         for kv in kvs {
             if let Some(e) = entry(kv)?
@@ -200,10 +238,10 @@ impl Inner {
 
     pub(crate) async fn keys(&self, prefix: &Prefix) -> Result<Vec<String>> {
         let dir = prefix.dir();
-        let mut features = Features::default();
-        if self.http.settings().consistency == Consistency::Consistent {
-            features.mode = Some(ConsistencyMode::CONSISTENT);
-        }
+        let features = Features {
+            mode: self.consistency_mode(None),
+            ..Features::default()
+        };
         let req = ReadKeysRequest::builder()
             .key(dir.as_str())
             .separator("/")
@@ -306,7 +344,7 @@ impl Inner {
             }
             // The lock op failed: the key is held by another session (or a
             // lock-delay is running). Look, and move it over.
-            let Some(cur) = self.read_entry(k, ReadMode::Consistent).await? else {
+            let Some(cur) = self.read_entry(k, ReadMode::CONSISTENT).await? else {
                 continue; // gone meanwhile: try again from the start
             };
             condition::check(BACKEND, key, cond, Some(cur.pair.version))?;
@@ -339,7 +377,7 @@ impl Inner {
             None => None,
         };
         for _ in 0..WRITE_ATTEMPTS {
-            let cur = self.read_entry(k, ReadMode::Consistent).await?;
+            let cur = self.read_entry(k, ReadMode::CONSISTENT).await?;
             condition::check(
                 BACKEND,
                 key,
@@ -377,7 +415,7 @@ impl Inner {
             if let Some(s) = session {
                 s.keep();
             }
-            let after = self.read_entry(k, ReadMode::Consistent).await?;
+            let after = self.read_entry(k, ReadMode::CONSISTENT).await?;
             return Ok(match after {
                 // Our nonce: this entry is our write.
                 Some(e) if e.flags == nonce => e.pair.version,
@@ -484,7 +522,7 @@ impl Inner {
     /// The error for a condition that failed inside a transaction, from a
     /// consistent read of the key's state now.
     pub(crate) async fn condition_error(&self, key: &Key, cond: Condition) -> Error {
-        let current = match self.read_entry(key.as_str(), ReadMode::Consistent).await {
+        let current = match self.read_entry(key.as_str(), ReadMode::CONSISTENT).await {
             Ok(cur) => cur.map(|e| e.pair.version),
             Err(e) => return e,
         };

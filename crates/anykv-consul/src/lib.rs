@@ -1,13 +1,13 @@
 //! Consul KV driver for anykv.
 //!
 //! ```text
-//! consul://host:port/prefix?token=…&dc=…&consistency=consistent|default&timeout=5s
+//! consul://host:port/prefix?token=…&dc=…&consistency=consistent|default|stale&timeout=5s
 //! consuls://host:port/prefix?…&ca_file=/path/ca.pem        (HTTPS)
 //! ```
 //!
 //! Options: `token` (ACL token, sent as `X-Consul-Token`, never shown in
 //! `Debug`, `Display`, logs or errors), `dc` (datacenter), `consistency`
-//! (mode of plain reads, `default` unless set), `lock_delay` (see Locks,
+//! (mode of reads, `consistent` unless set: see [Reads](#reads)), `lock_delay` (see Locks,
 //! default `0s`), `ca_file` (a PEM CA trusted besides the webpki roots, for
 //! `consuls://`; read when the store is opened) and the common options
 //! (`timeout`, `retries`, …). An untrusted server certificate fails like
@@ -68,21 +68,33 @@
 //!   (`unlock` old + `lock` new); a put without TTL detaches the key from its
 //!   session (`unlock`), so it stays. Sessions of deleted or overwritten keys
 //!   are destroyed in the background.
-//! - **Watch** = blocking queries (`?index=&wait=`) on the key, or on
-//!   `prefix/` with `?recurse`, diffed into `Put`/`Delete` events. Watchers
-//!   of the same key or prefix in one store share one blocking loop. The
-//!   index rules of Consul's documentation apply: an index that goes
-//!   backwards (tombstone reaping, snapshot restore) resets the loop and the
-//!   next answer is taken as a fresh baseline; an index is never below 1.
-//!   Consul keeps no event history, so `watch_history` is
-//!   [`Converge`](WatchHistory::Converge): `Start::After(r)` first emits the
-//!   keys in range whose `ModifyIndex > r` as puts (deletes before the watch
-//!   started are not replayed), then live events. A delete carries the
-//!   `X-Consul-Index` of the answer that showed it; if several writes land
-//!   between two answers, only the resulting state is seen (intermediate
-//!   values are skipped). After a lost connection the loop retries with
-//!   backoff, yields one `Unavailable` item, and converges when the agent is
-//!   back. `close()` ends every watch with `Cancelled`. Each watched key or
+//! - **Watch** = blocking queries (`?index=&wait=`, in the `consistency`
+//!   mode) on the key, or on `prefix/` with `?recurse`, diffed into
+//!   `Put`/`Delete` events. Watchers of the same key or prefix in one store
+//!   share one blocking loop. The loop keeps the index of its last answer
+//!   across failures; an answer with a lower index is believed only from a
+//!   `consistent` read: a server just restarted answers from its log replay
+//!   for a moment (partial states with lower indexes), and a lagging server
+//!   in `stale` mode is behind, so such an answer is replaced by a
+//!   `consistent` re-read. A lower index on a `consistent` read is a real
+//!   reset (tombstone reaping, snapshot restore, lost data): it becomes a
+//!   fresh baseline that streams diff against; deletes it reveals carry the
+//!   stream's last index, so revisions never go down. So a delete is only
+//!   emitted when a state at least as new as the last one shows the key
+//!   gone, and a put only when a key's `ModifyIndex` differs from the one
+//!   the stream last delivered: across a `kill -9` + restart no event is
+//!   invented, duplicated or reordered. Consul keeps no event history, so
+//!   `watch_history` is [`Converge`](WatchHistory::Converge):
+//!   `Start::After(r)` first emits the keys in range whose
+//!   `ModifyIndex > r` as puts (deletes before the watch started are not
+//!   replayed), then live events. A delete carries the `X-Consul-Index` of
+//!   the answer that showed it; if several writes land between two answers,
+//!   only the resulting state is seen (intermediate values are skipped).
+//!   After a lost connection the loop retries with backoff (at most 2 s
+//!   apart), yields one `Unavailable` item, and converges by itself when the
+//!   agent is back (restarted, or thawed after a freeze); no query outlives
+//!   its wait (60 s, plus Consul's jitter of up to 1/16) plus the timeout.
+//!   `close()` ends every watch with `Cancelled`. Each watched key or
 //!   prefix holds one HTTP connection for its blocking query; Consul limits
 //!   connections per client address (`limits.http_max_conns_per_client`,
 //!   200 by default), which bounds how many distinct targets one host can
@@ -94,13 +106,30 @@
 //!   record `__anykv/locks/<namespace>/<key>` with the `lock` verb of
 //!   `/v1/txn`. The **fencing token** is the record's `ModifyIndex` at
 //!   acquisition (a Raft index, so strictly increasing across holders). The
-//!   guard renews the session every third of its TTL and blocks on the record;
-//!   `lost()` fires when the session is invalidated, the record stops naming
-//!   the session, or no renewal succeeded for one session TTL (before Consul
-//!   can give the lock to anyone else, which takes 2 × TTL). Release deletes
-//!   the record if still held (`check-session` + `delete`) and destroys the
-//!   session. Waiting uses blocking queries on the record. `lock_holder`
-//!   reads the record's `Session` field; the owner name is the record's value.
+//!   guard renews the session every third of its TTL (sooner, with backoff,
+//!   after a failed renewal) and follows the record with `consistent`
+//!   blocking queries. `lost()` fires only when the lock is really or
+//!   possibly lost: the record no longer names the session on a
+//!   `consistent` read, or no renewal succeeded for one session TTL (before
+//!   Consul can give the lock to anyone else, which takes 2 × TTL). A renewal
+//!   answered "session not found" is not believed alone: a server just
+//!   restarted answers that while it replays its log, for a live session;
+//!   only a `consistent` read of the record that no longer names the
+//!   session confirms it. Transient errors during a restart or freeze
+//!   shorter than the session TTL never fire `lost()`.
+//!   Release deletes the record if still held (`check-session` + `delete`)
+//!   and destroys the session. It runs in a background task that retries a
+//!   failed attempt (agent down, frozen, restarting) with backoff (0.1 s
+//!   doubling to 2 s) for up to 2 × the session TTL, when Consul would
+//!   have expired the session anyway, so another contender gets the lock
+//!   soon after the agent is back rather than when the session expires.
+//!   `release()` returns the outcome of the first attempt within the
+//!   timeout: an error (or `Timeout`) from `release()` means the release
+//!   is still being retried in the background, not that the lock stays
+//!   held. Dropping the guard starts the same task. Waiting uses
+//!   `consistent` blocking queries on the record. `lock_holder` reads the
+//!   record's `Session` field (in the `consistency` mode); the owner name
+//!   is the record's value.
 //!   **Lock-delay** defaults to `0s`, unlike Consul's 15 s: Consul's delay
 //!   protects holders that cannot tell they lost a lock; anykv holders get
 //!   `lost()` and a fencing token instead, and a 15 s pause after every crash
@@ -113,23 +142,43 @@
 //!   most 64 operations (Consul's limit), declared as `max_atomic_ops`. The
 //!   revision returned is the commit's index (for a transaction that only
 //!   deletes, the KV index read right after it).
-//! - **Reads that feed a decision** (condition classification, lock state,
-//!   watch baselines, value checks) use `?consistent`; plain reads use the
-//!   `consistency` option.
-//! - **Errors**: connect/IO errors and 5xx/429 → `Unavailable`, deadlines →
+//! - **Errors**: 5xx/429 and I/O errors → `Unavailable`, deadlines →
 //!   `Timeout` (both flip liveness to not-alive; every request carries a
 //!   deadline — the timeout, or a blocking query's wait plus slack — so
 //!   background work such as lock renewal never hangs on a frozen agent); 403 →
 //!   `PermissionDenied` (`Unauthenticated` for an unknown token); 404 on a
-//!   read → absent. See the `error` module's table.
+//!   read → absent. A request that could not even connect (refused,
+//!   connect timeout) is `Unavailable` marked
+//!   [`never_reached_server`](anykv_core::Error::never_reached_server): only
+//!   then does the retry layer send a write again, since a write that
+//!   timed out or lost its connection after sending may have been applied.
+//!   See the `error` module's table.
 //! - **probe** = `GET /v1/status/leader` within the timeout; an empty leader
 //!   is `Unavailable`.
+//!
+//! # Reads
+//!
+//! `consistency=` sets the mode of the reads a user asks for (`get`,
+//! `exists`, `list`, `keys`, `export`, `lock_holder`) and of a watch's
+//! blocking queries:
+//!
+//! | mode | guarantee | risk |
+//! |---|---|---|
+//! | `consistent` (default) | never misses an acknowledged write: the leader confirms with a quorum that it still leads and has applied its whole log | one more round trip to a quorum per read; no answer without a leader |
+//! | `default` | Consul's default: the leader answers from its state | for a moment after a server restart or leader election the state is still replaying its log: acknowledged keys read as absent (seen here for 10–260 ms after a `kill -9` + restart); a deposed leader may answer stale data in a partition |
+//! | `stale` | any server answers, even without a leader | as `default`, plus a follower's lag (unbounded while it is cut off) |
+//!
+//! Reads that feed a decision — classifying a failed condition, the lock's
+//! state, a watch's baseline and the re-read that confirms a watch's index
+//! reset, `atomic`'s value checks — are always `consistent`. A watch never
+//! invents events in any mode (see Watch); in the weaker modes it may only
+//! see a change later.
 //!
 //! ```no_run
 //! # async fn demo() -> anykv_core::Result<()> {
 //! use anykv_consul as _; // link the driver
 //! use anykv_core::StoreExt;
-//! let kv = anykv_core::open("consul://127.0.0.1:8500/app?consistency=consistent").await?;
+//! let kv = anykv_core::open("consul://127.0.0.1:8500/app?timeout=2s").await?;
 //! kv.set("feature/x", "on").await?;
 //! # Ok(()) }
 //! ```

@@ -3,13 +3,21 @@
 //! - fencing token = the record's `ModifyIndex` returned by the `lock`
 //!   operation (a Raft index: strictly increasing across holders);
 //! - the guard's keeper task renews the session every third of its TTL and
-//!   follows the record with blocking queries; it fires `lost()` when the
-//!   session is gone, the record no longer names it, or renewals failed for
-//!   a whole session TTL (Consul frees the lock only after 2 × TTL, so the
-//!   holder hears about it first);
+//!   follows the record with `consistent` blocking queries; it fires
+//!   `lost()` only when the lock is really (or possibly) gone: the record no
+//!   longer names the session on a `consistent` read, or no renewal
+//!   succeeded for a whole session TTL (Consul frees the lock only after
+//!   2 × TTL, so the holder hears about it first). A renewal answered "no
+//!   such session" is checked against a `consistent` read of the record
+//!   first: a server just restarted says so while it replays its log, for
+//!   a session that is alive (see [`Renewal`]);
 //! - release = `check-session` + `delete` of the record, then the session is
-//!   destroyed (no lock-delay: the session holds nothing any more);
-//! - waiting = blocking queries on the record until it is free.
+//!   destroyed (no lock-delay: the session holds nothing any more), in a
+//!   background task that retries through an outage (see [`give_back`]);
+//! - waiting = `consistent` blocking queries on the record until it is free.
+//!
+//! The decisions of the keeper are pure functions ([`renewal_verdict`]),
+//! tested with what a restart produces.
 
 use std::{sync::Arc, time::Duration};
 
@@ -32,6 +40,10 @@ use crate::{
 const BLOCK_WAIT: Duration = Duration::from_secs(30);
 /// Pause when the record is free but cannot be taken yet (lock-delay).
 const DELAY_POLL: Duration = Duration::from_millis(200);
+/// First retry delay of a failed renewal, follow query or release; doubles
+/// up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(2);
 
 pub(crate) async fn try_lock(
     inner: &Arc<Inner>,
@@ -84,7 +96,7 @@ pub(crate) async fn lock(inner: &Arc<Inner>, key: &Key, opts: LockOptions) -> Re
         }
         let step = remaining.min(BLOCK_WAIT).min(renew_every);
         let (kvs, index) = inner
-            .read_raw(key.as_str(), false, ReadMode::Consistent)
+            .read_raw(key.as_str(), false, ReadMode::CONSISTENT)
             .await?;
         let held = kvs
             .into_iter()
@@ -94,10 +106,7 @@ pub(crate) async fn lock(inner: &Arc<Inner>, key: &Key, opts: LockOptions) -> Re
             let wait = inner.read_raw(
                 key.as_str(),
                 false,
-                ReadMode::Blocking {
-                    index: index.max(1),
-                    wait: step,
-                },
+                ReadMode::blocking(index.max(1), step).consistent(),
             );
             let slack = inner.http.settings().timeout;
             let _ = tokio::time::timeout(blocking_deadline(step, slack), wait).await;
@@ -108,8 +117,9 @@ pub(crate) async fn lock(inner: &Arc<Inner>, key: &Key, opts: LockOptions) -> Re
     }
 }
 
+/// `lock_holder`: a read the user asks for, in the store's `consistency`.
 pub(crate) async fn holder(inner: &Arc<Inner>, key: &Key) -> Result<Option<LockInfo>> {
-    let Some(e) = inner.read_entry(key.as_str(), ReadMode::Consistent).await? else {
+    let Some(e) = inner.read_entry(key.as_str(), ReadMode::PLAIN).await? else {
         return Ok(None);
     };
     Ok(e.session.map(|_| LockInfo {
@@ -161,6 +171,7 @@ fn guard(
     ttl: Duration,
 ) -> LockGuard {
     let session = session.keep();
+    let session_ttl = session::session_ttl(ttl);
     let (notifier, signal) = lost_pair();
     let (stop_tx, stop_rx) = oneshot::channel();
     tokio::spawn(keeper(
@@ -168,7 +179,7 @@ fn guard(
         key.clone(),
         session.clone(),
         token,
-        session::session_ttl(ttl),
+        session_ttl,
         notifier,
         stop_rx,
     ));
@@ -180,9 +191,131 @@ fn guard(
             inner: inner.clone(),
             key: key.clone(),
             session,
+            session_ttl,
             stop: Some(stop_tx),
         }),
     )
+}
+
+/// What one renewal attempt said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Renewal {
+    /// Consul renewed the session.
+    Renewed,
+    /// Consul answered that it does not know the session, and a
+    /// `consistent` read of the record confirmed it no longer names it.
+    Gone,
+    /// Consul answered that it does not know the session, but the record
+    /// still names it on a `consistent` read (or could not be read): a
+    /// server replaying its log after a restart answers that way.
+    Unconfirmed,
+    /// No answer (agent down, frozen, no leader).
+    Failed,
+}
+
+/// What the keeper concludes after a renewal attempt, `since_renewal` after
+/// the last successful one: `Some(reason)` when the lock must be reported
+/// lost. Transient failures are not a loss until a whole session TTL went
+/// by without renewal (then Consul may have expired the session: it does so
+/// 2 × TTL after the last renewal, so the holder hears first).
+pub(crate) fn renewal_verdict(
+    renewal: Renewal,
+    since_renewal: Duration,
+    session_ttl: Duration,
+) -> Option<&'static str> {
+    match renewal {
+        Renewal::Renewed => None,
+        Renewal::Gone => Some("the session is gone and the record no longer names it"),
+        Renewal::Unconfirmed | Renewal::Failed if since_renewal >= session_ttl => {
+            Some("no renewal succeeded for a whole session TTL")
+        }
+        Renewal::Unconfirmed | Renewal::Failed => None,
+    }
+}
+
+/// Whether the record of `key` still names `session`, on a `consistent`
+/// read (only a live session can hold a key: Consul clears or deletes the
+/// keys of a session it invalidates, in the same Raft entry).
+async fn record_names(inner: &Inner, key: &Key, session: &str) -> Result<bool> {
+    let entry = inner.read_entry(key.as_str(), ReadMode::CONSISTENT).await?;
+    Ok(entry.is_some_and(|e| e.session.as_deref() == Some(session)))
+}
+
+/// One renewal, bounded by the timeout, classified.
+async fn renew_once(inner: &Inner, key: &Key, session: &str) -> Renewal {
+    let timeout = inner.http.settings().timeout;
+    match tokio::time::timeout(timeout, session::renew(&inner.http, session)).await {
+        Ok(Ok(true)) => Renewal::Renewed,
+        Ok(Ok(false)) => {
+            match tokio::time::timeout(timeout, record_names(inner, key, session)).await {
+                Ok(Ok(false)) => Renewal::Gone,
+                Ok(Ok(true)) | Ok(Err(_)) | Err(_) => Renewal::Unconfirmed,
+            }
+        }
+        Ok(Err(_)) | Err(_) => Renewal::Failed,
+    }
+}
+
+/// Renews the session every third of its TTL, and sooner (with backoff)
+/// after a failed attempt; returns why the lock must be reported lost.
+async fn renew_loop(
+    inner: &Inner,
+    key: &Key,
+    session: &str,
+    session_ttl: Duration,
+) -> &'static str {
+    let every = session_ttl / 3;
+    let mut last_ok = Instant::now();
+    let mut delay = every;
+    let mut retry = FIRST_RETRY;
+    loop {
+        tokio::time::sleep(delay).await;
+        let renewal = renew_once(inner, key, session).await;
+        if renewal == Renewal::Renewed {
+            last_ok = Instant::now();
+        }
+        if let Some(reason) = renewal_verdict(renewal, last_ok.elapsed(), session_ttl) {
+            return reason;
+        }
+        if renewal == Renewal::Renewed {
+            delay = every;
+            retry = FIRST_RETRY;
+        } else {
+            tracing::debug!(%key, ?renewal, "consul lock session renewal failed; retrying");
+            delay = retry.min(every);
+            retry = (retry * 2).min(MAX_RETRY);
+        }
+    }
+}
+
+/// Follows the record with `consistent` blocking queries; returns once it
+/// no longer names the session (released by someone else, deleted, or the
+/// session expired). Failed queries are retried: reachability is the
+/// renewal loop's business.
+async fn follow(inner: &Inner, key: &Key, session: &str, token: u64) -> &'static str {
+    let mut index = token.max(1);
+    let mut retry = FIRST_RETRY;
+    loop {
+        let mode = ReadMode::blocking(index, BLOCK_WAIT).consistent();
+        let wait = inner.read_raw(key.as_str(), false, mode);
+        let slack = inner.http.settings().timeout;
+        match tokio::time::timeout(blocking_deadline(BLOCK_WAIT, slack), wait).await {
+            Ok(Ok((kvs, new_index))) => {
+                let ours = kvs
+                    .into_iter()
+                    .any(|kv| kv.key == key.as_str() && kv.session.as_deref() == Some(session));
+                if !ours {
+                    return "the record no longer names the session";
+                }
+                index = crate::watch::next_index(index, new_index).0;
+                retry = FIRST_RETRY;
+            }
+            Ok(Err(_)) | Err(_) => {
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(MAX_RETRY);
+            }
+        }
+    }
 }
 
 /// Keeps the session alive and watches the record until the lock is lost
@@ -197,61 +330,14 @@ async fn keeper(
     notifier: LostNotifier,
     stop: oneshot::Receiver<()>,
 ) {
-    let renew = async {
-        let mut last_ok = Instant::now();
-        loop {
-            tokio::time::sleep(session_ttl / 3).await;
-            match tokio::time::timeout(
-                inner.http.settings().timeout,
-                session::renew(&inner.http, &session),
-            )
-            .await
-            {
-                Ok(Ok(true)) => last_ok = Instant::now(),
-                Ok(Ok(false)) => return, // invalidated
-                Ok(Err(_)) | Err(_) => {
-                    if last_ok.elapsed() >= session_ttl {
-                        return; // cannot vouch for the session any more
-                    }
-                }
-            }
-        }
-    };
-    let follow = async {
-        let mut index = token.max(1);
-        loop {
-            let wait = inner.read_raw(
-                key.as_str(),
-                false,
-                ReadMode::Blocking {
-                    index,
-                    wait: BLOCK_WAIT,
-                },
-            );
-            let slack = inner.http.settings().timeout;
-            match tokio::time::timeout(blocking_deadline(BLOCK_WAIT, slack), wait).await {
-                Ok(Ok((kvs, new_index))) => {
-                    let ours = kvs.into_iter().any(|kv| {
-                        kv.key == key.as_str() && kv.session.as_deref() == Some(session.as_str())
-                    });
-                    if !ours {
-                        return; // released by someone else, deleted, or expired
-                    }
-                    index = crate::watch::next_index(index, new_index).0;
-                }
-                // Reachability is the renew loop's business; just retry.
-                Ok(Err(_)) | Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-            }
-        }
-    };
     tokio::select! {
         _ = stop => {}
-        _ = renew => {
-            tracing::debug!(%key, "consul lock session lost");
+        reason = renew_loop(&inner, &key, &session, session_ttl) => {
+            tracing::debug!(%key, reason, "consul lock lost");
             notifier.notify();
         }
-        _ = follow => {
-            tracing::debug!(%key, "consul lock record no longer held by our session");
+        reason = follow(&inner, &key, &session, token) => {
+            tracing::debug!(%key, reason, "consul lock lost");
             notifier.notify();
         }
     }
@@ -262,25 +348,126 @@ struct Release {
     inner: Arc<Inner>,
     key: Key,
     session: String,
+    session_ttl: Duration,
     stop: Option<oneshot::Sender<()>>,
+}
+
+impl Release {
+    /// Stops the keeper and starts [`give_back`] on `rt`; the receiver gets
+    /// the outcome of its first attempt.
+    fn start(mut self, rt: &tokio::runtime::Handle) -> oneshot::Receiver<Result<()>> {
+        // Stop the keeper first: its notifier goes, so `lost()` resolves.
+        drop(self.stop.take());
+        let (first_tx, first_rx) = oneshot::channel();
+        rt.spawn(give_back(
+            self.inner,
+            self.key,
+            self.session,
+            self.session_ttl,
+            first_tx,
+        ));
+        first_rx
+    }
 }
 
 #[async_trait]
 impl LockRelease for Release {
-    async fn release(mut self: Box<Self>) -> Result<()> {
-        // Stop the keeper first: its notifier goes, so `lost()` resolves.
-        drop(self.stop.take());
-        let k = self.key.as_str();
+    /// Returns the outcome of the first attempt, within the timeout; if it
+    /// failed, the background task keeps trying (see [`give_back`]).
+    async fn release(self: Box<Self>) -> Result<()> {
+        let timeout = self.inner.http.settings().timeout;
+        let first = self.start(&tokio::runtime::Handle::current());
+        match tokio::time::timeout(timeout, first).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(Error::Cancelled {
+                backend: BACKEND,
+                message: "release: the runtime is shutting down".into(),
+            }),
+            Err(_) => Err(Error::Timeout {
+                backend: BACKEND,
+                operation: "release",
+                after: timeout,
+            }),
+        }
+    }
+
+    fn release_on_drop(self: Box<Self>) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            drop(self.start(&rt));
+        }
+        // Without a runtime the session simply expires on the server.
+    }
+}
+
+/// Gives the lock back: deletes the record if this session still holds it
+/// (`check-session` + `delete`), then destroys the session. A failed
+/// attempt (agent down, frozen, restarting) is retried with backoff for up
+/// to 2 × the session TTL, after which Consul has expired the session
+/// anyway; so a contender gets the lock soon after the agent is back, not
+/// when the session expires. Both steps are idempotent: a retried delete
+/// whose first try was applied finds the record gone (or someone else's)
+/// and does nothing. `first` gets the first attempt's outcome.
+async fn give_back(
+    inner: Arc<Inner>,
+    key: Key,
+    session: String,
+    session_ttl: Duration,
+    first: oneshot::Sender<Result<()>>,
+) {
+    let deadline = Instant::now() + session_ttl * 2;
+    let mut first = Some(first);
+    let mut deleted = false;
+    let mut retry = FIRST_RETRY;
+    loop {
+        let outcome = release_once(&inner, &key, &session, &mut deleted).await;
+        let again =
+            outcome.as_ref().is_err_and(Error::is_retryable) && Instant::now() + retry < deadline;
+        if let Err(e) = &outcome {
+            tracing::debug!(%key, error = %e, again, "consul lock release failed");
+        }
+        if let Some(tx) = first.take() {
+            let _ = tx.send(outcome);
+        }
+        if !again {
+            return;
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(MAX_RETRY);
+    }
+}
+
+/// One release attempt; `deleted` remembers a done first step.
+async fn release_once(inner: &Inner, key: &Key, session: &str, deleted: &mut bool) -> Result<()> {
+    if !*deleted {
         // Delete the record only if this session still holds it; if not,
         // the lock was already lost and there is nothing to give back.
+        let k = key.as_str();
         let ops = [
-            TxnOp::new("check-session", k).session(&self.session),
+            TxnOp::new("check-session", k).session(session),
             TxnOp::new("delete", k),
         ];
-        let outcome = self.inner.http.txn(&ops).await;
-        // The session holds nothing now: destroying it triggers no lock-delay.
-        let destroyed = session::destroy(&self.inner.http, &self.session).await;
-        outcome?;
-        destroyed
+        inner.http.txn(&ops).await?;
+        *deleted = true;
+    }
+    // The session holds nothing now: destroying it triggers no lock-delay.
+    session::destroy(&inner.http, session).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_confirmed_or_long_silence_is_a_loss() {
+        let ttl = Duration::from_secs(10);
+        let s = Duration::from_secs;
+        assert_eq!(renewal_verdict(Renewal::Renewed, s(30), ttl), None);
+        // A restarted server answers "session not found" while replaying
+        // its log; the record still names the session: not lost.
+        assert_eq!(renewal_verdict(Renewal::Unconfirmed, s(4), ttl), None);
+        assert_eq!(renewal_verdict(Renewal::Failed, s(9), ttl), None);
+        assert!(renewal_verdict(Renewal::Gone, s(0), ttl).is_some());
+        assert!(renewal_verdict(Renewal::Failed, s(10), ttl).is_some());
+        assert!(renewal_verdict(Renewal::Unconfirmed, s(11), ttl).is_some());
     }
 }

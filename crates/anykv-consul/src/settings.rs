@@ -1,5 +1,5 @@
 //! The driver's URL options:
-//! `consul[s]://host[:port]/[prefix]?token=…&dc=…&consistency=consistent|default&lock_delay=0s&ca_file=…`.
+//! `consul[s]://host[:port]/[prefix]?token=…&dc=…&consistency=consistent|default|stale&lock_delay=0s&ca_file=…`.
 
 use std::{fmt, time::Duration};
 
@@ -13,17 +13,41 @@ const HTTP_PORT: u16 = 8500;
 /// Consul's conventional HTTPS port.
 const HTTPS_PORT: u16 = 8501;
 
-/// Read consistency of plain reads (`get`, `list`, `keys`).
+/// Read consistency of the reads a user asks for (`get`, `exists`, `list`,
+/// `keys`, `export`, `lock_holder`) and of a watch's blocking queries.
 ///
 /// Reads that feed a decision (condition checks, lock state, watch
-/// baselines) always use `consistent`, whatever this says.
+/// baselines and the re-read that confirms a watch reset) always use
+/// `consistent`, whatever this says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Consistency {
-    /// Consul's default mode: served by the leader, which may (rarely, in a
-    /// partition) be a deposed leader for a short time.
-    Default,
-    /// The leader checks with a quorum that it is still the leader first.
+    /// `?consistent` (anykv's default): the leader checks with a quorum
+    /// that it is still the leader, and that it has applied its whole log,
+    /// before answering. Never misses an acknowledged write.
     Consistent,
+    /// Consul's default mode: served by the leader without those checks. A
+    /// server just restarted (or newly elected) answers from a state that
+    /// is still replaying its log for a moment (seen here: acknowledged
+    /// keys absent for 10–260 ms), and a deposed leader can answer stale
+    /// data in a partition.
+    Default,
+    /// `?stale`: any server answers from its own state, however far behind
+    /// (its lag shows in `X-Consul-LastContact`); works without a leader.
+    Stale,
+}
+
+impl Consistency {
+    /// The option values, for messages.
+    pub(crate) const ACCEPTED: &'static str = "consistent, default or stale";
+
+    fn parse(value: &str) -> Option<Consistency> {
+        match value {
+            "consistent" => Some(Consistency::Consistent),
+            "default" => Some(Consistency::Default),
+            "stale" => Some(Consistency::Stale),
+            _ => None,
+        }
+    }
 }
 
 /// Everything the driver needs from the URL.
@@ -37,7 +61,7 @@ pub(crate) struct Settings {
     pub token: Option<Secret>,
     /// Datacenter (`?dc=`), appended to every request.
     pub dc: Option<String>,
-    /// Mode of plain reads.
+    /// Mode of the reads a user asks for (`?consistency=`, default `consistent`).
     pub consistency: Consistency,
     /// Lock-delay of lock sessions (`?lock_delay=`).
     pub lock_delay: Duration,
@@ -110,13 +134,13 @@ impl Settings {
             return Err(config.invalid(format!("dc={dc:?}: expected a datacenter name")));
         }
         let consistency = match config.param("consistency") {
-            None | Some("default") => Consistency::Default,
-            Some("consistent") => Consistency::Consistent,
-            Some(other) => {
-                return Err(config.invalid(format!(
-                    "consistency={other:?}: expected consistent or default"
-                )));
-            }
+            None => Consistency::Consistent,
+            Some(v) => Consistency::parse(v).ok_or_else(|| {
+                config.invalid(format!(
+                    "consistency={v:?}: expected {}",
+                    Consistency::ACCEPTED
+                ))
+            })?,
         };
         let lock_delay = config
             .duration_param("lock_delay")?
@@ -161,27 +185,39 @@ mod tests {
     #[test]
     fn defaults_and_options() {
         let s = parse(
-            "consul://127.0.0.1:8600/app?token=s3cr3t&dc=dc1&consistency=consistent&lock_delay=15s",
+            "consul://127.0.0.1:8600/app?token=s3cr3t&dc=dc1&consistency=stale&lock_delay=15s",
         )
         .unwrap();
         assert_eq!(s.base, "http://127.0.0.1:8600/v1");
         assert_eq!(s.dc.as_deref(), Some("dc1"));
-        assert_eq!(s.consistency, Consistency::Consistent);
+        assert_eq!(s.consistency, Consistency::Stale);
         assert_eq!(s.lock_delay, Duration::from_secs(15));
         assert_eq!(s.token.as_ref().map(Secret::expose), Some("s3cr3t"));
         assert!(!format!("{s:?}").contains("s3cr3t"));
 
         let s = parse("consuls://consul.example").unwrap();
         assert_eq!(s.base, "https://consul.example:8501/v1");
-        assert_eq!(s.consistency, Consistency::Default);
+        assert_eq!(
+            s.consistency,
+            Consistency::Consistent,
+            "reads never miss an acknowledged write unless asked to"
+        );
         assert_eq!(s.lock_delay, Duration::ZERO);
+        for (v, c) in [
+            ("consistent", Consistency::Consistent),
+            ("default", Consistency::Default),
+            ("stale", Consistency::Stale),
+        ] {
+            let s = parse(&format!("consul://h:1?consistency={v}")).unwrap();
+            assert_eq!(s.consistency, c, "{v}");
+        }
         assert_eq!(parse("consul://h").unwrap().base, "http://h:8500/v1");
     }
 
     #[test]
     fn bad_options_are_invalid_url_without_the_token() {
         for url in [
-            "consul://h:1?consistency=stale",
+            "consul://h:1?consistency=linearizable",
             "consul://h1:1,h2:2",
             "consul://",
             "consul://u:pw@h:1",
@@ -194,5 +230,10 @@ mod tests {
             assert_eq!(e.kind(), anykv_core::ErrorKind::InvalidUrl, "{url}: {e}");
             assert!(!e.to_string().contains("a b"), "{e}");
         }
+        let e = parse("consul://h:1?consistency=strong").err().unwrap();
+        assert!(
+            e.to_string().contains(Consistency::ACCEPTED),
+            "names the accepted values: {e}"
+        );
     }
 }

@@ -56,7 +56,7 @@ impl Inner {
                         origin.push(Origin::Check(i));
                     }
                     Check::Value(..) => {
-                        let cur = self.read_entry(k, ReadMode::Consistent).await?;
+                        let cur = self.read_entry(k, ReadMode::CONSISTENT).await?;
                         let state = cur.as_ref().map(|e| (&e.pair.value, e.pair.version));
                         if !check.holds(state) {
                             return Err(condition::failed_check(BACKEND, check));
@@ -143,7 +143,7 @@ impl Inner {
     /// the index of the whole KV table (tombstones included).
     pub(crate) async fn kv_index(&self) -> Result<Revision> {
         let probe = format!("{}/index", anykv_core::RESERVED_ROOT);
-        let (_, index) = self.read_raw(&probe, false, ReadMode::Consistent).await?;
+        let (_, index) = self.read_raw(&probe, false, ReadMode::CONSISTENT).await?;
         Ok(index.max(1))
     }
 }

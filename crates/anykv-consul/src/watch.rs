@@ -8,11 +8,23 @@
 //! own consistent baseline read (taken before `watch` returns, so a write
 //! made after `watch` returns is never part of the baseline).
 //!
-//! Index rules (Consul's "Blocking Queries" documentation): an answer whose
-//! index is lower than the one asked with means the index was reset
-//! (tombstones reaped, snapshot restored): the hub takes the answer as a
-//! fresh baseline and starts a new *epoch*, and streams diff against it
-//! even though its index is lower; an index is never used below 1.
+//! Index rules (Consul's "Blocking Queries" documentation, and what a
+//! restarted server does): the hub keeps the index of the last answer it
+//! published, also across failures. An answer with a lower index is either
+//! a reset (tombstones reaped, snapshot restored, data lost) or a server
+//! that is behind: one just restarted answers from its log replay for a
+//! moment (seen here: indexes 1241, 1565, … up to the 3213 it had before the
+//! kill, each a partial state), and in `stale` mode a lagging server. Only a
+//! `consistent` read tells them apart, so a lower index from a read that was
+//! not `consistent` is never published: the hub re-reads `consistent` and
+//! publishes that. A lower index on a `consistent` read is a real reset: the
+//! hub publishes it as a fresh baseline in a new *epoch*, and streams diff
+//! against it even though its index is lower. No query asks with index 0
+//! once an answer came (0 answers at once, forever). The decisions live in
+//! [`Cursor`], a pure state machine, tested with the sequences a restart
+//! produces. So a stream only ever diffs states a
+//! `consistent` read (or a read at least as new as the last published one)
+//! vouched for: a delete is never invented, and a put never re-emitted.
 //!
 //! A hub ends when its last stream is dropped: its in-flight request is
 //! dropped with it, which closes the connection and ends the query on the
@@ -196,14 +208,116 @@ impl Registry {
     }
 }
 
+/// What the hub does with one answer of its blocking query.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Nothing changed (the wait ran out): ask again from the same index.
+    Wait,
+    /// Publish the answer; `reset` starts a new epoch (the index went
+    /// backwards on a `consistent` read).
+    Publish { reset: bool },
+    /// The answer is older than the last published one and comes from a
+    /// read that is not `consistent`: a server replaying its log after a
+    /// restart, or lagging. Do not publish it; re-read `consistent`.
+    Confirm,
+}
+
+/// The hub's index bookkeeping. Pure, so that the sequences a server
+/// restart produces can be tested without a server.
+#[derive(Debug, Default)]
+pub(crate) struct Cursor {
+    /// The index the next blocking query asks with (0: answer at once).
+    pub ask: u64,
+    /// The index of the last published answer (0 before the first). Kept
+    /// across failures: it is what tells a restarted server's replay apart.
+    pub published: u64,
+    /// Bumped by every reset.
+    pub epoch: u64,
+}
+
+impl Cursor {
+    /// Decides on an answer with `X-Consul-Index` `index`; `consistent`
+    /// says whether the read was `?consistent` (then its state is the
+    /// truth, whatever its index).
+    pub(crate) fn on_answer(&mut self, index: u64, consistent: bool) -> Step {
+        if self.published > 0 && index == self.published && self.ask == self.published {
+            return Step::Wait;
+        }
+        let behind = index < self.published;
+        if behind && !consistent {
+            return Step::Confirm;
+        }
+        if behind {
+            self.epoch += 1;
+        }
+        // Never below 1: index 0 would answer at once, forever.
+        self.published = index.max(1);
+        self.ask = self.published;
+        Step::Publish { reset: behind }
+    }
+
+    /// The query failed: ask the next one to answer at once (the agent may
+    /// be a restarted one whose index is lower), but keep `published`.
+    pub(crate) fn on_failure(&mut self) {
+        self.ask = 0;
+    }
+}
+
+/// One answer, decoded: the entries and `X-Consul-Index`.
+type Answer = (BTreeMap<Key, KvPair>, u64);
+
+fn decode(kvs: Vec<consulrs::api::kv::common::KVPair>, index: u64) -> Result<Answer> {
+    let mut entries = BTreeMap::new();
+    for kv in kvs {
+        if let Some(e) = entry(kv)? {
+            entries.insert(e.pair.key.clone(), e.pair);
+        }
+    }
+    Ok((entries, index))
+}
+
+/// One step of the loop: a blocking query from `cursor.ask`, and, if its
+/// answer cannot be trusted, the `consistent` re-read that replaces it.
+/// `Ok(None)`: nothing to publish.
+async fn query(store: &Inner, scope: &Scope, cursor: &mut Cursor) -> Result<Option<Answer>> {
+    let mode = ReadMode::blocking(cursor.ask, BLOCK_WAIT);
+    let slack = store.http.settings().timeout;
+    let deadline = blocking_deadline(BLOCK_WAIT, slack);
+    // Bound the request ourselves too: a hung agent must not stall the loop.
+    let (kvs, index) =
+        tokio::time::timeout(deadline, store.read_raw(&scope.path, scope.recurse, mode))
+            .await
+            .map_err(|_| Error::Timeout {
+                backend: BACKEND,
+                operation: "watch",
+                after: deadline,
+            })??;
+    let answer = decode(kvs, index)?;
+    match cursor.on_answer(answer.1, store.is_consistent(mode)) {
+        Step::Wait => Ok(None),
+        Step::Publish { .. } => Ok(Some(answer)),
+        Step::Confirm => {
+            tracing::debug!(
+                path = %scope.path,
+                index = answer.1,
+                published = cursor.published,
+                "consul watch: answer older than the last one; confirming with a consistent read"
+            );
+            let (kvs, index) = store
+                .read_raw(&scope.path, scope.recurse, ReadMode::CONSISTENT)
+                .await?;
+            let confirmed = decode(kvs, index)?;
+            match cursor.on_answer(confirmed.1, true) {
+                Step::Wait => Ok(None),
+                Step::Publish { .. } | Step::Confirm => Ok(Some(confirmed)),
+            }
+        }
+    }
+}
+
 /// The blocking loop of one scope.
 async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
-    // The index the next query asks with (0 after a failure: answer at once).
-    let mut index = 0u64;
-    // The index of the last published answer, to detect resets.
-    let mut last_published = 0u64;
-    let mut epoch = 0u64;
-    let mut published = false;
+    let mut cursor = Cursor::default();
     let mut backoff = FIRST_BACKOFF;
     let mut failing = false;
     let mut outages = 0u64;
@@ -218,61 +332,28 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
             publish_fault(&tx, fault, outages + 1);
             return;
         };
-        let slack = store.http.settings().timeout;
-        let query = store.read_raw(
-            &scope.path,
-            scope.recurse,
-            ReadMode::Blocking {
-                index,
-                wait: BLOCK_WAIT,
-            },
-        );
-        // Bound the request ourselves: the client has no overall timeout,
-        // and a hung agent must not stall the loop forever.
-        let query = tokio::time::timeout(blocking_deadline(BLOCK_WAIT, slack), query);
         let outcome = tokio::select! {
             _ = tx.closed() => None,
-            r = query => Some(r),
+            r = query(&store, &scope, &mut cursor) => Some(r),
         };
-        let Some(outcome) = outcome else {
+        let Some(result) = outcome else {
             drop(store);
             if store_retire(&inner, &scope, &tx) {
                 return;
             }
             continue;
         };
-        let result = outcome.unwrap_or_else(|_| {
-            Err(Error::Timeout {
-                backend: BACKEND,
-                operation: "watch",
-                after: blocking_deadline(BLOCK_WAIT, slack),
-            })
-        });
-        match result.and_then(|(kvs, new_index)| {
-            let mut entries = BTreeMap::new();
-            for kv in kvs {
-                if let Some(e) = entry(kv)? {
-                    entries.insert(e.pair.key.clone(), e.pair);
-                }
-            }
-            Ok((entries, new_index))
-        }) {
-            Ok((entries, new_index)) => {
+        match result {
+            Ok(None) => {
                 backoff = FIRST_BACKOFF;
-                let recovered = std::mem::take(&mut failing);
-                if published && new_index == index && !recovered {
-                    continue; // the wait ran out: nothing changed
-                }
-                let (next, reset) = next_index(last_published, new_index);
-                if reset {
-                    epoch += 1; // a fresh baseline
-                }
-                index = next;
-                last_published = index;
-                published = true;
+                failing = false;
+            }
+            Ok(Some((entries, _))) => {
+                backoff = FIRST_BACKOFF;
+                failing = false;
                 tx.send_replace(Some(Arc::new(Snapshot {
-                    index,
-                    epoch,
+                    index: cursor.published,
+                    epoch: cursor.epoch,
                     entries: Arc::new(entries),
                     fault: None,
                     outages,
@@ -295,9 +376,7 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
                 failing = true;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 drop(store);
-                // After an error, ask from scratch: the index may be gone.
-                index = 0;
-                published = false;
+                cursor.on_failure();
                 tokio::select! {
                     _ = tx.closed() => {
                         if store_retire(&inner, &scope, &tx) {
@@ -313,9 +392,9 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
 
 /// Consul's rules for the index of the next blocking query, given the
 /// index last acted on and the one just answered: an answer below it means
-/// the index was reset (the answer is a fresh baseline, and blocking on the
-/// old, higher index could wait for nothing); an index is never below 1
-/// (0 would answer at once, forever).
+/// the index was reset (blocking on the old, higher index could wait for
+/// nothing); an index is never below 1 (0 would answer at once, forever).
+/// For callers whose reads are all `consistent` (the lock keeper).
 pub(crate) fn next_index(previous: u64, answered: u64) -> (u64, bool) {
     (answered.max(1), answered < previous)
 }
@@ -356,7 +435,7 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
         .as_ref()
         .map_or((0, 0), |s| (s.epoch, s.outages));
     let (kvs, index) = inner
-        .read_raw(&scope.path, scope.recurse, ReadMode::Consistent)
+        .read_raw(&scope.path, scope.recurse, ReadMode::CONSISTENT)
         .await?;
     let mut view = BTreeMap::new();
     for kv in kvs {
@@ -381,10 +460,12 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
     let stream = Stream {
         rx,
         closed,
-        target,
-        view: Arc::new(view),
-        index,
-        epoch,
+        view: View {
+            target,
+            entries: Arc::new(view),
+            index,
+            epoch,
+        },
         outages,
         pending,
         done: false,
@@ -396,14 +477,38 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
     .boxed())
 }
 
+/// What a stream's consumer has been told: the state it was last brought
+/// to, the index and epoch of that state.
+struct View {
+    target: Target,
+    entries: Entries,
+    index: u64,
+    epoch: u64,
+}
+
+impl View {
+    /// The events that bring the consumer from its view to `entries`, the
+    /// state at `index` in `epoch`; none if that state is not newer.
+    fn advance(&mut self, index: u64, epoch: u64, entries: &Entries) -> Vec<Event> {
+        if epoch == self.epoch && index <= self.index {
+            return Vec::new(); // not newer than what this stream already knows
+        }
+        // After a reset the answer's index can be lower than events this
+        // stream already delivered: deletes it reveals carry the higher of
+        // the two, so that revisions never go down.
+        let events = diff(&self.entries, entries, index.max(self.index), &self.target);
+        self.entries = entries.clone();
+        self.index = index;
+        self.epoch = epoch;
+        events
+    }
+}
+
 /// One watch stream's state.
 struct Stream {
     rx: watch::Receiver<Option<Arc<Snapshot>>>,
     closed: watch::Receiver<u64>,
-    target: Target,
-    view: Entries,
-    index: u64,
-    epoch: u64,
+    view: View,
     /// Outages of the hub this stream has reported (or that predate it).
     outages: u64,
     pending: VecDeque<Result<Event>>,
@@ -460,14 +565,8 @@ impl Stream {
             }
             return;
         }
-        if s.epoch == self.epoch && s.index <= self.index {
-            return; // not newer than what this stream already knows
-        }
-        let events = diff(&self.view, &s.entries, s.index, &self.target);
+        let events = self.view.advance(s.index, s.epoch, &s.entries);
         self.pending.extend(events.into_iter().map(Ok));
-        self.view = s.entries.clone();
-        self.index = s.index;
-        self.epoch = s.epoch;
     }
 }
 
@@ -556,5 +655,149 @@ mod tests {
         let ev = diff(&old, &new, 4, &t);
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].key().as_str(), "a");
+    }
+
+    #[test]
+    fn cursor_rules() {
+        let mut c = Cursor::default();
+        assert_eq!(c.on_answer(0, false), Step::Publish { reset: false });
+        assert_eq!((c.ask, c.published), (1, 1), "never below 1");
+        assert_eq!(c.on_answer(12, false), Step::Publish { reset: false });
+        assert_eq!(c.on_answer(12, false), Step::Wait, "the wait ran out");
+        assert_eq!(c.ask, 12);
+        assert_eq!(c.on_answer(10, false), Step::Confirm, "older, unconfirmed");
+        assert_eq!((c.ask, c.published, c.epoch), (12, 12, 0), "untouched");
+        assert_eq!(c.on_answer(10, true), Step::Publish { reset: true });
+        assert_eq!((c.ask, c.published, c.epoch), (10, 10, 1));
+        c.on_failure();
+        assert_eq!((c.ask, c.published), (0, 10), "the last index is kept");
+        assert_eq!(
+            c.on_answer(10, false),
+            Step::Publish { reset: false },
+            "after a failure the answer is published again (streams skip it)"
+        );
+    }
+
+    /// One answer of a blocking query in a simulated run: `None` is a
+    /// failed request (the agent killed), else index, entries, and whether
+    /// the read was `consistent`.
+    type Sim = Option<(u64, Vec<(&'static str, u64)>, bool)>;
+
+    fn state(pairs: &[(&str, u64)]) -> Entries {
+        Arc::new(pairs.iter().map(|&(k, rev)| pair(k, "v", rev)).collect())
+    }
+
+    /// Runs `answers` through the hub's [`Cursor`] and a stream's [`View`]
+    /// (whose baseline is `start` at index `at`), as `run_hub` and `Stream`
+    /// do; `truth` answers the `consistent` re-reads. Returns the events as
+    /// `(key, revision, is_put)`.
+    fn simulate(
+        start: &[(&str, u64)],
+        at: u64,
+        answers: &[Sim],
+        truth: (u64, &[(&str, u64)]),
+    ) -> Vec<(String, u64, bool)> {
+        let mut cursor = Cursor {
+            ask: at,
+            published: at,
+            epoch: 0,
+        };
+        let mut view = View {
+            target: Target::Prefix(Prefix::root()),
+            entries: state(start),
+            index: at,
+            epoch: 0,
+        };
+        let mut events = Vec::new();
+        for a in answers {
+            let Some((index, pairs, consistent)) = a else {
+                cursor.on_failure();
+                continue;
+            };
+            let published = match cursor.on_answer(*index, *consistent) {
+                Step::Wait => continue,
+                Step::Publish { .. } => state(pairs),
+                Step::Confirm => match cursor.on_answer(truth.0, true) {
+                    Step::Wait => continue,
+                    _ => state(truth.1),
+                },
+            };
+            events.extend(view.advance(cursor.published, cursor.epoch, &published));
+        }
+        events
+            .iter()
+            .map(|e| {
+                (
+                    e.key().to_string(),
+                    e.revision(),
+                    matches!(e, Event::Put { .. }),
+                )
+            })
+            .collect()
+    }
+
+    const FULL: &[(&str, u64)] = &[("a", 5), ("b", 7), ("c", 9)];
+
+    #[test]
+    fn a_restarted_server_replaying_its_log_invents_nothing() {
+        // Seen here with `consistency=default` after kill -9 + restart: the
+        // first answers come from the log replay, with lower indexes.
+        let answers: &[Sim] = &[
+            None, // killed
+            None, // refused while restarting
+            Some((5, vec![("a", 5)], false)),
+            Some((7, vec![("a", 5), ("b", 7)], false)),
+            Some((9, FULL.to_vec(), false)),
+            Some((10, vec![("a", 5), ("b", 7), ("c", 9), ("d", 10)], false)),
+        ];
+        assert_eq!(
+            simulate(FULL, 9, answers, (9, FULL)),
+            [("d".to_owned(), 10, true)],
+            "no delete of b or c, no second put of them, then the new write"
+        );
+    }
+
+    #[test]
+    fn a_restart_seen_through_consistent_reads_changes_nothing() {
+        let answers: &[Sim] = &[None, Some((9, FULL.to_vec(), true))];
+        assert!(simulate(FULL, 9, answers, (9, FULL)).is_empty());
+    }
+
+    #[test]
+    fn a_lagging_stale_server_is_confirmed_not_believed() {
+        // `stale`: another server, behind, answers with an older state;
+        // the consistent re-read shows the current one (with a new key).
+        let now: &[(&str, u64)] = &[("a", 5), ("b", 7), ("c", 9), ("e", 11)];
+        let answers: &[Sim] = &[None, Some((7, vec![("a", 5), ("b", 7)], false))];
+        assert_eq!(
+            simulate(FULL, 9, answers, (11, now)),
+            [("e".to_owned(), 11, true)]
+        );
+    }
+
+    #[test]
+    fn a_real_reset_is_a_new_baseline_and_revisions_never_go_down() {
+        // Tombstones reaped: the index drops on a consistent read, the
+        // state is the same: no event. Then a write after it.
+        let answers: &[Sim] = &[
+            Some((8, FULL.to_vec(), true)),
+            Some((13, vec![("a", 5), ("b", 7), ("c", 9), ("f", 13)], true)),
+        ];
+        assert_eq!(
+            simulate(FULL, 12, answers, (0, &[])),
+            [("f".to_owned(), 13, true)]
+        );
+        // The data really gone (an in-memory agent restarted): the deletes
+        // are real, and carry the stream's last index, not a lower one.
+        let answers: &[Sim] = &[None, Some((2, vec![], true))];
+        let ev = simulate(FULL, 9, answers, (0, &[]));
+        assert_eq!(
+            ev,
+            [
+                ("a".to_owned(), 9, false),
+                ("b".to_owned(), 9, false),
+                ("c".to_owned(), 9, false)
+            ]
+        );
     }
 }

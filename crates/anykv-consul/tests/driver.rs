@@ -388,9 +388,14 @@ async fn url_options() {
     let kv = common::open(&url, &ns, "consistency=consistent&dc=dc1&lock_delay=1s").await;
     let k = Key::new("a").unwrap();
     kv.put(&k, "1".into(), PutOptions::default()).await.unwrap();
-    assert!(kv.get(&k).await.unwrap().is_some());
-    assert_eq!(kv.list(&Prefix::root()).await.unwrap().len(), 1);
-    assert_eq!(kv.keys(&Prefix::root()).await.unwrap(), ["a"]);
+    // Every read mode answers (the weaker ones may lag, not here: one agent).
+    for mode in ["consistent", "default", "stale"] {
+        let kv = common::open(&url, &ns, &format!("consistency={mode}")).await;
+        assert!(kv.get(&k).await.unwrap().is_some(), "{mode}");
+        assert_eq!(kv.list(&Prefix::root()).await.unwrap().len(), 1, "{mode}");
+        assert_eq!(kv.keys(&Prefix::root()).await.unwrap(), ["a"], "{mode}");
+        assert_eq!(kv.lock_holder(&k).await.unwrap(), None, "{mode}");
+    }
     let g = kv
         .try_lock(&k, LockOptions::default())
         .await
@@ -405,7 +410,7 @@ async fn url_options() {
         "an unknown datacenter is an error"
     );
 
-    for bad in ["consistency=stale", "tls=1", "lock_delay=soon"] {
+    for bad in ["consistency=linearizable", "tls=1", "lock_delay=soon"] {
         let e = anykv_core::open(&common::with_query(&url, bad))
             .await
             .unwrap_err();
