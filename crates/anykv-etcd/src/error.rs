@@ -76,6 +76,21 @@ pub(crate) fn map(e: EtcdError, ctx: Ctx<'_>) -> Error {
     }
 }
 
+/// True when tonic made `status` from a refused TCP connection (the cause
+/// is in the status's source chain, which etcd-client's error hides).
+fn refused(status: &Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Maps a gRPC status: the classification table.
 pub(crate) fn map_status(status: Status, ctx: Ctx<'_>) -> Error {
     let msg = status.message().to_owned();
@@ -84,6 +99,10 @@ pub(crate) fn map_status(status: Status, ctx: Ctx<'_>) -> Error {
     // A status tonic built from a local failure carries its cause; one decoded
     // from a server's trailers never does.
     let local = std::error::Error::source(&status).is_some();
+    if refused(&status) {
+        // Nothing was sent: the retry layer may retry even a write.
+        return Error::not_sent(BACKEND, described, EtcdError::GRpcStatus(status));
+    }
     match status.code() {
         Code::Unknown | Code::Internal | Code::Cancelled if local => {
             Error::unavailable(BACKEND, described, EtcdError::GRpcStatus(status))
@@ -323,6 +342,30 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         let e = map(EtcdError::WatchError("channel closed".into()), ctx());
         assert_eq!(e.kind(), ErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn only_a_refused_connection_never_reached_the_server() {
+        let status = |kind| Status::from_error(Box::new(std::io::Error::new(kind, "x")));
+        let refused = map(
+            EtcdError::GRpcStatus(status(std::io::ErrorKind::ConnectionRefused)),
+            ctx(),
+        );
+        assert!(refused.never_reached_server(), "{refused}");
+        assert_eq!(refused.kind(), ErrorKind::Unavailable);
+        let reset = map(
+            EtcdError::GRpcStatus(status(std::io::ErrorKind::ConnectionReset)),
+            ctx(),
+        );
+        assert!(
+            !reset.never_reached_server(),
+            "a reset request may have applied"
+        );
+        let server = map(
+            EtcdError::GRpcStatus(Status::unavailable("no leader")),
+            ctx(),
+        );
+        assert!(!server.never_reached_server());
     }
 
     #[test]
