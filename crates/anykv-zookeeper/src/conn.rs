@@ -14,7 +14,7 @@ use zookeeper_client as zk;
 use crate::error::{self, BACKEND};
 
 /// Query keys this driver reads (besides the common ones).
-pub(crate) const PARAMS: &[&str] = &["session_timeout", "ttl_check_interval"];
+pub(crate) const PARAMS: &[&str] = &["session_timeout", "ttl_check_interval", "consistency"];
 
 /// Session timeout asked of the server when the URL gives none. The server
 /// clamps it to its `[minSessionTimeout, maxSessionTimeout]` (4 s – 40 s with
@@ -26,6 +26,28 @@ pub(crate) const DEFAULT_TTL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Connection attempt bound when the URL gives no `timeout`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a read guarantees (`consistency=`; see the crate docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Consistency {
+    /// ZooKeeper's own: the server the session is connected to answers,
+    /// possibly behind the leader.
+    Sequential,
+    /// `sync` on the path first: the server catches up with the leader.
+    Linearizable,
+}
+
+impl Consistency {
+    fn parse(config: &Config) -> Result<Consistency> {
+        match config.param("consistency") {
+            None | Some("sequential") => Ok(Consistency::Sequential),
+            Some("linearizable") => Ok(Consistency::Linearizable),
+            Some(other) => Err(config.invalid(format!(
+                "consistency={other}: expected sequential or linearizable"
+            ))),
+        }
+    }
+}
 
 /// Options read from the URL.
 #[derive(Clone)]
@@ -40,6 +62,8 @@ pub(crate) struct Settings {
     pub(crate) digest: Option<(String, Secret)>,
     /// The server's container/TTL check interval, as the operator states it.
     pub(crate) ttl_check_interval: Duration,
+    /// What reads guarantee.
+    pub(crate) consistency: Consistency,
     /// The URL with secrets redacted.
     pub(crate) redacted: String,
 }
@@ -50,6 +74,7 @@ impl std::fmt::Debug for Settings {
             .field("url", &self.redacted)
             .field("session_timeout", &self.session_timeout)
             .field("digest_user", &self.digest.as_ref().map(|(u, _)| u))
+            .field("consistency", &self.consistency)
             .finish()
     }
 }
@@ -100,9 +125,24 @@ impl Settings {
             connect_timeout,
             digest,
             ttl_check_interval,
+            consistency: Consistency::parse(config)?,
             redacted: config.redacted.clone(),
         })
     }
+}
+
+/// True while the client is connected to a server (not reconnecting).
+pub(crate) fn is_connected(client: &zk::Client) -> bool {
+    matches!(
+        client.state(),
+        zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+    )
+}
+
+/// `Unavailable` for a request the driver did not send: the retry layer
+/// may retry it, a write included ([`Error::never_reached_server`]).
+pub(crate) fn not_connected(message: &str) -> Error {
+    Error::not_sent(BACKEND, message, message.to_owned())
 }
 
 /// One ZooKeeper session.
@@ -143,7 +183,26 @@ impl Conn {
     /// Opening is bounded by the connect timeout and fails fast when every
     /// server refuses the connection, so an operation against a dead
     /// endpoint never hangs.
+    ///
+    /// While the session is disconnected (its client reconnecting in the
+    /// background), this fails at once with [`not_connected`] instead of
+    /// handing a request to zookeeper-client, which would queue it until a
+    /// reconnect (or the attempt's timeout) and send it then — possibly
+    /// after the caller gave up on it. Every error from here says the
+    /// request was never sent, so the retry layer may retry even a write.
     pub(crate) async fn session(&self) -> Result<Arc<Session>> {
+        let session = self.open().await?;
+        if !is_connected(&session.client) {
+            return Err(not_connected(
+                "the session is disconnected, reconnecting in the background",
+            ));
+        }
+        Ok(session)
+    }
+
+    /// The current session (connected or reconnecting), opening one if
+    /// there is none or it expired.
+    async fn open(&self) -> Result<Arc<Session>> {
         if let Some(s) = self.live() {
             return Ok(s);
         }
@@ -185,20 +244,25 @@ impl Conn {
             connector =
                 connector.with_auth("digest", format!("{user}:{}", password.expose()).as_bytes());
         }
+        // No request of the operation is sent before a session exists, so
+        // an unreachable server here is "never sent".
         match tokio::time::timeout(s.connect_timeout, connector.connect(&s.connect_string)).await {
             Ok(Ok(client)) => {
                 tracing::debug!(session = %client.session_id(), "zookeeper: session opened");
                 Ok(client)
             }
-            Ok(Err(e)) => Err(error::map(e, "connect", &s.connect_string)),
-            Err(_) => Err(Error::Unavailable {
-                backend: BACKEND,
-                message: format!(
-                    "no session with {} within {:?}",
-                    s.connect_string, s.connect_timeout
-                ),
-                source: None,
-            }),
+            Ok(Err(e)) => {
+                let mapped = error::map(e.clone(), "connect", &s.connect_string);
+                if mapped.indicates_unreachable() {
+                    Err(Error::not_sent(BACKEND, mapped.to_string(), e))
+                } else {
+                    Err(mapped)
+                }
+            }
+            Err(_) => Err(not_connected(&format!(
+                "no session with {} within {:?}",
+                s.connect_string, s.connect_timeout
+            ))),
         }
     }
 

@@ -12,6 +12,13 @@
 //! | `BadArguments`, `InvalidAcl`, `NoChildrenForEphemerals` | `InvalidArgument` | no |
 //! | `Unimplemented` | `Unsupported` | no |
 //! | anything else (`NotEmpty`, `QuotaExceeded`, marshalling, …) | `Backend` | no |
+//!
+//! None of these says the request was never sent: zookeeper-client fails a
+//! request it had sent with the error that ended its connection, and a
+//! request queued while disconnected with the session's end. Only the
+//! driver's own refusals are marked *never sent*
+//! ([`Error::never_reached_server`]): a session that cannot be opened, or
+//! one that is disconnected when the operation starts (`conn::session`).
 
 use anykv_core::Error;
 use zookeeper_client as zk;
@@ -129,6 +136,20 @@ mod tests {
         }
         let e = map(Z::NoNode, "get", "a/b");
         assert_eq!(e.key(), Some("a/b"), "key-carrying errors name the key");
+    }
+
+    #[test]
+    fn only_the_drivers_own_refusals_are_never_sent() {
+        use zk::Error as Z;
+        for sent in [Z::ConnectionLoss, Z::SessionExpired, Z::Timeout] {
+            let shown = sent.to_string();
+            let e = map(sent, "put", "a");
+            assert!(!e.never_reached_server(), "{shown} may have been applied");
+        }
+        let refused = crate::conn::not_connected("disconnected");
+        assert_eq!(refused.kind(), ErrorKind::Unavailable);
+        assert!(refused.never_reached_server());
+        assert!(refused.indicates_unreachable());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! | `session_timeout` | 10s | session timeout asked of the server (it clamps to its min/max); a dead lock holder's lock frees after it |
 //! | `timeout` | 5s | per-operation timeout (layers) and bound of opening a session |
 //! | `ttl_check_interval` | 60s | the server's `znode.container.checkIntervalMs`: when expired TTL znodes are really removed |
+//! | `consistency` | `sequential` | `linearizable`: `sync` before every read (see *Reads* below) |
 //!
 //! TLS is not offered: zookeeper-client's `tls` feature builds rustls with
 //! the aws-lc-rs provider only, whose aws-lc-sys carries the OpenSSL
@@ -65,21 +66,47 @@
 //!   TTL to (or taking it from) a key that has children is an
 //!   `InvalidArgument`, and the server never expires a TTL znode that has
 //!   children.
+//! * **Reads.** ZooKeeper answers a read from the server the session is
+//!   connected to, which may be behind the leader. What `get`, `exists`,
+//!   `list`, `keys`, `export` and `lock_holder` guarantee per
+//!   `consistency=`:
+//!   - `sequential` (default, ZooKeeper's own guarantee): a read sees every
+//!     write this store (its session) made or saw before, and never goes
+//!     back in time within a session; it may miss a write another client's
+//!     session had acknowledged, until the server catches up. On a single
+//!     server nothing lags, so reads are linearizable there. After a
+//!     session expiry the new session may land on a server behind the old
+//!     one (an ensemble only).
+//!   - `linearizable`: a `sync` on the path first (one more round trip to
+//!     the leader), so the read reflects every write acknowledged to anyone
+//!     before the read started. One caveat is ZooKeeper's: `sync` is not a
+//!     quorum operation (ZOOKEEPER-1675), so a leader deposed by a
+//!     partition that has not noticed yet can answer it from stale state,
+//!     for at most its `syncLimit`. Writes and conditional writes need
+//!     neither: they go through the leader, and their version checks make a
+//!     stale read fail the write, which is then evaluated again.
 //! * **Watch** uses persistent watches (`AddWatchMode::PersistentRecursive`
 //!   for a prefix, `Persistent` for one key). ZooKeeper 3.8 notifications
 //!   carry no data and no zxid, so the watch reads the changed znodes
 //!   (multi-reads, repeated until no further notification is pending, which
 //!   makes the batch a consistent cut) and emits the differences from what
-//!   it delivered before: puts in `mzxid` order with `prev` from its own
-//!   view; a delete carries one more than the last revision the watch had
-//!   seen (at or below the real zxid, above every earlier event). After a
-//!   disconnection (persistent watches can miss events across it,
-//!   ZOOKEEPER-4698, and zookeeper-client 0.11 does not register them again)
-//!   the watch registers itself anew and re-reads the whole range; after a
-//!   session expiry it does the same on a new session: `watch_history:
-//!   Converge`. `Start::After(r)` emits the current keys whose `mzxid > r`
-//!   as puts, then live events. A watch keeps its range's keys in memory.
-//!   Dropping the stream removes the server-side watch.
+//!   it delivered before: deletes, then puts in `mzxid` order with `prev`
+//!   from its own view. A delete carries one more than the largest zxid
+//!   the watch knew complete before it (at or below the real zxid, at or
+//!   above every earlier event). Events never go back in revision. Under
+//!   writes that never pause, a batch stops after 2 s and emits only the
+//!   changes it knows complete (up to the largest zxid seen before its last
+//!   round), the rest with the next batch. A disconnection can lose
+//!   notifications (ZOOKEEPER-4698, and zookeeper-client 0.11 does not
+//!   register persistent watches again): whatever a batch read across it is
+//!   dropped, and once connected the watch registers itself anew, `sync`s
+//!   and re-reads the whole range; after a session expiry it does the same
+//!   on a new session. So the watch resumes by itself after a server
+//!   restart or freeze: `watch_history: Converge` (no invented, duplicated
+//!   or reordered event; changes between two reads of a key are merged).
+//!   `Start::After(r)` emits the current keys whose `mzxid > r` as puts,
+//!   then live events. A watch keeps its range's keys in memory. Dropping
+//!   the stream removes the server-side watch.
 //! * **Locks** follow the ephemeral-sequential recipe under
 //!   `/__anykv/locks/<ns>/<key>`: znode `lock-<guid>-<seq>` (the GUID finds
 //!   one's znode again if a create reply was lost), the lowest sequence
@@ -101,6 +128,22 @@
 //!   NotFound / AlreadyExists / Conflict; NoAuth is `PermissionDenied`.
 //!   The probe is `sync` + `exists` on the namespace root, bounded by
 //!   `timeout`.
+//! * **During an outage** zookeeper-client 0.11 keeps the session and
+//!   reconnects in the background (backing off 0.1 s, 0.2 s, … per round of
+//!   servers, until the session expires). It fails the requests in flight
+//!   when a connection drops (`ConnectionLoss`, or an I/O error): those may
+//!   have been applied. A request handed to it while disconnected is
+//!   **queued** (not refused) and sent once it reconnects — even after the
+//!   caller's deadline — or failed with the session's end (`SessionExpired`,
+//!   `ClientClosed`) if it never does; it refuses a request outright only
+//!   once the session is over. So this driver never hands it a request
+//!   while the session is disconnected: the operation fails at once with
+//!   `Unavailable` marked *never sent* ([`Error::never_reached_server`]), as
+//!   does a failure to open a session. The retry layer retries those, writes
+//!   included; a write that failed any other way is not retried (it may
+//!   have been applied). A connection dropping between the check and the
+//!   send still queues that one request; it is then bounded by `timeout`
+//!   like any other.
 //! * **Sessions**: one session per store, opened on first use (bounded by
 //!   `timeout`, failing fast when every server refuses, so opening a store
 //!   against a dead endpoint never hangs and its liveness reports it),
@@ -135,7 +178,7 @@ use zookeeper_client::{self as zk, CreateMode, CreateOptions};
 
 use crate::{
     codec::Node,
-    conn::{Conn, Session, Settings},
+    conn::{Conn, Consistency, Session, Settings},
     error::BACKEND,
     write::Cx,
 };
@@ -221,6 +264,19 @@ impl Inner {
             self.conn.forget(session);
         }
         error::map(e, operation, key)
+    }
+
+    /// Before a read: with `consistency=linearizable`, `sync` on the path so
+    /// the server catches up with the leader (see the crate docs).
+    pub(crate) async fn sync_for_read(
+        &self,
+        session: &Session,
+        path: &str,
+    ) -> Result<(), zk::Error> {
+        match self.conn.settings.consistency {
+            Consistency::Sequential => Ok(()),
+            Consistency::Linearizable => session.client.sync(path).await,
+        }
     }
 
     /// Options of a key's znode.
@@ -321,7 +377,11 @@ impl Store for ZkStore {
             return Ok(None);
         }
         let s = self.inner.session().await?;
-        match s.client.get_data(&path).await {
+        let read = async {
+            self.inner.sync_for_read(&s, &path).await?;
+            s.client.get_data(&path).await
+        };
+        match read.await {
             Ok((data, stat)) => Ok(match codec::classify(data, &stat, codec::now_millis()) {
                 Node::Key(value) => Some(codec::pair(key.clone(), value, &stat)),
                 Node::NotKey => None,
@@ -370,7 +430,11 @@ impl Store for ZkStore {
     async fn list(&self, prefix: &Prefix) -> Result<Vec<KvPair>> {
         let base = codec::prefix_path(prefix.as_str());
         let s = self.inner.session().await?;
-        let nodes = tree::scan(&s.client, &base)
+        let read = async {
+            self.inner.sync_for_read(&s, &base).await?;
+            tree::scan(&s.client, &base).await
+        };
+        let nodes = read
             .await
             .map_err(|e| self.inner.fail(&s, e, "list", prefix.as_str()))?;
         let now = codec::now_millis();

@@ -305,6 +305,7 @@ pub(crate) async fn holder(inner: &Inner, key: &Key) -> Result<Option<LockInfo>>
     let dir = codec::path_of(key.as_str());
     let session = inner.session().await?;
     let fail = |e: zk::Error| inner.fail(&session, e, "lock_holder", key.as_str());
+    inner.sync_for_read(&session, &dir).await.map_err(fail)?;
     for _ in 0..RACE_ATTEMPTS {
         let children = match session.client.list_children(&dir).await {
             Ok(c) => c,

@@ -249,6 +249,7 @@ async fn url_options_are_checked() {
         ("zk://bob@127.0.0.1:1/x", "user:password"),
         ("zk:///x", "no ZooKeeper server"),
         ("zk://127.0.0.1:1/x?tls=true", "tls"),
+        ("zk://127.0.0.1:1/x?consistency=strong", "consistency"),
     ] {
         let e = anykv_core::open(url).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidUrl, "{url}: {e}");
@@ -262,6 +263,37 @@ async fn url_options_are_checked() {
         .await
         .unwrap_err();
     assert!(!e.to_string().contains("hunter22"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_reads_sync_first_also_on_missing_paths() {
+    let Some(url) = common::url("ANYKV_TEST_ZK") else {
+        return;
+    };
+    let ns = common::unique("linearizable");
+    let kv = common::open(&url, &ns, "consistency=linearizable").await;
+    // `sync` on a path that does not exist is fine: reads of nothing.
+    assert!(kv.get(&key("none/here")).await.unwrap().is_none());
+    assert!(!kv.exists(&key("none")).await.unwrap());
+    assert!(
+        kv.list(&Prefix::new("none").unwrap())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(kv.lock_holder(&key("no-lock")).await.unwrap().is_none());
+    let v = kv
+        .put(&key("a/b"), "1".into(), PutOptions::default())
+        .await
+        .unwrap();
+    let got = kv.get(&key("a/b")).await.unwrap().unwrap();
+    assert_eq!((&got.value[..], got.version), (&b"1"[..], v));
+    assert_eq!(common::key_names(&kv, &Prefix::root()).await, ["a/b"]);
+    let held = kv.try_lock(&key("l"), Default::default()).await.unwrap();
+    let info = kv.lock_holder(&key("l")).await.unwrap().unwrap();
+    assert!(info.fencing_token > 0);
+    held.unwrap().release().await.unwrap();
+    kv.delete_prefix(&Prefix::root()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,30 +1,41 @@
 //! Watches: persistent (recursive) ZooKeeper watches turned into anykv
-//! events, converging after reconnects and session expiry.
+//! events in revision order, converging after reconnects and session expiry.
 //!
 //! ZooKeeper 3.8 notifications name a path and a change type, nothing else.
-//! The watch task keeps its view of the watched range (path → pair) and,
-//! for each batch of notifications, reads the changed znodes and emits the
-//! differences from that view:
+//! The watch task keeps its view of the watched range (path → pair, see
+//! [`view`]) and, for each batch of notifications, reads the changed znodes
+//! and emits the differences from that view:
 //!
 //! 1. take every notification already received (without waiting);
 //! 2. read their paths in multi-reads;
-//! 3. repeat while new notifications arrived meanwhile (for at most 2 s of
-//!    uninterrupted writes to the range). ZooKeeper sends a
+//! 3. repeat while new notifications arrived meanwhile. ZooKeeper sends a
 //!    session its notifications before any reply that shows the change, so
-//!    when a read returns with nothing new pending, the values read form a
+//!    once a read returns with nothing new pending, what the batch read is a
 //!    consistent cut: every change up to it is included, every later change
-//!    has a larger `mzxid`. Emitting each batch's puts in `mzxid` order
-//!    therefore keeps events in revision order across batches;
-//! 4. deletes come first in a batch, with revision = one more than the last
-//!    revision the watch had seen (ZooKeeper does not report a delete's zxid
-//!    before 3.9; that number is at or below the real one and above every
-//!    earlier event).
+//!    has a larger zxid. The batch's watermark is the largest zxid it saw.
+//!    Under writes that never pause, a batch stops after 2 s anyway; then
+//!    only the changes up to the largest zxid seen *before its last round*
+//!    are known complete (a pending notification is for a later change), so
+//!    that is its watermark and the puts above it wait for the next batch;
+//! 4. [`view::View::apply`] emits deletes (at one above the previous
+//!    watermark: ZooKeeper does not report a delete's zxid before 3.9) and
+//!    the puts up to the watermark in `mzxid` order. Revisions never go down.
 //!
-//! After a disconnection (persistent watches can miss events across it,
-//! ZOOKEEPER-4698) or a session expiry (the watch is registered again on a
-//! new session), the task re-reads the whole range and emits the
-//! differences. Dropping the stream ends the task, which drops the
-//! ZooKeeper watcher and so removes the server-side watch.
+//! The cut argument needs every notification since the previous cut. A
+//! disconnection breaks it: persistent watches can miss events across it
+//! (ZOOKEEPER-4698) and zookeeper-client 0.11 does not register them again
+//! on reconnect (its `resend_watches` only sends the one-shot kinds). So a
+//! batch that sees the connection drop is thrown away, not emitted, even if
+//! its reads were answered after the reconnect (the client queues requests
+//! while disconnected); once connected the task registers the watch anew,
+//! `sync`s, re-reads the whole range and emits the differences as one
+//! batch. After a session expiry it does the same on a new session:
+//! `watch_history: Converge` (no invented, duplicated or reordered event;
+//! changes between two reads of a key can be merged). Dropping the stream
+//! ends the task, which drops the ZooKeeper watcher and so removes the
+//! server-side watch.
+
+mod view;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -39,18 +50,17 @@ use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio_stream::wrappers::ReceiverStream;
 use zookeeper_client::{self as zk, AddWatchMode, EventType, PersistentWatcher, SessionState};
 
+use self::view::{Reads, View};
 use crate::{
     Inner,
     codec::{self, Node},
-    conn::Session,
+    conn::{self, Session},
     error::{self, BACKEND},
     tree,
 };
 
-/// How long one batch may keep reading newly notified znodes before its
-/// events are emitted anyway. Only a continuous stream of writes to the
-/// range keeps a batch from settling; cut short, a batch may emit a put
-/// whose revision is below one already emitted.
+/// How long one batch may keep reading newly notified znodes before it
+/// emits what it knows to be complete (see step 3 above).
 const MAX_BATCH: Duration = Duration::from_secs(2);
 
 /// Events buffered between the task and a slow consumer.
@@ -106,7 +116,7 @@ enum Got {
     Ended,
 }
 
-/// Why a batch stopped early.
+/// Why a step stopped early.
 enum Interrupt {
     /// The session ended: open a new one.
     SessionEnded,
@@ -124,6 +134,22 @@ impl From<zk::Error> for Interrupt {
     }
 }
 
+/// The keys of the whole range, read at once.
+struct Snapshot {
+    keys: BTreeMap<String, KvPair>,
+    /// The largest `mzxid` among the znodes read (keys or not).
+    seen: u64,
+}
+
+/// What a batch read, ready for [`View::apply`].
+struct Gathered {
+    reads: Reads,
+    /// Every change up to this zxid is in `reads` (or was in the view).
+    watermark: u64,
+    /// Paths notified but not read (a batch cut short).
+    pending: BTreeSet<String>,
+}
+
 /// Starts a watch: the server-side watch and the first read of the range
 /// are done before this returns, so no later write is missed.
 pub(crate) async fn watch(inner: Arc<Inner>, target: Target, start: Start) -> Result<WatchStream> {
@@ -133,44 +159,52 @@ pub(crate) async fn watch(inner: Arc<Inner>, target: Target, start: Start) -> Re
     };
     let closed = inner.conn.closed();
     let session = inner.session().await?;
-    let watcher = session
+    let fail = |e| inner.fail(&session, e, "watch", &shown);
+    let mut watcher = session
         .client
         .watch(range.path(), range.mode())
         .await
-        .map_err(|e| inner.fail(&session, e, "watch", &shown))?;
+        .map_err(fail)?;
     let mut task = Task {
         inner: inner.clone(),
         range,
-        view: BTreeMap::new(),
-        last: 0,
+        view: View::default(),
         carry: BTreeSet::new(),
         resync: false,
         connected: true,
         closed,
     };
-    let snapshot = task
-        .read_range(&session.client)
-        .await
-        .map_err(|e| inner.fail(&session, e, "watch", &shown))?;
+    let snapshot = task.read_all(&session).await.map_err(fail)?;
     let replay = match start {
         Start::Now => {
-            task.last = snapshot
-                .values()
-                .map(|kv| kv.mod_revision)
-                .max()
-                .unwrap_or(0);
-            task.view = snapshot;
+            // The starting view must be a consistent cut too (a delete's
+            // revision is derived from it): settle it like a batch, emitting
+            // nothing.
+            let gathered = task
+                .gather(&session, &mut watcher, Some(snapshot))
+                .await
+                .map_err(|i| match i {
+                    Interrupt::Failed(e) => fail(e),
+                    Interrupt::SessionEnded => fail(zk::Error::SessionExpired),
+                })?
+                .ok_or_else(|| {
+                    conn::not_connected("the connection dropped while the watch started")
+                })?;
+            let held = task.view.absorb(gathered.reads, gathered.watermark);
+            task.carry.extend(held);
+            task.carry.extend(gathered.pending);
             None
         }
         Start::After(r) => {
             // The consumer knows the keys unchanged since r; the others are
             // emitted as puts by the first batch.
-            task.last = r;
-            task.view = snapshot
+            let known = snapshot
+                .keys
                 .iter()
                 .filter(|(_, kv)| kv.mod_revision <= r)
                 .map(|(p, kv)| (p.clone(), kv.clone()))
                 .collect();
+            task.view = View::new(known, r);
             Some(snapshot)
         }
     };
@@ -182,13 +216,12 @@ pub(crate) async fn watch(inner: Arc<Inner>, target: Target, start: Start) -> Re
 struct Task {
     inner: Arc<Inner>,
     range: Range,
-    /// What the consumer has been told: path → pair.
-    view: BTreeMap<String, KvPair>,
-    /// The last revision emitted (or known at the start).
-    last: u64,
-    /// Paths notified but not read yet (a batch cut short).
+    /// What the consumer has been told.
+    view: View,
+    /// Paths to read in the next batch (notified, or held back).
     carry: BTreeSet<String>,
-    /// The range must be read again in full once connected.
+    /// Notifications may have been missed: register again and read the
+    /// whole range once connected.
     resync: bool,
     /// The session is connected (as far as the notifications tell).
     connected: bool,
@@ -203,7 +236,7 @@ impl Task {
         mut session: Arc<Session>,
         mut watcher: PersistentWatcher,
         tx: Tx,
-        replay: Option<BTreeMap<String, KvPair>>,
+        replay: Option<Snapshot>,
     ) {
         let mut snapshot = replay;
         loop {
@@ -217,28 +250,7 @@ impl Task {
                 return;
             }
             if self.resync && self.connected {
-                // zookeeper-client 0.11 does not send persistent watches
-                // again after a reconnect (its `resend_watches` only ever
-                // sends the one-shot kinds): register the watch anew.
-                // Dropping the old watcher does not remove the new one from
-                // the server (same path and mode).
-                match session
-                    .client
-                    .watch(self.range.path(), self.range.mode())
-                    .await
-                {
-                    Ok(w) => watcher = w,
-                    Err(e) => {
-                        if !self
-                            .recover(Interrupt::from(e), &mut session, &mut watcher, &tx)
-                            .await
-                        {
-                            return;
-                        }
-                        continue;
-                    }
-                }
-                match self.read_all(&session).await {
+                match self.register_again(&session, &mut watcher).await {
                     Ok(s) => snapshot = Some(s),
                     Err(interrupt) => {
                         if !self
@@ -247,15 +259,15 @@ impl Task {
                         {
                             return;
                         }
+                        continue;
                     }
                 }
             }
-            // A batch to process right away: the replay, a resync, or paths
-            // left over from a batch cut short.
-            if snapshot.is_some() || !self.carry.is_empty() {
-                let paths = std::mem::take(&mut self.carry);
+            // A batch to process right away (unless a resync must come
+            // first): the replay, a resync, or paths left over.
+            if !self.resync && (snapshot.is_some() || !self.carry.is_empty()) {
                 match self
-                    .batch(&session, &mut watcher, snapshot.take(), paths, &tx)
+                    .batch(&session, &mut watcher, snapshot.take(), &tx)
                     .await
                 {
                     Ok(true) => {}
@@ -302,8 +314,7 @@ impl Task {
             Got::Nothing | Got::Ended => {}
             Got::Disconnected => {
                 tracing::debug!(path = self.range.path(), "zookeeper watch: disconnected");
-                self.connected = false;
-                self.resync = true;
+                self.disconnected();
             }
             Got::Connected => {
                 tracing::debug!(path = self.range.path(), "zookeeper watch: connected");
@@ -313,8 +324,37 @@ impl Task {
         None
     }
 
-    /// A failed read: keeps going (after a full re-read once connected) if
-    /// the error is transient, else delivers it and ends.
+    /// Notifications may be lost from here on: nothing read before the
+    /// next full re-read is emitted (the Connected notification follows).
+    fn disconnected(&mut self) {
+        self.connected = false;
+        self.resync = true;
+        self.carry.clear();
+    }
+
+    /// Registers the watch again (see the module docs), then reads the
+    /// whole range.
+    async fn register_again(
+        &mut self,
+        session: &Arc<Session>,
+        watcher: &mut PersistentWatcher,
+    ) -> Result<Snapshot, Interrupt> {
+        // Dropping the old watcher does not remove the new one from the
+        // server (same path and mode).
+        *watcher = session
+            .client
+            .watch(self.range.path(), self.range.mode())
+            .await?;
+        let snapshot = self.read_all(session).await?;
+        self.resync = false;
+        tracing::debug!(
+            path = self.range.path(),
+            keys = snapshot.keys.len(),
+            "zookeeper watch: registered again, range re-read"
+        );
+        Ok(snapshot)
+    }
+
     /// Recovers from an interrupted step: a new session after the old one
     /// ended, or a wait for reconnection after a transient failure. False
     /// when the watch is over.
@@ -337,18 +377,17 @@ impl Task {
         }
     }
 
+    /// A failed read: keeps going (after a full re-read once connected) if
+    /// the error is transient, else delivers it and ends.
     async fn transient(&mut self, e: zk::Error, session: &Session, tx: &Tx) -> bool {
         let err = error::map(e, "watch", self.range.path());
         if err.indicates_unreachable() {
             tracing::debug!(error = %err, "zookeeper: watch read failed, re-reading once connected");
-            self.resync = true;
+            self.disconnected();
             // Usually the connection dropped and a reconnect notification
             // follows; if the session is connected already (a throttled
             // read), try again after a pause instead of waiting for one.
-            self.connected = matches!(
-                session.client.state(),
-                SessionState::SyncConnected | SessionState::ConnectedReadOnly
-            );
+            self.connected = conn::is_connected(&session.client);
             if self.connected {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -359,24 +398,16 @@ impl Task {
         }
     }
 
-    /// Reads the whole range, clearing the resync flag.
-    async fn read_all(
-        &mut self,
-        session: &Arc<Session>,
-    ) -> Result<BTreeMap<String, KvPair>, Interrupt> {
-        let snapshot = self.read_range(&session.client).await?;
-        self.resync = false;
-        Ok(snapshot)
-    }
-
-    /// Opens a new session after the old one ended, sets the watch up again
-    /// and re-reads the range. Retries with backoff until it works, the
-    /// stream is dropped or the store is closed (`None`: stop).
+    /// Opens a new session after the old one ended and sets the watch up
+    /// again; the caller then re-reads the range (`register_again`). Retries with
+    /// backoff until it works, the stream is dropped or the store is closed
+    /// (`None`: stop).
     async fn reopen(&mut self, tx: &Tx) -> Option<(Arc<Session>, PersistentWatcher)> {
         tracing::debug!(
             path = self.range.path(),
             "zookeeper watch: session ended, reopening"
         );
+        self.disconnected();
         let mut delay = Duration::from_millis(100);
         loop {
             let attempt = async {
@@ -387,47 +418,27 @@ impl Task {
                     Err(e) if e.indicates_unreachable() => return Err(None),
                     Err(e) => return Err(Some(e)),
                 };
-                let watcher = match session
+                match session
                     .client
                     .watch(self.range.path(), self.range.mode())
                     .await
                 {
-                    Ok(w) => w,
+                    Ok(w) => Ok((session, w)),
                     Err(e) => {
-                        let fatal = !error::map(e.clone(), "watch", "").indicates_unreachable()
-                            && !error::session_gone(&e);
                         if error::session_gone(&e) {
                             self.inner.conn.forget(&session);
+                            return Err(None);
                         }
-                        return Err(fatal.then(|| error::map(e, "watch", self.range.path())));
+                        let err = error::map(e, "watch", self.range.path());
+                        Err((!err.indicates_unreachable()).then_some(err))
                     }
-                };
-                Ok::<_, Option<Error>>((session, watcher))
+                }
             };
             match attempt.await {
-                Ok((session, mut watcher)) => {
-                    let done = match self.read_all(&session).await {
-                        Ok(snapshot) => {
-                            self.batch(&session, &mut watcher, Some(snapshot), BTreeSet::new(), tx)
-                                .await
-                        }
-                        Err(e) => Err(e),
-                    };
-                    match done {
-                        Ok(true) => {
-                            self.connected = true;
-                            return Some((session, watcher));
-                        }
-                        Ok(false) => return None,
-                        Err(Interrupt::Failed(e)) => {
-                            let err = error::map(e, "watch", self.range.path());
-                            if !err.indicates_unreachable() {
-                                let _ = tx.send(Err(err)).await;
-                                return None;
-                            }
-                        }
-                        Err(Interrupt::SessionEnded) => self.inner.conn.forget(&session),
-                    }
+                Ok(found) => {
+                    // Connected now; the run loop re-reads the range.
+                    self.connected = true;
+                    return Some(found);
                 }
                 Err(Some(fatal)) => {
                     let _ = tx.send(Err(fatal)).await;
@@ -447,60 +458,100 @@ impl Task {
         }
     }
 
-    /// One batch: reads `paths` (and the whole range if `snapshot` is given),
-    /// keeps reading what gets notified meanwhile, then emits the
-    /// differences. `Ok(false)`: the consumer is gone.
+    /// One batch: reads the carried paths (and the whole range if
+    /// `snapshot` is given), keeps reading what gets notified meanwhile,
+    /// then emits what changed. `Ok(false)`: the consumer is gone.
     async fn batch(
         &mut self,
         session: &Arc<Session>,
         watcher: &mut PersistentWatcher,
-        snapshot: Option<BTreeMap<String, KvPair>>,
-        mut paths: BTreeSet<String>,
+        snapshot: Option<Snapshot>,
         tx: &Tx,
     ) -> Result<bool, Interrupt> {
-        let mut results: BTreeMap<String, Option<KvPair>> = BTreeMap::new();
-        if let Some(snapshot) = snapshot {
-            for p in self.view.keys() {
-                results.insert(p.clone(), None);
-            }
-            for (p, kv) in snapshot {
-                results.insert(p, Some(kv));
-            }
-        }
-        let mut rounds = 0;
-        let started = tokio::time::Instant::now();
-        loop {
-            self.drain(watcher, &mut paths)?;
-            if paths.is_empty() {
-                break;
-            }
-            if started.elapsed() > MAX_BATCH {
-                // Writes keep coming: emit what was read, read the rest next.
-                self.carry = std::mem::take(&mut paths);
-                break;
-            }
-            rounds += 1;
-            let list: Vec<String> = std::mem::take(&mut paths).into_iter().collect();
-            let read = tree::read_many(&session.client, &list).await?;
-            let now = codec::now_millis();
-            for (path, r) in list.into_iter().zip(read) {
-                let kv = r.and_then(|(data, stat)| to_pair(&path, data, &stat, now));
-                results.insert(path, kv);
-            }
-        }
-        let events = self.diff(results);
+        let Some(gathered) = self.gather(session, watcher, snapshot).await? else {
+            // The connection dropped meanwhile: the resync takes over.
+            return Ok(true);
+        };
+        let applied = self.view.apply(gathered.reads, gathered.watermark);
+        self.carry.extend(applied.held);
+        self.carry.extend(gathered.pending);
         tracing::debug!(
             path = self.range.path(),
-            rounds,
-            events = events.len(),
+            events = applied.events.len(),
+            carried = self.carry.len(),
             "zookeeper watch: batch"
         );
-        for ev in events {
+        for ev in applied.events {
             if tx.send(Ok(ev)).await.is_err() {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// The reading part of a batch (steps 1–3 of the module docs), starting
+    /// from the carried paths. `None`: the connection dropped meanwhile, so
+    /// what was read is not known to be complete and must not be emitted.
+    async fn gather(
+        &mut self,
+        session: &Arc<Session>,
+        watcher: &mut PersistentWatcher,
+        snapshot: Option<Snapshot>,
+    ) -> Result<Option<Gathered>, Interrupt> {
+        let mut paths = std::mem::take(&mut self.carry);
+        let mut reads = Reads::new();
+        // Largest zxid seen so far, and before the latest round.
+        let mut seen = 0;
+        let mut before_round = 0;
+        if let Some(snapshot) = snapshot {
+            for p in self.view.paths() {
+                reads.insert(p.clone(), None);
+            }
+            for (p, kv) in snapshot.keys {
+                reads.insert(p, Some(kv));
+            }
+            seen = snapshot.seen;
+        }
+        let started = tokio::time::Instant::now();
+        loop {
+            self.drain(watcher, &mut paths)?;
+            if self.resync {
+                return Ok(None);
+            }
+            if paths.is_empty() {
+                return Ok(Some(Gathered {
+                    reads,
+                    watermark: seen,
+                    pending: paths,
+                }));
+            }
+            if started.elapsed() > MAX_BATCH {
+                // Writes keep coming: what is pending changed after the
+                // previous round's reads.
+                return Ok(Some(Gathered {
+                    reads,
+                    watermark: before_round,
+                    pending: paths,
+                }));
+            }
+            if !conn::is_connected(&session.client) {
+                // Do not queue reads into a dropped connection; the
+                // Disconnected notification is on its way.
+                self.disconnected();
+                return Ok(None);
+            }
+            before_round = seen;
+            let list: Vec<String> = std::mem::take(&mut paths).into_iter().collect();
+            let read = tree::read_many(&session.client, &list).await?;
+            let now = codec::now_millis();
+            for (path, r) in list.into_iter().zip(read) {
+                let kv = r.and_then(|(data, stat)| {
+                    seen = seen.max(stat.mzxid as u64);
+                    to_pair(&path, data, &stat, now)
+                });
+                reads.insert(path, kv);
+            }
+        }
     }
 
     /// Takes the notifications already received, without waiting.
@@ -520,67 +571,43 @@ impl Task {
         Ok(())
     }
 
-    /// Events that turn the consumer's view into `results` (for the paths
-    /// in it), and the view updated.
-    fn diff(&mut self, results: BTreeMap<String, Option<KvPair>>) -> Vec<Event> {
-        let mut deleted = Vec::new();
-        let mut put = Vec::new();
-        for (path, new) in results {
-            match (self.view.get(&path), new) {
-                (Some(_), None) => deleted.push(path),
-                (old, Some(kv)) if old.map(|o| o.mod_revision) != Some(kv.mod_revision) => {
-                    put.push((path, kv));
-                }
-                _ => {}
-            }
-        }
-        let mut events = Vec::with_capacity(deleted.len() + put.len());
-        if !deleted.is_empty() {
-            let floor = deleted
-                .iter()
-                .filter_map(|p| self.view.get(p).map(|kv| kv.mod_revision))
-                .max()
-                .unwrap_or(0);
-            let revision = self.last.max(floor) + 1;
-            self.last = revision;
-            for path in deleted {
-                if let Some(old) = self.view.remove(&path) {
-                    events.push(Event::Delete {
-                        key: old.key,
-                        revision,
-                    });
-                }
-            }
-        }
-        put.sort_by_key(|(_, kv)| kv.mod_revision);
-        for (path, kv) in put {
-            self.last = self.last.max(kv.mod_revision);
-            let prev = self.view.insert(path, kv.clone());
-            events.push(Event::Put { kv, prev });
-        }
-        events
-    }
-
-    /// The keys in range now: path → pair.
-    async fn read_range(&self, client: &zk::Client) -> Result<BTreeMap<String, KvPair>, zk::Error> {
+    /// The keys in range now, after a `sync`: the read reflects every write
+    /// acknowledged before it, also on a new session whose server may lag
+    /// behind the one the view came from.
+    async fn read_all(&self, session: &Session) -> Result<Snapshot, zk::Error> {
+        let client = &session.client;
+        client.sync(self.range.path()).await?;
         let now = codec::now_millis();
         match &self.range {
             Range::Key(path) => Ok(match client.get_data(path).await {
-                Ok((data, stat)) => to_pair(path, data, &stat, now)
-                    .map(|kv| (path.clone(), kv))
-                    .into_iter()
-                    .collect(),
-                Err(zk::Error::NoNode) => BTreeMap::new(),
+                Ok((data, stat)) => Snapshot {
+                    seen: stat.mzxid as u64,
+                    keys: to_pair(path, data, &stat, now)
+                        .map(|kv| (path.clone(), kv))
+                        .into_iter()
+                        .collect(),
+                },
+                Err(zk::Error::NoNode) => Snapshot {
+                    keys: BTreeMap::new(),
+                    seen: 0,
+                },
                 Err(e) => return Err(e),
             }),
-            Range::Below(base) => Ok(tree::scan(client, base)
-                .await?
-                .into_iter()
-                .filter_map(|n| {
-                    let kv = to_pair(&n.path, n.data, &n.stat, now)?;
-                    Some((n.path, kv))
+            Range::Below(base) => {
+                let nodes = tree::scan(client, base).await?;
+                let seen = nodes.iter().map(|n| n.stat.mzxid as u64).max();
+                let keys = nodes
+                    .into_iter()
+                    .filter_map(|n| {
+                        let kv = to_pair(&n.path, n.data, &n.stat, now)?;
+                        Some((n.path, kv))
+                    })
+                    .collect();
+                Ok(Snapshot {
+                    keys,
+                    seen: seen.unwrap_or(0),
                 })
-                .collect()),
+            }
         }
     }
 }
