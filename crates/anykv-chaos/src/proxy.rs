@@ -538,7 +538,10 @@ async fn until_due(
     read_at: Instant,
 ) -> io::Result<()> {
     loop {
-        let mode = mode_when(control, origin, |m| matches!(m, Mode::Pass | Mode::Delay(_))).await?;
+        let mode = mode_when(control, origin, |m| {
+            matches!(m, Mode::Pass | Mode::Delay(_))
+        })
+        .await?;
         let Mode::Delay(delay) = mode else {
             return Ok(());
         };
@@ -578,19 +581,21 @@ pub fn origin_pid(client: SocketAddr, server: SocketAddr) -> Option<u32> {
 
 /// The inode of the socket with local address `local` and remote `remote`.
 fn socket_inode(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|table| {
-        let table = std::fs::read_to_string(table).ok()?;
-        // Header, then: sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
-        table.lines().skip(1).find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let line_local = parse_proc_addr(fields.get(1)?)?;
-            let line_remote = parse_proc_addr(fields.get(2)?)?;
-            let inode: u64 = fields.get(9)?.parse().ok()?;
-            // Inode 0: a socket no process holds any more (e.g. TIME_WAIT).
-            (inode != 0 && same_addr(line_local, local) && same_addr(line_remote, remote))
-                .then_some(inode)
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|table| {
+            let table = std::fs::read_to_string(table).ok()?;
+            // Header, then: sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
+            table.lines().skip(1).find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let line_local = parse_proc_addr(fields.get(1)?)?;
+                let line_remote = parse_proc_addr(fields.get(2)?)?;
+                let inode: u64 = fields.get(9)?.parse().ok()?;
+                // Inode 0: a socket no process holds any more (e.g. TIME_WAIT).
+                (inode != 0 && same_addr(line_local, local) && same_addr(line_remote, remote))
+                    .then_some(inode)
+            })
         })
-    })
 }
 
 /// Whether two addresses are the same endpoint, counting an IPv4-mapped IPv6
@@ -729,7 +734,10 @@ mod tests {
         let took = round_trip(&mut stream, b"hello").await?;
         let stats = proxy.stats();
         ensure!(stats.accepted == 1 && stats.active == 1, "{stats:?}");
-        ensure!(stats.bytes_to_upstream == 5 && stats.bytes_to_client == 5, "{stats:?}");
+        ensure!(
+            stats.bytes_to_upstream == 5 && stats.bytes_to_client == 5,
+            "{stats:?}"
+        );
         println!("pass round trip: {took:?}");
         Ok(())
     }
@@ -750,7 +758,11 @@ mod tests {
         let mut back = Vec::new();
         timeout(LIMIT, read.read_to_end(&mut back)).await??;
         writer.await??;
-        ensure!(back.len() == sent.len() && back == sent, "got {} bytes back", back.len());
+        ensure!(
+            back.len() == sent.len() && back == sent,
+            "got {} bytes back",
+            back.len()
+        );
         Ok(())
     }
 
@@ -763,11 +775,39 @@ mod tests {
         proxy.set_mode(Mode::Delay(delay));
         let took = round_trip(&mut stream, b"slow").await?;
         println!("delayed round trip: {took:?}");
-        ensure!(took >= 2 * delay, "round trip {took:?}, each way delayed {delay:?}");
-        ensure!(took < 2 * delay + Duration::from_secs(1), "round trip {took:?}");
+        ensure!(
+            took >= 2 * delay,
+            "round trip {took:?}, each way delayed {delay:?}"
+        );
+        ensure!(
+            took < 2 * delay + Duration::from_secs(1),
+            "round trip {took:?}"
+        );
         proxy.set_mode(Mode::Pass);
         let took = round_trip(&mut stream, b"fast").await?;
         ensure!(took < delay, "after Pass the round trip took {took:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn delay_is_latency_not_one_chunk_at_a_time() -> anyhow::Result<()> {
+        let proxy = proxy_to_echo().await?;
+        let mut stream = connect(&proxy).await?;
+        round_trip(&mut stream, b"warm").await?;
+        let delay = Duration::from_millis(200);
+        proxy.set_mode(Mode::Delay(delay));
+        // Eight chunks 50 ms apart: pipelined, the last is back about
+        // 350 ms + 2 × 200 ms after the first is sent; forwarded one chunk
+        // per delay, it would take over 8 × 200 ms.
+        let start = Instant::now();
+        for i in 0..8u8 {
+            stream.write_all(&[i]).await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        read_back(&mut stream, &[0, 1, 2, 3, 4, 5, 6, 7]).await?;
+        let took = start.elapsed();
+        println!("eight delayed chunks: {took:?}");
+        ensure!(took < Duration::from_millis(1200), "took {took:?}");
         Ok(())
     }
 
@@ -785,7 +825,10 @@ mod tests {
         silent_for(&mut existing, Duration::from_millis(500)).await?;
         silent_for(&mut new, Duration::from_millis(100)).await?;
         let stats = proxy.stats();
-        ensure!(stats.bytes_to_upstream == 6, "forwarded during the partition: {stats:?}");
+        ensure!(
+            stats.bytes_to_upstream == 6,
+            "forwarded during the partition: {stats:?}"
+        );
 
         proxy.set_mode(Mode::Pass);
         read_back(&mut existing, b"held").await?;
@@ -840,7 +883,10 @@ mod tests {
         drop(proxy);
         ends(&mut held).await?;
         ends(&mut blackholed).await?;
-        ensure!(TcpStream::connect(addr).await.is_err(), "still listening after drop");
+        ensure!(
+            TcpStream::connect(addr).await.is_err(),
+            "still listening after drop"
+        );
         Ok(())
     }
 
@@ -850,7 +896,7 @@ mod tests {
         let addr = proxy.local_addr();
         let mut stream = connect(&proxy).await?;
         round_trip(&mut stream, b"x").await?;
-        proxy.stop().await;
+        timeout(LIMIT, proxy.stop()).await?;
         ends(&mut stream).await?;
         let _rebound = TcpListener::bind(addr).await?;
         Ok(())
@@ -893,7 +939,10 @@ mod tests {
         ensure!(pid == Some(std::process::id()), "found {pid:?}");
         // The server end is this process too, but it is not the client end.
         let reversed = origin_pid(local, "127.0.0.1:1".parse()?);
-        ensure!(reversed.is_none(), "found {reversed:?} for a connection that does not exist");
+        ensure!(
+            reversed.is_none(),
+            "found {reversed:?} for a connection that does not exist"
+        );
         Ok(())
     }
 
@@ -919,7 +968,11 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         accepted??;
-        ensure!(found == Some(child.id()), "found {found:?}, child is {}", child.id());
+        ensure!(
+            found == Some(child.id()),
+            "found {found:?}, child is {}",
+            child.id()
+        );
         Ok(())
     }
 
