@@ -42,9 +42,15 @@ pub enum Step {
     Unknown { t: u64, token: u64 },
     /// The guard reported the lock lost.
     Lost { t: u64, token: u64 },
+    /// Released the lock.
+    Released { t: u64, token: u64 },
     /// An operation failed.
     Failed { t: u64, what: String },
 }
+
+/// How long a worker keeps the lock after writing: a critical section long
+/// enough that a holder killed or frozen by the suite is caught holding it.
+const CRITICAL_SECTION: Duration = Duration::from_millis(300);
 
 /// The stored counter.
 #[derive(Serialize, Deserialize, Debug, Default, Clone, Copy)]
@@ -126,11 +132,19 @@ pub async fn worker(url: &str, name: &str, run_for: Duration, ttl: Duration) -> 
                 }
             }
         }
-        if let Err(e) = guard.release().await {
-            emit(&Step::Failed {
+        tokio::select! {
+            _ = tokio::time::sleep(CRITICAL_SECTION) => {}
+            _ = guard.lost() => emit(&Step::Lost { t: wall_ms(), token }),
+        }
+        match guard.release().await {
+            Ok(()) => emit(&Step::Released {
+                t: wall_ms(),
+                token,
+            }),
+            Err(e) => emit(&Step::Failed {
                 t: wall_ms(),
                 what: format!("release: {e}"),
-            });
+            }),
         }
     }
     kv.close().await?;
@@ -299,6 +313,21 @@ pub fn check(steps: &[Vec<Step>], final_counter: Counter) -> LockCheck {
         }
     }
     c
+}
+
+/// True when `victim` held the lock under `token` at `at_ms`: it acquired it
+/// and had not released it by then.
+pub fn was_holding(steps: &[(String, Vec<Step>)], victim: &str, token: u64, at_ms: u64) -> bool {
+    let Some((_, s)) = steps.iter().find(|(name, _)| name == victim) else {
+        return false;
+    };
+    let acquired = s
+        .iter()
+        .any(|st| matches!(st, Step::Acquired { token: t, .. } if *t == token));
+    let released_before = s
+        .iter()
+        .any(|st| matches!(st, Step::Released { t, token: tk } if *tk == token && *t < at_ms));
+    acquired && !released_before
 }
 
 /// The delay from `after_ms` to the first acquisition by a worker other

@@ -291,18 +291,20 @@ pub async fn run(ctx: &Ctx, exe: &Path, sc: Scenario, set: &Settings) -> anyhow:
         }
         Fault::HolderKill | Fault::HolderFreeze => {
             let holder = kv.lock_holder(&Key::new(locks::LOCK)?).await?;
-            let owner = holder.and_then(|h| h.owner).unwrap_or_default();
+            let (owner, token) = holder
+                .map(|h| (h.owner.unwrap_or_default(), h.fencing_token))
+                .unwrap_or_default();
             let w = workers.iter().find(|w| w.name == owner);
             match (w, sc.fault) {
                 (Some(w), Fault::HolderKill) => {
                     signal(w.pid(), "KILL");
-                    victim_worker = Some(owner);
+                    victim_worker = Some((owner, token));
                 }
                 (Some(w), _) => {
                     signal(w.pid(), "STOP");
                     tokio::time::sleep(set.hold.max(set.lock_ttl * 3)).await;
                     signal(w.pid(), "CONT");
-                    victim_worker = Some(owner);
+                    victim_worker = Some((owner, token));
                 }
                 (None, _) => row.violation("no worker held the lock at the fault"),
             }
@@ -334,7 +336,7 @@ pub async fn run(ctx: &Ctx, exe: &Path, sc: Scenario, set: &Settings) -> anyhow:
         v => row.violation(format!("shared keys: {v}")),
     }
     row.linearizable = Some(matches!(verdict, Verdict::Linearizable));
-    check_locks(&mut row, &kv, &steps, victim_worker.as_deref(), fault_ms).await?;
+    check_locks(&mut row, &kv, &steps, victim_worker.as_ref(), fault_ms).await?;
     if sc.fault.cuts_client_off(sc.members) {
         check_outage_signals(&mut row, &watched, &liveness, fault_at, set.timeout);
     }
@@ -529,7 +531,7 @@ async fn check_locks(
     row: &mut Row,
     kv: &Kv,
     steps: &[(String, Vec<locks::Step>)],
-    victim: Option<&str>,
+    victim: Option<&(String, u64)>,
     fault_ms: u64,
 ) -> anyhow::Result<()> {
     let counter = match kv.get(&Key::new(locks::COUNTER)?).await? {
@@ -546,7 +548,12 @@ async fn check_locks(
     if c.increments == 0 {
         row.violation("lock: no increment at all");
     }
-    if let Some(victim) = victim {
+    if let Some((victim, token)) = victim {
+        if !locks::was_holding(steps, victim, *token, fault_ms) {
+            row.violation(format!(
+                "lock: {victim} had released token {token} before the fault"
+            ));
+        }
         row.handover = locks::handover(steps, victim, fault_ms);
         if row.handover.is_none() {
             row.violation(format!("lock: never handed over after {victim} stopped"));
