@@ -80,11 +80,17 @@
 //!   - `linearizable`: a `sync` on the path first (one more round trip to
 //!     the leader), so the read reflects every write acknowledged to anyone
 //!     before the read started. One caveat is ZooKeeper's: `sync` is not a
-//!     quorum operation (ZOOKEEPER-1675), so a leader deposed by a
-//!     partition that has not noticed yet can answer it from stale state,
-//!     for at most its `syncLimit`. Writes and conditional writes need
-//!     neither: they go through the leader, and their version checks make a
-//!     stale read fail the write, which is then evaluated again.
+//!     quorum operation (ZOOKEEPER-1675), so a leader cut off by a
+//!     partition can answer it from stale state until it notices it lost
+//!     its quorum (within about `syncLimit` ticks). Writes and conditional
+//!     writes need neither: they go through the leader, and their version
+//!     checks make a stale read fail the write, which is then evaluated
+//!     again.
+//!     The `sync` roughly halves read throughput: against one loopback
+//!     server here (`benches/raw_vs_anykv.rs`, two runs on a loaded 2-core
+//!     VM) a get at concurrency 1 took a p50 of 270–310 µs instead of
+//!     140 µs (0.46–0.57× the ops/s), at concurrency 64 0.45–0.52× the
+//!     ops/s; the raw client's `sync` + `getData` is as fast (0.88–1.16×).
 //! * **Watch** uses persistent watches (`AddWatchMode::PersistentRecursive`
 //!   for a prefix, `Persistent` for one key). ZooKeeper 3.8 notifications
 //!   carry no data and no zxid, so the watch reads the changed znodes
