@@ -24,7 +24,10 @@ use reqwest::header::{HeaderName, HeaderValue};
 use rustify::endpoint::Endpoint;
 use serde::{Deserialize, Serialize};
 
+use tokio::time::Instant;
+
 use crate::{
+    agents::{Agent, Agents, Pending},
     error::{self, BACKEND},
     settings::Settings,
 };
@@ -66,9 +69,8 @@ pub(crate) struct Transport {
     http: reqwest::Client,
     settings: Settings,
     token: Option<HeaderValue>,
-    /// `…/v1/txn` and `…/v1/status/leader`, parsed once.
-    txn_url: reqwest::Url,
-    leader_url: reqwest::Url,
+    /// The agents of the URL, and the one requests go to now.
+    agents: Agents,
 }
 
 impl std::fmt::Debug for Transport {
@@ -225,14 +227,9 @@ impl Transport {
                 Some(v)
             }
         };
-        let url = |path: &str| {
-            reqwest::Url::parse(&format!("{}/{path}", settings.base))
-                .map_err(|e| error::internal(format!("building the URL for {path}"), e))
-        };
         Ok(Transport {
             http,
-            txn_url: url("txn")?,
-            leader_url: url("status/leader")?,
+            agents: Agents::new(&settings.bases)?,
             settings,
             token,
         })
@@ -252,8 +249,7 @@ impl Transport {
             .await
     }
 
-    /// [`call`](Self::call) with its own deadline (blocking queries wait
-    /// longer than the per-request timeout).
+    /// [`call`](Self::call) with its own deadline.
     pub(crate) async fn call_within<E>(
         &self,
         operation: &'static str,
@@ -263,27 +259,65 @@ impl Transport {
     where
         E: Endpoint + FeaturedEndpoint,
     {
-        let mut req = endpoint
-            .request(&self.settings.base)
-            .map_err(|e| error::internal(format!("{operation}: building the request"), e))?;
-        if let Some(features) = endpoint.features() {
-            features.process(&mut req);
-        }
-        let req = reqwest::Request::try_from(req)
-            .map_err(|e| error::internal(format!("{operation}: building the request"), e))?;
-        self.send(operation, req, deadline).await
+        self.send(operation, deadline, |agent| {
+            let mut req = endpoint
+                .request(&agent.base)
+                .map_err(|e| error::internal(format!("{operation}: building the request"), e))?;
+            if let Some(features) = endpoint.features() {
+                features.process(&mut req);
+            }
+            reqwest::Request::try_from(req)
+                .map_err(|e| error::internal(format!("{operation}: building the request"), e))
+        })
+        .await
     }
 
-    /// Sends a request built here (txn, status), through the same client.
-    /// Every request is bounded: besides the layers' per-operation timeout,
-    /// the driver's own background requests (lock renewals, releases on
-    /// drop, watch loops) must not hang on a frozen agent either.
+    /// A blocking query, bounded by `deadline` (its wait plus slack). If
+    /// requests move to another agent meanwhile (the one it waits on failed
+    /// to answer someone else), it is sent again to the new agent within
+    /// the same deadline, rather than waiting out a dead or frozen one.
+    pub(crate) async fn call_blocking<E>(
+        &self,
+        operation: &'static str,
+        endpoint: &E,
+        deadline: Duration,
+    ) -> Result<Reply>
+    where
+        E: Endpoint + FeaturedEndpoint,
+    {
+        let end = Instant::now() + deadline;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    backend: BACKEND,
+                    operation,
+                    after: deadline,
+                });
+            }
+            let mut moved = self.agents.moved();
+            tokio::select! {
+                reply = self.call_within(operation, endpoint, left) => return reply,
+                // The sender lives as long as `self`: an error cannot happen.
+                _ = moved.changed() => {}
+            }
+        }
+    }
+
+    /// Sends a request built for the current agent by `build`, through the
+    /// one client. Every request is bounded: besides the layers'
+    /// per-operation timeout, the driver's own background requests (lock
+    /// renewals, releases, watch loops) must not hang on a frozen agent
+    /// either. A failure the agent is to blame for moves later requests to
+    /// the next agent of the URL.
     async fn send(
         &self,
         operation: &'static str,
-        mut req: reqwest::Request,
         deadline: Duration,
+        build: impl FnOnce(&Agent) -> Result<reqwest::Request>,
     ) -> Result<Reply> {
+        let (index, agent) = self.agents.pick();
+        let mut req = build(agent)?;
         *req.timeout_mut() = Some(deadline);
         if let Some(dc) = &self.settings.dc {
             req.url_mut().query_pairs_mut().append_pair("dc", dc);
@@ -292,21 +326,29 @@ impl Transport {
             req.headers_mut()
                 .insert(TOKEN_HEADER.clone(), token.clone());
         }
-        let resp = self
-            .http
-            .execute(req)
-            .await
-            .map_err(|e| error::from_transport(operation, deadline, e))?;
+        let pending = Pending::new(&self.agents, index, deadline);
+        let resp = match self.http.execute(req).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                pending.finish(true);
+                return Err(error::from_transport(operation, deadline, e));
+            }
+        };
         let status = resp.status().as_u16();
         let index = resp
             .headers()
             .get("x-consul-index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| error::from_transport(operation, deadline, e))?;
+        let body = match resp.bytes().await {
+            Ok(body) => body,
+            Err(e) => {
+                pending.finish(true);
+                return Err(error::from_transport(operation, deadline, e));
+            }
+        };
+        // 5xx/429: no leader, not ready, overloaded: another agent may serve.
+        pending.finish(error::classify(status, "") == error::StatusClass::Unavailable);
         Ok(Reply {
             status,
             index,
@@ -328,9 +370,13 @@ impl Transport {
                 ),
             });
         }
-        let mut req = reqwest::Request::new(reqwest::Method::PUT, self.txn_url.clone());
-        *req.body_mut() = Some(body.into());
-        let reply = self.send("txn", req, self.settings.timeout).await?;
+        let reply = self
+            .send("txn", self.settings.timeout, |agent| {
+                let mut req = reqwest::Request::new(reqwest::Method::PUT, agent.txn.clone());
+                *req.body_mut() = Some(body.into());
+                Ok(req)
+            })
+            .await?;
         match reply.status {
             200 => Ok(TxnOutcome::Committed(reply.json("txn")?)),
             409 => {
@@ -347,8 +393,14 @@ impl Transport {
 
     /// `GET /v1/status/leader`: the address of the Raft leader, empty if none.
     pub(crate) async fn leader(&self) -> Result<String> {
-        let req = reqwest::Request::new(reqwest::Method::GET, self.leader_url.clone());
-        let reply = self.send("probe", req, self.settings.timeout).await?;
+        let reply = self
+            .send("probe", self.settings.timeout, |agent| {
+                Ok(reqwest::Request::new(
+                    reqwest::Method::GET,
+                    agent.leader.clone(),
+                ))
+            })
+            .await?;
         if !reply.ok() {
             return Err(reply.error("probe"));
         }

@@ -192,7 +192,7 @@ impl Inner {
             Some((_, wait)) => {
                 // Consul adds up to wait/16 of jitter before answering.
                 let deadline = blocking_deadline(wait, self.http.settings().timeout);
-                self.http.call_within("get", &req, deadline).await?
+                self.http.call_blocking("get", &req, deadline).await?
             }
             None => self.http.call("get", &req).await?,
         };

@@ -3,6 +3,7 @@
 //! ```text
 //! consul://host:port/prefix?token=…&dc=…&consistency=consistent|default|stale&timeout=5s
 //! consuls://host:port/prefix?…&ca_file=/path/ca.pem        (HTTPS)
+//! consul://host1:port,host2:port,host3:port/prefix         (several agents)
 //! ```
 //!
 //! Options: `token` (ACL token, sent as `X-Consul-Token`, never shown in
@@ -11,9 +12,16 @@
 //! default `0s`), `ca_file` (a PEM CA trusted besides the webpki roots, for
 //! `consuls://`; read when the store is opened) and the common options
 //! (`timeout`, `retries`, …). An untrusted server certificate fails like
-//! an unreachable agent (`Unavailable`). The driver talks to one agent
-//! (`host:port`, default port 8500, 8501 for `consuls`), which forwards to
-//! the servers.
+//! an unreachable agent (`Unavailable`). The driver talks to one agent at a
+//! time (`host:port`, default port 8500, 8501 for `consuls`), which
+//! forwards to the servers. With several agents in the URL (e.g. the
+//! servers of a cluster, or a local agent and a fallback), requests go to
+//! the first and move to the next when it fails to answer (no connection,
+//! no answer within the deadline, 5xx/429); a blocking query waiting on an
+//! agent that others found dead is sent again to the next. Lock sessions
+//! belong to the node of the agent that created them (their `serfHealth`
+//! check): if that agent's node fails, Consul invalidates them and the
+//! guard reports `lost()`.
 //!
 //! The driver is built on consulrs 0.1.0's request and response types,
 //! executed on one `reqwest` client; `/v1/txn` and `/v1/status/leader`, which
@@ -183,6 +191,7 @@
 //! # Ok(()) }
 //! ```
 
+mod agents;
 mod error;
 mod http;
 mod kv;
@@ -236,7 +245,7 @@ anykv_core::inventory::submit! {
     }
 }
 
-/// A Consul KV store (one agent, one HTTP client).
+/// A Consul KV store (one HTTP client to the agents of its URL).
 ///
 /// Usually opened through `anykv_core::open("consul://…")`, which adds the
 /// standard layers; [`ConsulStore::connect`] gives the bare driver.
@@ -254,7 +263,7 @@ impl fmt::Debug for ConsulStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.inner.http.settings();
         f.debug_struct("ConsulStore")
-            .field("address", &s.address)
+            .field("agents", &s.agents)
             .field("token", &s.token.as_ref().map(|_| "***"))
             .field("dc", &s.dc)
             .finish_non_exhaustive()

@@ -53,10 +53,10 @@ impl Consistency {
 /// Everything the driver needs from the URL.
 #[derive(Clone)]
 pub(crate) struct Settings {
-    /// `http(s)://host:port/v1`.
-    pub base: String,
-    /// `host:port`, for messages.
-    pub address: String,
+    /// `http(s)://host:port/v1` of each agent, in URL order.
+    pub bases: Vec<String>,
+    /// `host:port` of each agent, for messages.
+    pub agents: Vec<String>,
     /// The ACL token, sent as `X-Consul-Token`; never shown.
     pub token: Option<Secret>,
     /// Datacenter (`?dc=`), appended to every request.
@@ -75,7 +75,7 @@ pub(crate) struct Settings {
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Settings")
-            .field("base", &self.base)
+            .field("bases", &self.bases)
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("dc", &self.dc)
             .field("consistency", &self.consistency)
@@ -97,25 +97,30 @@ impl Settings {
         if config.username.is_some() || config.password.is_some() {
             return Err(config.invalid("consul takes an ACL token (?token=…), not user:password"));
         }
-        let host = match config.hosts.as_slice() {
-            [one] => one.clone(),
-            [] => return Err(config.invalid("missing the consul agent address (host:port)")),
-            _ => {
-                return Err(config.invalid(
-                    "consul talks to one agent; give a single host:port (the agent forwards to the servers)",
-                ));
-            }
-        };
-        let address = if host
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            && !host.ends_with(']')
-        {
-            host
-        } else {
-            format!("{host}:{}", if tls { HTTPS_PORT } else { HTTP_PORT })
-        };
-        let base = format!("{}://{address}/v1", if tls { "https" } else { "http" });
+        if config.hosts.is_empty() {
+            return Err(config.invalid("missing the consul agent address (host:port)"));
+        }
+        let default_port = if tls { HTTPS_PORT } else { HTTP_PORT };
+        let agents: Vec<String> = config
+            .hosts
+            .iter()
+            .map(|host| {
+                let has_port = host
+                    .rsplit_once(':')
+                    .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                    && !host.ends_with(']');
+                if has_port {
+                    host.clone()
+                } else {
+                    format!("{host}:{default_port}")
+                }
+            })
+            .collect();
+        let scheme = if tls { "https" } else { "http" };
+        let bases = agents
+            .iter()
+            .map(|a| format!("{scheme}://{a}/v1"))
+            .collect();
 
         let token = config.secret_param("token");
         if let Some(t) = &token
@@ -162,8 +167,8 @@ impl Settings {
             .filter(|t| !t.is_zero())
             .unwrap_or(Duration::from_secs(5));
         Ok(Settings {
-            base,
-            address,
+            bases,
+            agents,
             token,
             dc,
             consistency,
@@ -188,7 +193,7 @@ mod tests {
             "consul://127.0.0.1:8600/app?token=s3cr3t&dc=dc1&consistency=stale&lock_delay=15s",
         )
         .unwrap();
-        assert_eq!(s.base, "http://127.0.0.1:8600/v1");
+        assert_eq!(s.bases, ["http://127.0.0.1:8600/v1"]);
         assert_eq!(s.dc.as_deref(), Some("dc1"));
         assert_eq!(s.consistency, Consistency::Stale);
         assert_eq!(s.lock_delay, Duration::from_secs(15));
@@ -196,7 +201,7 @@ mod tests {
         assert!(!format!("{s:?}").contains("s3cr3t"));
 
         let s = parse("consuls://consul.example").unwrap();
-        assert_eq!(s.base, "https://consul.example:8501/v1");
+        assert_eq!(s.bases, ["https://consul.example:8501/v1"]);
         assert_eq!(
             s.consistency,
             Consistency::Consistent,
@@ -211,14 +216,20 @@ mod tests {
             let s = parse(&format!("consul://h:1?consistency={v}")).unwrap();
             assert_eq!(s.consistency, c, "{v}");
         }
-        assert_eq!(parse("consul://h").unwrap().base, "http://h:8500/v1");
+        assert_eq!(parse("consul://h").unwrap().bases, ["http://h:8500/v1"]);
+        let s = parse("consul://a:1,b,c:3").unwrap();
+        assert_eq!(
+            s.bases,
+            ["http://a:1/v1", "http://b:8500/v1", "http://c:3/v1"],
+            "several agents, tried in turn"
+        );
+        assert_eq!(s.agents, ["a:1", "b:8500", "c:3"]);
     }
 
     #[test]
     fn bad_options_are_invalid_url_without_the_token() {
         for url in [
             "consul://h:1?consistency=linearizable",
-            "consul://h1:1,h2:2",
             "consul://",
             "consul://u:pw@h:1",
             "consul://h:1?token=a%20b",

@@ -451,3 +451,58 @@ async fn huge_durations_do_not_panic() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
 }
+
+/// Several agents in the URL: a dead one (refused) and a hung one (accepts,
+/// never answers) before the live one cost a failed attempt each, then
+/// every operation — reads, writes, watches, locks — goes to the live one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_and_hung_agents_are_skipped() {
+    let Some(url) = common::url("ANYKV_TEST_CONSUL") else {
+        return;
+    };
+    let live = common::addr(&url);
+    let hung = anykv_testkit::server::silent_port().await;
+    let dead = common::closed_port();
+    let agents = format!("consul://127.0.0.1:{dead},127.0.0.1:{hung},{live}");
+    let ns = common::unique("failover");
+    let kv = common::open(&agents, &ns, "timeout=1s&retries=2").await;
+    let k = Key::new("a").unwrap();
+    let t = tokio::time::Instant::now();
+    // A write whose first attempt is refused was never sent: retried on
+    // the next agent; the hung one times out once, then the live one answers.
+    let mut v = None;
+    for _ in 0..3 {
+        match kv.put(&k, "1".into(), PutOptions::default()).await {
+            Ok(version) => {
+                v = Some(version);
+                break;
+            }
+            Err(e) => assert!(e.indicates_unreachable(), "{e}"),
+        }
+    }
+    let v = v.expect("a write reaches the live agent");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let t = tokio::time::Instant::now();
+    assert_eq!(kv.get(&k).await.unwrap().unwrap().version, v);
+    let mut w = kv
+        .watch(Target::Prefix(Prefix::root()), Start::Now)
+        .await
+        .unwrap();
+    let v2 = kv.put(&k, "2".into(), PutOptions::default()).await.unwrap();
+    match timeout(Duration::from_secs(10), w.next()).await {
+        Ok(Some(Ok(Event::Put { kv, .. }))) => assert_eq!(kv.version, v2),
+        other => panic!("expected the put, got {other:?}"),
+    }
+    let g = kv
+        .try_lock(&k, LockOptions::default())
+        .await
+        .unwrap()
+        .expect("lock");
+    g.release().await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "no more failed attempts once on the live agent: {:?}",
+        t.elapsed()
+    );
+    kv.delete_prefix(&Prefix::root()).await.unwrap();
+}
