@@ -193,6 +193,9 @@ pub struct Settings {
     pub keys: usize,
     /// The lock workers' TTL.
     pub lock_ttl: Duration,
+    /// How long a lock holder's fault lasts at least: longer than any
+    /// backend's lease or session takes to run out for `lock_ttl`.
+    pub handover_wait: Duration,
 }
 
 impl Default for Settings {
@@ -206,6 +209,7 @@ impl Default for Settings {
             clients: 4,
             keys: 4,
             lock_ttl: Duration::from_secs(3),
+            handover_wait: Duration::from_secs(24),
         }
     }
 }
@@ -242,8 +246,15 @@ pub async fn run(ctx: &Ctx, exe: &Path, sc: Scenario, set: &Settings) -> anyhow:
     let kv = open_when_ready(&url, Duration::from_secs(30)).await?;
     let mut row = Row::new(&sc);
 
+    // A lock holder's lease or session has to run out before the handover
+    // (Consul's session TTL is at least 10 s and runs out within 2 × TTL).
+    let (hold, after) = match sc.fault {
+        Fault::HolderKill => (Duration::ZERO, set.handover_wait),
+        Fault::HolderFreeze => (set.handover_wait, set.after),
+        _ => (set.hold, set.after),
+    };
     let epoch = Instant::now();
-    let until = epoch + set.warmup + set.hold + set.after;
+    let until = epoch + set.warmup + hold + after;
     let bound = set.op_bound();
     let liveness = Arc::new(Mutex::new(Vec::new()));
     let liveness_task = workload::record_liveness(&kv, liveness.clone());
@@ -302,7 +313,7 @@ pub async fn run(ctx: &Ctx, exe: &Path, sc: Scenario, set: &Settings) -> anyhow:
                 }
                 (Some(w), _) => {
                     signal(w.pid(), "STOP");
-                    tokio::time::sleep(set.hold.max(set.lock_ttl * 3)).await;
+                    tokio::time::sleep(hold).await;
                     signal(w.pid(), "CONT");
                     victim_worker = Some((owner, token));
                 }

@@ -86,6 +86,9 @@ pub struct Cluster {
     scheme: &'static str,
     query: String,
     probes: Probes,
+    /// Where clients connect instead of the members (Consul: a client
+    /// agent that forwards to the servers), and the processes behind it.
+    gateway: Option<(u16, Vec<Proc>)>,
 }
 
 impl Cluster {
@@ -103,17 +106,29 @@ impl Cluster {
             scheme,
             query: query.into(),
             probes,
+            gateway: None,
         }
+    }
+
+    /// Clients connect to `port` (served by `procs`) instead of the
+    /// members: the suite can then fault any member without cutting the
+    /// client off.
+    pub(crate) fn with_gateway(mut self, port: u16, procs: Vec<Proc>) -> Cluster {
+        self.gateway = Some((port, procs));
+        self
     }
 
     /// The anykv URL reaching every member (through proxies where proxied),
     /// with `extra` query options (`timeout=1s&…`, may be empty).
     pub fn url(&self, extra: &str) -> String {
-        let hosts: Vec<String> = self
-            .members
-            .iter()
-            .map(|m| format!("127.0.0.1:{}", m.client.reach))
-            .collect();
+        let hosts: Vec<String> = match &self.gateway {
+            Some((port, _)) => vec![format!("127.0.0.1:{port}")],
+            None => self
+                .members
+                .iter()
+                .map(|m| format!("127.0.0.1:{}", m.client.reach))
+                .collect(),
+        };
         let mut query = self.query.clone();
         if !extra.is_empty() {
             if !query.is_empty() {

@@ -81,6 +81,10 @@ fn binary(ctx: &Ctx) -> Result<PathBuf> {
 /// `raft_multiplier = 1` lets a restarted server elect itself in 1–2 s
 /// instead of ~10 s. With `proxied`, each HTTP (client) port has a proxy
 /// port in front; the peer ports (server RPC, serf) are always direct.
+///
+/// With `n > 1`, applications talk to a client agent (as in production:
+/// anykv's Consul driver talks to one agent), which forwards to the
+/// servers; the cluster's URL names that agent, so any server can fail.
 pub fn cluster(ctx: &Ctx, name: &str, n: usize, proxied: bool) -> Result<Cluster> {
     let bin = binary(ctx)?;
     struct Ports {
@@ -143,6 +147,12 @@ pub fn cluster(ctx: &Ctx, name: &str, n: usize, proxied: bool) -> Result<Cluster
             peers: vec![p.server, p.serf_lan],
         });
     }
+    let joins: Vec<u16> = ports.iter().map(|p| p.serf_lan.listen).collect();
+    let gateway = if n > 1 {
+        Some(client_agent(ctx, &bin, &format!("{name}-agent"), &joins)?)
+    } else {
+        None
+    };
     let probes = Probes {
         ready: |m| has_leader(m.client.listen),
         is_leader: |m| {
@@ -151,7 +161,41 @@ pub fn cluster(ctx: &Ctx, name: &str, n: usize, proxied: bool) -> Result<Cluster
                 .is_some_and(|(status, body)| status == 200 && body.trim().trim_matches('"') == me)
         },
     };
-    Ok(Cluster::new("consul", "consul", "", members, probes))
+    let cluster = Cluster::new("consul", "consul", "", members, probes);
+    Ok(match gateway {
+        Some((port, proc)) => cluster.with_gateway(port, vec![proc]),
+        None => cluster,
+    })
+}
+
+/// A client (non-server) agent joined to the servers at `joins`: its HTTP
+/// port and process.
+fn client_agent(ctx: &Ctx, bin: &Path, node: &str, joins: &[u16]) -> Result<(u16, Proc)> {
+    let dir = ctx.tempdir(node)?;
+    let http = free_port()?;
+    let config = dir.join("agent.hcl");
+    fs::write(
+        &config,
+        format!(
+            "limits {{ http_max_conns_per_client = 4096 }}\n\
+             ports {{ dns = -1, grpc = -1, http = {http}, serf_lan = {}, serf_wan = -1, server = {} }}\n",
+            free_port()?,
+            free_port()?
+        ),
+    )?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["agent", "-client", "127.0.0.1", "-bind", "127.0.0.1"])
+        .args(["-node", node])
+        .arg("-data-dir")
+        .arg(dir.join("data"))
+        .arg("-config-file")
+        .arg(&config)
+        .env("HOME", &dir)
+        .current_dir(&dir);
+    for port in joins {
+        cmd.arg("-retry-join").arg(format!("127.0.0.1:{port}"));
+    }
+    Ok((http, Proc::spawn(ctx, node, cmd)?))
 }
 
 struct Agent {
