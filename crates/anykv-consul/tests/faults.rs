@@ -420,7 +420,8 @@ async fn release_during_outage(bin: &str) -> (Duration, Duration) {
 }
 
 /// A frozen server (SIGSTOP) thawed after 3 s: the watch resumes by itself
-/// and sees later writes, and the lock is not reported lost.
+/// and sees later writes, the lock is not reported lost, and a lock
+/// released during the freeze is free soon after the thaw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_and_lock_survive_a_freeze() {
     let Some(bin) = consul_bin() else {
@@ -442,9 +443,41 @@ async fn watch_and_lock_survive_a_freeze() {
         )
         .await
         .expect("lock");
+    let given_back = kv
+        .lock(&Key::new("given-back").unwrap(), LockOptions::default())
+        .await
+        .expect("second lock");
     server.signal("STOP");
-    sleep(Duration::from_secs(3)).await;
+    // A release while the agent is frozen ends within the timeout (2 s)…
+    let t = Instant::now();
+    let released = given_back.release().await;
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "release took {:?}",
+        t.elapsed()
+    );
+    assert!(released.is_err(), "nothing can confirm a frozen release");
+    sleep(Duration::from_secs(3).saturating_sub(t.elapsed())).await;
     server.signal("CONT");
+    let thawed = Instant::now();
+    // …and is retried: the lock is free soon after the thaw, not when its
+    // session expires (20 s later).
+    loop {
+        let free = kv.lock_holder(&Key::new("given-back").unwrap()).await;
+        if matches!(free, Ok(None)) {
+            break;
+        }
+        assert!(
+            thawed.elapsed() < Duration::from_secs(8),
+            "still held {:?} after the thaw: {free:?}",
+            thawed.elapsed()
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "released during a freeze: free {:?} after the thaw",
+        thawed.elapsed()
+    );
     let k = Key::new("f/after").unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let v = loop {
