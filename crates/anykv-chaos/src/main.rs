@@ -40,6 +40,10 @@ enum Cmd {
         /// Also writes the table to this file.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Extra URL options for every handle, e.g. `consistency=stale` (to
+        /// see what a weaker mode costs under faults).
+        #[arg(long = "option", value_name = "KEY=VALUE")]
+        options: Vec<String>,
     },
     /// One lock worker (started by `run`).
     LockWorker {
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
                 members,
                 runs,
                 report,
+                options,
             } => {
                 let all = if ci {
                     scenario::ci_subset()
@@ -107,7 +112,11 @@ fn main() -> ExitCode {
                     .filter(|s| members.is_none_or(|m| m == s.members))
                     .collect();
                 anyhow::ensure!(!chosen.is_empty(), "no scenario matches the selection");
-                run(&chosen, runs, report).await
+                let settings = Settings {
+                    url_options: options.join("&"),
+                    ..Settings::default()
+                };
+                run(&chosen, runs, report, &settings).await
             }
         }
     });
@@ -126,6 +135,7 @@ async fn run(
     chosen: &[scenario::Scenario],
     runs: usize,
     report_file: Option<PathBuf>,
+    settings: &Settings,
 ) -> anyhow::Result<bool> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -133,12 +143,11 @@ async fn run(
     anykv_servers::stop_all_on_signal()?;
     let ctx = anykv_servers::Ctx::new(root)?;
     let exe = std::env::current_exe()?;
-    let settings = Settings::default();
     let mut rows: Vec<Row> = Vec::new();
     for r in 1..=runs {
         for sc in chosen {
             println!("anykv-chaos: run {r}/{runs}: {}", sc.name());
-            let row = match scenario::run(&ctx, &exe, *sc, &settings).await {
+            let row = match scenario::run(&ctx, &exe, *sc, settings).await {
                 Ok(row) => row,
                 Err(e) => Row::failed(sc, &e),
             };

@@ -196,6 +196,8 @@ pub struct Settings {
     /// How long a lock holder's fault lasts at least: longer than any
     /// backend's lease or session takes to run out for `lock_ttl`.
     pub handover_wait: Duration,
+    /// Extra URL options (`key=value&…`) for every handle.
+    pub url_options: String,
 }
 
 impl Default for Settings {
@@ -210,6 +212,7 @@ impl Default for Settings {
             keys: 4,
             lock_ttl: Duration::from_secs(3),
             handover_wait: Duration::from_secs(24),
+            url_options: String::new(),
         }
     }
 }
@@ -239,10 +242,11 @@ pub async fn run(ctx: &Ctx, exe: &Path, sc: Scenario, set: &Settings) -> anyhow:
         tokio::task::block_in_place(|| sc.backend.cluster(ctx, &tag, sc.members, proxied))?;
     let proxies = start_proxies(&cluster).await?;
     tokio::task::block_in_place(|| cluster.wait_all_ready(Duration::from_secs(90)))?;
-    let url = cluster.url(&format!(
-        "timeout={}ms&prefix={tag}",
-        set.timeout.as_millis()
-    ));
+    let mut options = format!("timeout={}ms&prefix={tag}", set.timeout.as_millis());
+    if !set.url_options.is_empty() {
+        options = format!("{options}&{}", set.url_options);
+    }
+    let url = cluster.url(&options);
     let kv = open_when_ready(&url, Duration::from_secs(30)).await?;
     let mut row = Row::new(&sc);
 
