@@ -302,12 +302,26 @@ impl Kv {
 
     fn ensure_open(&self) -> Result<()> {
         if *self.inner.closed.borrow() {
-            return Err(Error::Cancelled {
-                backend: self.inner.backend,
-                message: "store handle closed".into(),
-            });
+            return Err(self.closed_error());
         }
         Ok(())
+    }
+
+    /// What an operation or a watch of a closed handle gets.
+    fn closed_error(&self) -> Error {
+        Error::Cancelled {
+            backend: self.inner.backend,
+            message: "store handle closed".into(),
+        }
+    }
+
+    /// An `Unavailable` the layer itself reports on a watch.
+    fn watch_unavailable(&self, message: &str) -> Error {
+        Error::Unavailable {
+            backend: self.inner.backend,
+            message: message.into(),
+            source: None,
+        }
     }
 
     // ---- namespace mapping -------------------------------------------------
@@ -518,11 +532,9 @@ impl Kv {
                             st.signalled = false;
                         } else {
                             st.signalled = true;
-                            let e = Error::Unavailable {
-                                backend: st.kv.inner.backend,
-                                message: "backend unreachable; the watch resumes by itself".into(),
-                                source: None,
-                            };
+                            let e = st.kv.watch_unavailable(
+                                "backend unreachable; the watch resumes by itself",
+                            );
                             return Some((Err(e), (st, map)));
                         }
                         continue;
@@ -530,11 +542,7 @@ impl Kv {
                 };
                 let Some(item) = item else {
                     st.done = true;
-                    let e = Error::Cancelled {
-                        backend: st.kv.inner.backend,
-                        message: "store handle closed".into(),
-                    };
-                    return Some((Err(e), (st, map)));
+                    return Some((Err(st.kv.closed_error()), (st, map)));
                 };
                 match item {
                     Some(Ok(v)) => {
@@ -551,11 +559,7 @@ impl Kv {
                     }
                     None if endless && !st.after_error => {
                         st.done = true;
-                        let e = Error::Unavailable {
-                            backend: st.kv.inner.backend,
-                            message: "watch stream ended unexpectedly".into(),
-                            source: None,
-                        };
+                        let e = st.kv.watch_unavailable("watch stream ended unexpectedly");
                         return Some((Err(e), (st, map)));
                     }
                     None => return None,
