@@ -19,7 +19,6 @@
 pub mod history;
 pub mod linearizability;
 pub mod locks;
-pub mod proxy;
 pub mod report;
 pub mod scenario;
 pub mod workload;

@@ -15,12 +15,12 @@ use std::{
 
 use anykv::{Key, Kv, Prefix, Store};
 use anykv_servers::{Cluster, Ctx};
+use anykv_testkit::proxy::{Mode, Proxy};
 
 use crate::{
     history::WriteLog,
     linearizability::{self, Verdict},
     locks::{self, Counter, Worker},
-    proxy::{Mode, Proxy},
     report::Row,
     workload::{self, Timing, Watched},
 };

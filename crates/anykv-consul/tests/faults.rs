@@ -11,7 +11,9 @@
 //!   session expires);
 //! - a watch resumes by itself after a freeze.
 //!
-//! Skipped (with a reason) without `ANYKV_CONSUL_BIN`, unless
+//! The server comes from the Consul package `cargo xtask` caches (through
+//! `anykv_servers`). Skipped (with a reason) without `ANYKV_CONSUL_BIN` (set
+//! when `cargo xtask` has provisioned Consul), unless
 //! `ANYKV_REQUIRE_SERVERS=1`. Each test stops every process it starts, also
 //! when it fails (`PersistentServer` kills on drop).
 
@@ -35,9 +37,10 @@ use tokio::time::{Instant, sleep, timeout};
 
 use common::PersistentServer;
 
-/// The consul binary, or `None` (skip) when it is not configured.
-fn consul_bin() -> Option<String> {
-    anykv_testkit::server_url("ANYKV_CONSUL_BIN")
+/// Whether Consul is provisioned (`ANYKV_CONSUL_BIN` set); false (skip)
+/// otherwise.
+fn consul_provisioned() -> bool {
+    anykv_testkit::server_url("ANYKV_CONSUL_BIN").is_some()
 }
 
 async fn open(server: &PersistentServer, ns: &str, extra: &str) -> Kv {
@@ -145,8 +148,8 @@ fn view_of(events: &[Event]) -> BTreeMap<Key, u64> {
 /// watches (on `w` and on each writer's `w/<i>`, from two handles: six
 /// blocking loops, each resuming on its own schedule) and one held lock,
 /// across `kill -9` + restart of the server.
-async fn restart_under_load(bin: &str, url_extra: &str) -> Report {
-    let mut server = PersistentServer::start(bin).await;
+async fn restart_under_load(name: &str, url_extra: &str) -> Report {
+    let mut server = PersistentServer::start(name).await;
     fill_log(&server, 4096).await;
     let kv = open(&server, "load", url_extra).await;
     let other = open(&server, "load", url_extra).await;
@@ -301,10 +304,10 @@ async fn restart_under_load(bin: &str, url_extra: &str) -> Report {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_reads_and_lock_keep_the_contract_across_a_restart() {
-    let Some(bin) = consul_bin() else {
+    if !consul_provisioned() {
         return;
-    };
-    let r = restart_under_load(&bin, "").await;
+    }
+    let r = restart_under_load("faults-load", "").await;
     eprintln!(
         "restart under load: {r:?}; leader back {:?} after the restart",
         r.recovery
@@ -326,10 +329,10 @@ async fn watch_reads_and_lock_keep_the_contract_across_a_restart() {
 /// confirmed by a `consistent` read before anything is diffed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_watch_keeps_the_contract_with_stale_reads() {
-    let Some(bin) = consul_bin() else {
+    if !consul_provisioned() {
         return;
-    };
-    let r = restart_under_load(&bin, "&consistency=stale").await;
+    }
+    let r = restart_under_load("faults-stale", "&consistency=stale").await;
     eprintln!("restart under load, consistency=stale: {r:?}");
     assert!(r.acked > 100, "too little load to mean anything: {r:?}");
     assert_eq!(
@@ -346,10 +349,10 @@ async fn the_watch_keeps_the_contract_with_stale_reads() {
 /// server is back (not when the holder's session expires, 20 s later).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_release_during_an_outage_hands_over_when_the_server_returns() {
-    let Some(bin) = consul_bin() else {
+    if !consul_provisioned() {
         return;
-    };
-    let (release_took, handover) = release_during_outage(&bin).await;
+    }
+    let (release_took, handover) = release_during_outage().await;
     eprintln!("release during outage took {release_took:?}; handover {handover:?}");
     assert!(
         release_took < Duration::from_secs(3),
@@ -363,8 +366,8 @@ async fn a_release_during_an_outage_hands_over_when_the_server_returns() {
 
 /// Returns how long `release()` took and how long after the server named a
 /// leader again the contender held the lock.
-async fn release_during_outage(bin: &str) -> (Duration, Duration) {
-    let mut server = PersistentServer::start(bin).await;
+async fn release_during_outage() -> (Duration, Duration) {
+    let mut server = PersistentServer::start("faults-handover").await;
     let a = open(&server, "handover", "").await;
     let b = open(&server, "handover", "").await;
     let key = Key::new("l").unwrap();
@@ -424,10 +427,10 @@ async fn release_during_outage(bin: &str) -> (Duration, Duration) {
 /// released during the freeze is free soon after the thaw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_and_lock_survive_a_freeze() {
-    let Some(bin) = consul_bin() else {
+    if !consul_provisioned() {
         return;
-    };
-    let server = PersistentServer::start(&bin).await;
+    }
+    let server = PersistentServer::start("faults-freeze").await;
     let kv = open(&server, "freeze", "").await;
     let mut watch = kv
         .watch(Target::Prefix(Prefix::new("f").unwrap()), Start::Now)
@@ -447,7 +450,7 @@ async fn watch_and_lock_survive_a_freeze() {
         .lock(&Key::new("given-back").unwrap(), LockOptions::default())
         .await
         .expect("second lock");
-    server.signal("STOP");
+    server.freeze();
     // A release while the agent is frozen ends within the timeout (2 s)…
     let t = Instant::now();
     let released = given_back.release().await;
@@ -458,7 +461,7 @@ async fn watch_and_lock_survive_a_freeze() {
     );
     assert!(released.is_err(), "nothing can confirm a frozen release");
     sleep(Duration::from_secs(3).saturating_sub(t.elapsed())).await;
-    server.signal("CONT");
+    server.thaw();
     let thawed = Instant::now();
     // …and is retried: the lock is free soon after the thaw, not when its
     // session expires (20 s later).

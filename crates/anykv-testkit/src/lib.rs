@@ -20,12 +20,14 @@
 //! The run panics if any scenario failed or if none ran.
 //!
 //! Besides the suite: [`server`] helps a driver's own tests against a real
-//! server, [`liveness`] checks liveness reporting, and [`bench`](mod@bench) is the
-//! harness of every driver's `raw_vs_anykv` benchmark (anykv vs the raw
-//! client, interleaved, in one process).
+//! server, [`liveness`] checks liveness reporting, [`proxy`] is a TCP fault
+//! proxy (the fault suite's and the drivers' outage tests), and
+//! [`bench`](mod@bench) is the harness of every driver's `raw_vs_anykv`
+//! benchmark (anykv vs the raw client, interleaved, in one process).
 
 pub mod bench;
 pub mod liveness;
+pub mod proxy;
 mod scenarios;
 pub mod server;
 mod support;

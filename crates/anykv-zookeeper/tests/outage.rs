@@ -2,6 +2,9 @@
 //! server is cut, the server keeps running): operations fail fast instead
 //! of queueing, a write refused meanwhile never lands later, and a watch
 //! resumes by itself with its events in revision order.
+//!
+//! The cut is [`Mode::Reset`]: every connection closed, each reconnect
+//! attempt refused at once, until the proxy is back to [`Mode::Pass`].
 
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
@@ -17,7 +20,7 @@ use std::{
 };
 
 use anykv_core::{Condition, ErrorKind, Event, Key, Kv, Prefix, PutOptions, Start, Store, Target};
-use common::proxy::Proxy;
+use anykv_testkit::proxy::{Mode, Proxy};
 use futures::StreamExt;
 
 fn key(s: &str) -> Key {
@@ -30,9 +33,17 @@ const QUERY: &str = "timeout=2s&session_timeout=20s";
 /// A store reaching the shared server through a proxy, and one reaching it
 /// directly, on one fresh namespace.
 async fn stores(url: &str, name: &str) -> (Proxy, Kv, Kv) {
-    let proxy = Proxy::start(&common::endpoints(url)[0]).await;
+    let server = &common::endpoints(url)[0];
+    let upstream = tokio::net::lookup_host(server)
+        .await
+        .unwrap()
+        .next()
+        .unwrap_or_else(|| panic!("{server} resolves to no address"));
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), upstream)
+        .await
+        .unwrap();
     let ns = common::unique(name);
-    let via = common::open(&format!("zk://{}", proxy.endpoint()), &ns, QUERY).await;
+    let via = common::open(&format!("zk://{}", proxy.local_addr()), &ns, QUERY).await;
     let direct = common::open(url, &ns, "").await;
     (proxy, via, direct)
 }
@@ -61,7 +72,7 @@ async fn operations_fail_fast_while_disconnected_and_a_refused_write_never_lands
     kv.put(&k, "before".into(), PutOptions::default())
         .await
         .unwrap();
-    proxy.cut();
+    proxy.set_mode(Mode::Reset);
     // Once the client has noticed (a read fails), every operation fails at
     // once: three attempts, 50 + 100 ms of backoff, no 2 s timeout.
     let noticed = Instant::now();
@@ -83,7 +94,7 @@ async fn operations_fail_fast_while_disconnected_and_a_refused_write_never_lands
         assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
         assert!(started.elapsed() < Duration::from_secs(1), "get: {e}");
     }
-    proxy.restore();
+    proxy.set_mode(Mode::Pass);
     let back = until_back(&kv).await;
     eprintln!("answering again {back:?} after the proxy was restored");
     // A request queued while disconnected would have been sent before this
@@ -129,9 +140,9 @@ async fn a_watch_across_an_outage_resumes_in_revision_order_and_converges() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    proxy.cut();
+    proxy.set_mode(Mode::Reset);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    proxy.restore();
+    proxy.set_mode(Mode::Pass);
     let back = until_back(&kv).await;
     eprintln!("watch store answering {back:?} after the restore");
     tokio::time::sleep(Duration::from_millis(500)).await;

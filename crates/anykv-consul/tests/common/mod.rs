@@ -2,7 +2,9 @@
 #![allow(dead_code, unused_imports)] // each test binary uses a part
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
+
+use anykv_servers::{Cluster, Ctx};
 
 use anykv_testkit::server;
 pub use anykv_testkit::{
@@ -185,131 +187,87 @@ impl Drop for PrivateAgent {
 
 /// A private single Consul *server* with its data on disk (not `-dev`), so
 /// that a test can `kill -9` it and restart it on the same data dir and
-/// ports, as a crash would. `raft_multiplier = 1` lets the restarted server
-/// elect itself within a second or two. Killed, and its directory removed,
-/// when dropped (also when the test panics).
+/// ports, as a crash would: `anykv_servers::consul::cluster` with one member
+/// (`raft_multiplier = 1`, so the restarted server elects itself within a
+/// second or two), from the Consul package `cargo xtask` cached under
+/// `target/xtask`. Killed, and its directory removed, when dropped (also when
+/// the test panics).
+///
+/// `anykv_servers` is synchronous (std sleeps while it waits), so every call
+/// that waits runs in `block_in_place`: the tests use the multi-thread runtime.
 pub struct PersistentServer {
-    child: Option<std::process::Child>,
+    /// Declared before `_ctx`: the process is stopped before its data dir
+    /// is removed.
+    cluster: Cluster,
+    /// Owns the data dir (removed when dropped).
+    _ctx: Ctx,
     /// `consul://127.0.0.1:<http port>`.
     pub url: String,
-    dir: std::path::PathBuf,
-    args: Vec<String>,
-    bin: String,
 }
 
 impl PersistentServer {
-    /// Starts a server from `bin` on free ports in a fresh temp dir and
-    /// waits for it to elect itself leader.
-    pub async fn start(bin: &str) -> PersistentServer {
-        let http = free_port();
-        let dir = std::env::temp_dir().join(format!(
-            "anykv-consul-fault-{}-{http}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0)
-        ));
-        std::fs::create_dir_all(dir.join("data")).expect("temp dir");
-        let config = dir.join("config.hcl");
-        std::fs::write(&config, "performance {\n  raft_multiplier = 1\n}\n").expect("config");
-        let args: Vec<String> = vec![
-            "agent".into(),
-            "-server".into(),
-            "-bootstrap-expect=1".into(),
-            "-data-dir".into(),
-            dir.join("data").display().to_string(),
-            "-config-file".into(),
-            config.display().to_string(),
-            "-client".into(),
-            "127.0.0.1".into(),
-            "-bind".into(),
-            "127.0.0.1".into(),
-            "-node".into(),
-            format!("fault-{http}"),
-            "-http-port".into(),
-            http.to_string(),
-            "-dns-port".into(),
-            "-1".into(),
-            "-grpc-port".into(),
-            "-1".into(),
-            "-serf-lan-port".into(),
-            free_port().to_string(),
-            "-serf-wan-port".into(),
-            free_port().to_string(),
-            "-server-port".into(),
-            free_port().to_string(),
-        ];
-        let mut server = PersistentServer {
-            child: None,
-            url: format!("consul://127.0.0.1:{http}"),
-            dir,
-            args,
-            bin: bin.to_owned(),
-        };
-        server.spawn();
-        server.wait_leader().await;
-        server
-    }
-
-    fn spawn(&mut self) {
-        self.child = Some(spawn(&self.bin, &self.args));
+    /// Starts a server on free ports in a fresh temp dir and waits for it to
+    /// elect itself leader. `name` names its node and log file
+    /// (`target/xtask/logs/consul-<name>-1.log`).
+    pub async fn start(name: &str) -> PersistentServer {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let name = format!("consul-{name}");
+        tokio::task::block_in_place(|| {
+            let ctx = Ctx::new(root).expect("anykv-servers context");
+            let cluster = anykv_servers::consul::cluster(&ctx, &name, 1, false)
+                .unwrap_or_else(|e| panic!("starting consul server {name}: {e:#}"));
+            let url = cluster.url("");
+            let mut server = PersistentServer {
+                cluster,
+                _ctx: ctx,
+                url,
+            };
+            server.wait_for_leader();
+            server
+        })
     }
 
     /// Waits (at most 60 s) until the server names a leader.
-    pub async fn wait_leader(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let client = reqwest::Client::new();
-        loop {
-            let r = client
-                .get(format!("http://{}/v1/status/leader", addr(&self.url)))
-                .timeout(Duration::from_secs(1))
-                .send()
-                .await;
-            if let Ok(r) = r
-                && let Ok(body) = r.text().await
-                && body.contains(':')
-            {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "private consul server did not elect a leader"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    pub async fn wait_leader(&mut self) {
+        tokio::task::block_in_place(|| self.wait_for_leader());
+    }
+
+    fn wait_for_leader(&mut self) {
+        if let Err(e) = self.cluster.wait_ready(0, LEADER_TIMEOUT) {
+            panic!("private consul server did not elect a leader: {e:#}");
         }
     }
 
-    /// Sends a signal (`STOP`, `CONT`, `KILL`) to the running server.
-    pub fn signal(&self, sig: &str) {
-        if let Some(child) = &self.child {
-            let _ = std::process::Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(child.id().to_string())
-                .status();
-        }
+    /// Freezes the server (SIGSTOP): it holds its sockets and answers nothing.
+    pub fn freeze(&self) {
+        self.cluster.freeze(0).expect("one member");
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.cluster.thaw(0).expect("one member");
     }
 
     /// `kill -9`: the server dies without a chance to flush or hand over.
     pub fn kill9(&mut self) {
-        self.signal("CONT");
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill(); // SIGKILL
-            let _ = child.wait();
-        }
+        tokio::task::block_in_place(|| self.cluster.kill(0)).expect("one member");
     }
 
     /// Starts the server again on the same data dir and ports (after
     /// [`kill9`](Self::kill9)); does not wait for a leader.
     pub fn restart(&mut self) {
-        self.kill9();
-        self.spawn();
+        tokio::task::block_in_place(|| self.cluster.restart(0))
+            .unwrap_or_else(|e| panic!("restarting the consul server: {e:#}"));
     }
 }
 
+/// How long a (re)started private server may take to elect itself.
+const LEADER_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Drop for PersistentServer {
     fn drop(&mut self) {
-        self.kill9();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A crash, as before: dropping the member alone would SIGTERM it and
+        // wait up to 5 s for a graceful exit.
+        let _ = self.cluster.kill(0);
     }
 }

@@ -12,8 +12,6 @@ pub use anykv_testkit::{
 };
 use anykv_zookeeper::ZkStore;
 
-pub mod proxy;
-
 /// A namespace no other test or run uses.
 pub fn unique(name: &str) -> String {
     server::unique("zk-tests", name)

@@ -20,7 +20,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use anykv_chaos::proxy::{Mode, Proxy};
+//! use anykv_testkit::proxy::{Mode, Proxy};
 //!
 //! # async fn example(member_port: std::net::SocketAddr) -> anyhow::Result<()> {
 //! // The member listens on `member_port`; it is configured to advertise the
@@ -117,7 +117,7 @@ pub struct Stats {
 /// and every connection (see also [`Proxy::stop`]).
 ///
 /// ```no_run
-/// use anykv_chaos::proxy::{Mode, Proxy};
+/// use anykv_testkit::proxy::{Mode, Proxy};
 ///
 /// # async fn example(peer_port_of_x: std::net::SocketAddr, x_pid: u32, y_proxy: &Proxy) -> anyhow::Result<()> {
 /// // Partition member X from member Y: X's own proxy goes silent, and Y's
@@ -153,7 +153,7 @@ impl Proxy {
     ///
     /// ```no_run
     /// # async fn example() -> anyhow::Result<()> {
-    /// let proxy = anykv_chaos::proxy::Proxy::start(
+    /// let proxy = anykv_testkit::proxy::Proxy::start(
     ///     "127.0.0.1:0".parse()?,
     ///     "127.0.0.1:2379".parse()?,
     /// ).await?;
@@ -192,8 +192,8 @@ impl Proxy {
     /// Switches the proxy to `mode`, for new and existing connections at once.
     ///
     /// ```no_run
-    /// # fn example(proxy: &anykv_chaos::proxy::Proxy) {
-    /// use anykv_chaos::proxy::Mode;
+    /// # fn example(proxy: &anykv_testkit::proxy::Proxy) {
+    /// use anykv_testkit::proxy::Mode;
     /// proxy.set_mode(Mode::Reset);
     /// assert_eq!(proxy.mode(), Mode::Reset);
     /// # }
@@ -214,7 +214,7 @@ impl Proxy {
     /// origin could not be found are not affected.
     ///
     /// ```no_run
-    /// # fn example(proxy: &anykv_chaos::proxy::Proxy, member_pid: u32) {
+    /// # fn example(proxy: &anykv_testkit::proxy::Proxy, member_pid: u32) {
     /// proxy.block_origin(member_pid); // member_pid can no longer reach this port
     /// proxy.unblock_origin(member_pid); // held bytes are delivered
     /// # }
@@ -237,7 +237,7 @@ impl Proxy {
     /// Counters since the proxy started.
     ///
     /// ```no_run
-    /// # fn example(proxy: &anykv_chaos::proxy::Proxy) {
+    /// # fn example(proxy: &anykv_testkit::proxy::Proxy) {
     /// let stats = proxy.stats();
     /// println!("{} connections, {} bytes up", stats.accepted, stats.bytes_to_upstream);
     /// # }
@@ -259,7 +259,7 @@ impl Proxy {
     /// once (a dropped proxy closes them moments later, on the runtime).
     ///
     /// ```no_run
-    /// # async fn example(proxy: anykv_chaos::proxy::Proxy) -> anyhow::Result<()> {
+    /// # async fn example(proxy: anykv_testkit::proxy::Proxy) -> anyhow::Result<()> {
     /// let addr = proxy.local_addr();
     /// proxy.stop().await;
     /// let _again = tokio::net::TcpListener::bind(addr).await?;
@@ -569,7 +569,7 @@ async fn until_due(
 /// ```no_run
 /// # async fn example(listener: tokio::net::TcpListener) -> std::io::Result<()> {
 /// let (stream, peer) = listener.accept().await?;
-/// let pid = anykv_chaos::proxy::origin_pid(peer, stream.local_addr()?);
+/// let pid = anykv_testkit::proxy::origin_pid(peer, stream.local_addr()?);
 /// println!("connection from process {pid:?}");
 /// # Ok(())
 /// # }
