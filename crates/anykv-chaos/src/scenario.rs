@@ -229,6 +229,9 @@ impl Settings {
     }
 }
 
+/// The per-attempt timeout of the handle that reads the results.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Runs one scenario to its row of the table.
 pub async fn run(ctx: &Ctx, exe: &Path, sc: Scenario, set: &Settings) -> anyhow::Result<Row> {
     let tag = format!(
@@ -242,11 +245,14 @@ pub async fn run(ctx: &Ctx, exe: &Path, sc: Scenario, set: &Settings) -> anyhow:
         tokio::task::block_in_place(|| sc.backend.cluster(ctx, &tag, sc.members, proxied))?;
     let proxies = start_proxies(&cluster).await?;
     tokio::task::block_in_place(|| cluster.wait_all_ready(Duration::from_secs(90)))?;
-    let mut options = format!("timeout={}ms&prefix={tag}", set.timeout.as_millis());
-    if !set.url_options.is_empty() {
-        options = format!("{options}&{}", set.url_options);
-    }
-    let url = cluster.url(&options);
+    let options = |timeout: Duration| {
+        let mut o = format!("timeout={}ms&prefix={tag}", timeout.as_millis());
+        if !set.url_options.is_empty() {
+            o = format!("{o}&{}", set.url_options);
+        }
+        o
+    };
+    let url = cluster.url(&options(set.timeout));
     let kv = open_when_ready(&url, Duration::from_secs(30)).await?;
     let mut row = Row::new(&sc);
 
@@ -336,8 +342,11 @@ pub async fn run(ctx: &Ctx, exe: &Path, sc: Scenario, set: &Settings) -> anyhow:
         steps.push((name, s));
     }
 
+    // The checks read through a handle of their own: reading tens of
+    // thousands of keys is no operation the faults' deadlines are about.
+    let checker = open_when_ready(&cluster.url(&options(CHECK_TIMEOUT)), CHECK_TIMEOUT).await?;
     // Settle: the watch delivers what the store holds, within a bound.
-    let store = settle(&kv, &watched, Duration::from_secs(20)).await?;
+    let store = settle(&checker, &watched, Duration::from_secs(20)).await?;
     watch_task.abort();
     liveness_task.abort();
 
@@ -351,7 +360,7 @@ pub async fn run(ctx: &Ctx, exe: &Path, sc: Scenario, set: &Settings) -> anyhow:
         v => row.violation(format!("shared keys: {v}")),
     }
     row.linearizable = Some(matches!(verdict, Verdict::Linearizable));
-    check_locks(&mut row, &kv, &steps, victim_worker.as_ref(), fault_ms).await?;
+    check_locks(&mut row, &checker, &steps, victim_worker.as_ref(), fault_ms).await?;
     if sc.fault.cuts_client_off(sc.members) {
         check_outage_signals(&mut row, &watched, &liveness, fault_at, set.timeout);
     }
@@ -359,8 +368,9 @@ pub async fn run(ctx: &Ctx, exe: &Path, sc: Scenario, set: &Settings) -> anyhow:
         row.violation(format!("watch: {ended}"));
     }
 
-    let _ = kv.delete_prefix(&Prefix::root()).await;
+    let _ = checker.delete_prefix(&Prefix::root()).await;
     kv.close().await?;
+    checker.close().await?;
     drop(proxies);
     drop(cluster);
     Ok(row)
