@@ -15,6 +15,12 @@
 //! - [`workload`]: every operation ends within its deadline;
 //! - [`scenario`]: the faults, and on a single server a watch that reports
 //!   the outage within 2 × timeout and liveness that goes and comes back.
+//!
+//! Servers come from `anykv-servers` (kill -9 and restart on the same data
+//! dir and ports, SIGSTOP/SIGCONT, the leader); a partition puts an
+//! `anykv_testkit::proxy` in front of every port of every member and
+//! black-holes one member's traffic both ways (its own proxies, and what its
+//! process sends through the others').
 
 pub mod history;
 pub mod linearizability;
