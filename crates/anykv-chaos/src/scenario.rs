@@ -311,7 +311,7 @@ pub async fn run(ctx: &Ctx, exe: &Path, sc: Scenario, set: &Settings) -> anyhow:
             Instant::now()
         }
         Fault::HolderKill | Fault::HolderFreeze => {
-            let holder = kv.lock_holder(&Key::new(locks::LOCK)?).await?;
+            let holder = current_holder(&kv).await?;
             let (owner, token) = holder
                 .map(|h| (h.owner.unwrap_or_default(), h.fencing_token))
                 .unwrap_or_default();
@@ -421,6 +421,21 @@ fn partition(
         }
     }
     Ok(())
+}
+
+/// Who holds the workers' lock, waiting (up to 10 s) for a moment when one
+/// does: the workers hand it over back to back, and a query can fall
+/// between a release and the next acquisition.
+async fn current_holder(kv: &Kv) -> anyhow::Result<Option<anykv::LockInfo>> {
+    let lock = Key::new(locks::LOCK)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let holder = kv.lock_holder(&lock).await?;
+        if holder.is_some() || Instant::now() >= deadline {
+            return Ok(holder);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Signals one process through `kill` (the workspace forbids `unsafe`).
