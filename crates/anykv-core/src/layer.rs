@@ -241,12 +241,23 @@ impl Kv {
     /// Probes the backend every `every` in the background, so that liveness
     /// moves without traffic. Replaces a running prober.
     pub fn start_prober(&self, every: Duration) {
-        let weak = Arc::downgrade(&self.inner);
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        let Some(task) = self.spawn_probe_loop(every) else {
             tracing::warn!("no tokio runtime: background liveness prober not started");
             return;
         };
-        let task = rt.spawn(async move {
+        let mut slot = self.inner.prober.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = slot.replace(task) {
+            old.abort();
+        }
+    }
+
+    /// A task probing the backend every `every` until the handle is gone
+    /// (`None` without a tokio runtime). Used by the background prober and
+    /// the watchdog.
+    fn spawn_probe_loop(&self, every: Duration) -> Option<JoinHandle<()>> {
+        let rt = tokio::runtime::Handle::try_current().ok()?;
+        let weak = Arc::downgrade(&self.inner);
+        Some(rt.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -254,11 +265,7 @@ impl Kv {
                 let Some(inner) = weak.upgrade() else { return };
                 let _ = Kv { inner }.probe().await;
             }
-        });
-        let mut slot = self.inner.prober.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = slot.replace(task) {
-            old.abort();
-        }
+        }))
     }
 
     /// Counts an open watch stream; the first one starts a task that probes
@@ -273,20 +280,8 @@ impl Kv {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         w.open += 1;
-        if w.task.is_none()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            let weak = Arc::downgrade(&self.inner);
-            let every = self.inner.cfg.timeout;
-            w.task = Some(rt.spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let Some(inner) = weak.upgrade() else { return };
-                    let _ = Kv { inner }.probe().await;
-                }
-            }));
+        if w.task.is_none() {
+            w.task = self.spawn_probe_loop(self.inner.cfg.timeout);
         }
         WatchTicket {
             inner: Arc::downgrade(&self.inner),
