@@ -18,6 +18,24 @@ pub enum WatchHistory {
     Converge,
 }
 
+/// How [`Store::snapshot`](crate::Store::snapshot) reads several prefixes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// One read at one store revision (etcd ranges pinned to a revision, a
+    /// Consul read transaction, one redb read transaction, one lock in
+    /// memory): the pairs are exactly the committed state at `revision`.
+    Atomic,
+    /// The backend has no multi-key read at one point in time; the driver
+    /// reads the range twice and accepts the read only when the second pass
+    /// finds every node unchanged (ZooKeeper: same `mzxid` for each node and
+    /// same `pzxid` for each parent). Every value was then current over a
+    /// common interval, so the pairs are the state at one instant between the
+    /// passes; `revision` is the highest zxid seen, and a watch from it sees
+    /// every later change. Under constant writes the driver retries and may
+    /// fail with `Unavailable` after its attempts run out.
+    Verified,
+}
+
 /// A backend's capabilities.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -37,11 +55,17 @@ pub struct Capabilities {
     pub max_atomic_ops: Option<usize>,
     /// Whether data survives a restart of the process.
     pub durable: bool,
+    /// How `snapshot` reads; `None`: unsupported.
+    pub snapshot: Option<SnapshotMode>,
+    /// Whether `compact` discards history (watches from before it then get
+    /// `Compacted`).
+    pub compact: bool,
 }
 
 impl Capabilities {
-    /// Capabilities of a driver that can do everything, for builders:
-    /// override what your backend lacks.
+    /// Capabilities of a driver that can do the basics, for builders:
+    /// override what your backend lacks, and declare the optional operations
+    /// it implements (`snapshot`, `compact` start undeclared).
     ///
     /// ```
     /// use anykv_core::{Capabilities, WatchHistory};
@@ -57,6 +81,8 @@ impl Capabilities {
             cross_process_locks: false,
             max_atomic_ops: None,
             durable: false,
+            snapshot: None,
+            compact: false,
         }
     }
 
@@ -82,6 +108,18 @@ impl Capabilities {
     /// Bounds `atomic`.
     pub const fn with_max_atomic_ops(mut self, max: Option<usize>) -> Self {
         self.max_atomic_ops = max;
+        self
+    }
+
+    /// Declares `snapshot` support and how it reads (`None`: unsupported).
+    pub const fn with_snapshot(mut self, mode: Option<SnapshotMode>) -> Self {
+        self.snapshot = mode;
+        self
+    }
+
+    /// Declares `compact` support.
+    pub const fn with_compact(mut self, compact: bool) -> Self {
+        self.compact = compact;
         self
     }
 

@@ -193,6 +193,12 @@ impl Prefix {
                 && key.starts_with(&self.0))
     }
 
+    /// True when every key below `other` is also below this prefix
+    /// (a prefix covers itself; the root covers everything).
+    pub fn covers(&self, other: &Prefix) -> bool {
+        self.0.is_empty() || self.0 == other.0 || self.contains(&other.0)
+    }
+
     /// `prefix/key` (or `key` for the root).
     pub fn join(&self, key: &Key) -> Key {
         if self.0.is_empty() {

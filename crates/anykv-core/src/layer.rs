@@ -28,8 +28,8 @@ use crate::{
     lock::LockGuard,
     store::{PairStream, Store, WatchStream},
     types::{
-        Check, Condition, Event, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Start,
-        Target, Version,
+        Check, Condition, Event, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Snapshot,
+        Start, Target, Version,
     },
 };
 
@@ -565,6 +565,16 @@ impl Kv {
     }
 }
 
+/// Sorted prefixes with every prefix covered by another dropped, so a driver
+/// never reads a key twice.
+fn disjoint(mut prefixes: Vec<Prefix>) -> Vec<Prefix> {
+    prefixes.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    prefixes.dedup();
+    let all = prefixes.clone();
+    prefixes.retain(|p| !all.iter().any(|q| q != p && q.covers(p)));
+    prefixes
+}
+
 #[async_trait]
 impl Store for Kv {
     fn backend(&self) -> &'static str {
@@ -806,6 +816,54 @@ impl Store for Kv {
             .collect();
         self.call("atomic", None, false, || {
             self.inner.driver.atomic(checks.clone(), ops.clone())
+        })
+        .await
+    }
+
+    async fn snapshot(&self, prefixes: &[Prefix]) -> Result<Snapshot> {
+        if self.inner.caps.snapshot.is_none() {
+            return Err(Error::Unsupported {
+                backend: self.inner.backend,
+                operation: "snapshot",
+            });
+        }
+        if prefixes.is_empty() {
+            return Err(self.invalid_argument("snapshot needs at least one prefix"));
+        }
+        let inner = disjoint(prefixes.iter().map(|p| self.prefix_to_inner(p)).collect());
+        let shown = prefixes
+            .iter()
+            .map(Prefix::as_str)
+            .collect::<Vec<_>>()
+            .join(",");
+        let snap = self
+            .call("snapshot", Some(&shown), true, || {
+                self.inner.driver.snapshot(&inner)
+            })
+            .await?;
+        let mut pairs: Vec<KvPair> = snap
+            .pairs
+            .into_iter()
+            .filter_map(|kv| self.pair_to_outer(kv))
+            .collect();
+        pairs.sort_by(|a, b| a.key.as_str().cmp(b.key.as_str()));
+        pairs.dedup_by(|a, b| a.key == b.key);
+        Ok(Snapshot {
+            revision: snap.revision,
+            pairs,
+        })
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        if !self.inner.caps.compact {
+            return Err(Error::Unsupported {
+                backend: self.inner.backend,
+                operation: "compact",
+            });
+        }
+        // Idempotent: compacting twice at one revision is a no-op.
+        self.call("compact", None, true, || {
+            self.inner.driver.compact(revision)
         })
         .await
     }

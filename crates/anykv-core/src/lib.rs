@@ -24,7 +24,7 @@ pub mod registry;
 pub mod store;
 pub mod types;
 
-pub use capability::{Capabilities, WatchHistory};
+pub use capability::{Capabilities, SnapshotMode, WatchHistory};
 pub use config::{Config, Secret};
 pub use error::{BoxError, Error, ErrorKind, NotSent, Result};
 pub use ext::StoreExt;
@@ -35,8 +35,8 @@ pub use lock::{LockGuard, LockRelease, LostNotifier, LostSignal, lost_pair};
 pub use registry::{drivers, open};
 pub use store::{PairStream, Store, WatchStream};
 pub use types::{
-    Check, Condition, Event, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Start,
-    Target, Version,
+    Check, Condition, Event, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Snapshot,
+    Start, Target, Version,
 };
 
 // Re-exported so that driver crates and third parties use the same versions.

@@ -10,8 +10,8 @@ use crate::{
     key::{Key, Prefix},
     lock::LockGuard,
     types::{
-        Check, Condition, Event, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Start,
-        Target, Version,
+        Check, Condition, Event, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Snapshot,
+        Start, Target, Version,
     },
 };
 
@@ -107,6 +107,26 @@ pub trait Store: Send + Sync + 'static {
     async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {
         let _ = (checks, ops);
         Err(self.unsupported("atomic"))
+    }
+
+    /// Reads every pair below each of `prefixes` at one revision.
+    ///
+    /// Drivers receive the prefixes non-empty, sorted and disjoint (the
+    /// layer drops a prefix covered by another) and may return the pairs in
+    /// any order; the layer sorts them. Declare how the read is consistent
+    /// in [`Capabilities::snapshot`].
+    async fn snapshot(&self, prefixes: &[Prefix]) -> Result<Snapshot> {
+        let _ = prefixes;
+        Err(self.unsupported("snapshot"))
+    }
+
+    /// Discards the history up to `revision`: a watch from an earlier
+    /// revision then fails with `Compacted`. Compacting at or below an
+    /// already compacted revision is a no-op. Declare it in
+    /// [`Capabilities::compact`].
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        let _ = revision;
+        Err(self.unsupported("compact"))
     }
 
     /// Streams every pair below `prefix`, sorted. TTLs are not carried.

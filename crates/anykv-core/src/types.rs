@@ -64,6 +64,22 @@ pub struct KvPair {
     pub mod_revision: Revision,
 }
 
+/// Pairs of one or more prefixes read at one revision, as returned by
+/// [`Store::snapshot`](crate::Store::snapshot).
+///
+/// `watch(target, Start::After(snapshot.revision))` then delivers the changes
+/// made after the snapshot: on [`Full`](crate::WatchHistory::Full) backends
+/// every one, once; on [`Converge`](crate::WatchHistory::Converge) backends
+/// the keys changed since (keys deleted between the snapshot and the watch's
+/// start are not reported; a mirror, `StoreExt::mirror`, covers that case).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The store revision the pairs were read at.
+    pub revision: Revision,
+    /// The pairs of every prefix, sorted by key, each key once.
+    pub pairs: Vec<KvPair>,
+}
+
 /// Precondition of a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Condition {
