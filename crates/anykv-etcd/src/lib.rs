@@ -21,6 +21,8 @@
 //! | `atomic(checks, ops)` | one `Txn`: checks as compares (value checks compare the value), ops in `then`, reads of the checked keys in `else` to name a failed check; at most 128 checks + ops (etcd's default `--max-txn-ops`) |
 //! | `list(p)` / `delete_prefix(p)` | a range over `p/` .. its range end (`p0`), so `a` never covers `ab`; the root prefix is the whole keyspace. `list` pages 256 keys at a time at the revision of the first page, so a long listing is one consistent snapshot |
 //! | `keys(p)` | the same range with `keys_only`, reduced to the names one level down |
+//! | `snapshot(prefixes)` | the first prefix's first page fixes the revision (its header); every page of every prefix is then a range pinned to it (`with_revision`), so the pairs are exactly the state at that revision (`SnapshotMode::Atomic`); started over if compaction removes it meanwhile |
+//! | `compact(r)` | etcd compaction at `r`, physical (returns once the history is gone); at or below an earlier compaction a no-op, above the current revision `InvalidArgument` |
 //! | `export(p)` | the same pages, read as the consumer goes, all at the first page's revision |
 //! | `import` | transactions of up to 128 puts or 1 MiB of values (a repeated key starts a new one), instead of a round trip per pair |
 //! | TTL | one lease per put (see below) |
@@ -89,6 +91,7 @@ mod lock;
 mod options;
 mod range;
 mod scan;
+mod snapshot;
 mod txn;
 mod watch;
 
@@ -96,8 +99,8 @@ use std::{fmt, sync::Arc};
 
 use anykv_core::{
     Bytes, Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo,
-    LockOptions, Op, PairStream, Prefix, PutOptions, Result, Revision, Start, Store, Target,
-    Version, WatchHistory, WatchStream, async_trait,
+    LockOptions, Op, PairStream, Prefix, PutOptions, Result, Revision, Snapshot, SnapshotMode,
+    Start, Store, Target, Version, WatchHistory, WatchStream, async_trait,
 };
 use etcd_client::{DeleteOptions, GetOptions, PutOptions as EtcdPutOptions};
 use futures::{StreamExt, TryStreamExt};
@@ -129,6 +132,8 @@ pub fn capabilities() -> Capabilities {
         .with_locks(true, true)
         .with_max_atomic_ops(Some(MAX_ATOMIC_OPS))
         .with_durable(true)
+        .with_snapshot(Some(SnapshotMode::Atomic))
+        .with_compact(true)
 }
 
 inventory::submit! {
@@ -347,6 +352,14 @@ impl Store for EtcdStore {
 
     async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {
         txn::atomic(&self.conn, checks, ops).await
+    }
+
+    async fn snapshot(&self, prefixes: &[Prefix]) -> Result<Snapshot> {
+        snapshot::snapshot(&self.conn, prefixes).await
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        snapshot::compact(&self.conn, revision).await
     }
 
     async fn export(&self, prefix: &Prefix) -> Result<PairStream> {

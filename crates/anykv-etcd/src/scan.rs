@@ -43,6 +43,18 @@ impl Pager {
         }
     }
 
+    /// Reads at revision `at` instead of the first page's (several prefixes
+    /// of one snapshot).
+    pub(crate) fn pinned(mut self, at: i64) -> Self {
+        self.at = at;
+        self
+    }
+
+    /// The revision the pages are read at (0 until the first page fixes it).
+    pub(crate) fn revision(&self) -> i64 {
+        self.at
+    }
+
     /// Whether the snapshot revision is fixed (a page was read).
     pub(crate) fn started(&self) -> bool {
         self.at > 0

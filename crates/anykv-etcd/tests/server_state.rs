@@ -106,3 +106,117 @@ async fn watching_from_a_compacted_revision_yields_compacted_then_ends() {
     }
     let _ = kv.delete_prefix(&Prefix::root()).await;
 }
+
+/// `snapshot` under concurrent writers: every pair is the state at the
+/// returned revision (no pair newer than it; each key's value is the one it
+/// had then), and a key written before the call and untouched since is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_is_pinned_to_one_revision_under_concurrent_writers() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(url) = common::url("ANYKV_TEST_ETCD") else {
+        return;
+    };
+    let ns = common::unique("snapshot");
+    let kv = common::open(&url, &ns, "").await;
+    let (a, b) = (Prefix::new("a").unwrap(), Prefix::new("b").unwrap());
+    // Enough keys for several pages (256 per page) in each prefix.
+    let mut written = Vec::new();
+    for i in 0..300 {
+        for p in ["a", "b"] {
+            let k = Key::new(format!("{p}/k{i:03}")).unwrap();
+            written.push(kv.put(&k, "0".into(), PutOptions::default()).await.unwrap());
+        }
+    }
+    let still = Key::new("b/still").unwrap();
+    let still_v = kv
+        .put(&still, "s".into(), PutOptions::default())
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (kv, stop) = (kv.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 20_000 {
+                n += 1;
+                let p = if n % 2 == 0 { "a" } else { "b" };
+                let k = Key::new(format!("{p}/k{:03}", n % 300)).unwrap();
+                kv.put(&k, n.to_string().into(), PutOptions::default())
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut raw = common::raw(&url).await;
+    for _ in 0..5 {
+        let snap = kv.snapshot(&[a.clone(), b.clone()]).await.unwrap();
+        assert_eq!(snap.pairs.len(), 601, "every key of both prefixes, once");
+        assert!(
+            snap.pairs
+                .iter()
+                .any(|p| p.key == still && p.version == still_v)
+        );
+        // The same ranges read by a raw client at the snapshot's revision.
+        let mut expected = Vec::new();
+        for p in ["a", "b"] {
+            let opts = etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_revision(snap.revision as i64);
+            let resp = raw.get(format!("{ns}/{p}/"), Some(opts)).await.unwrap();
+            for kv in resp.kvs() {
+                expected.push((kv.key_str().unwrap().to_owned(), kv.mod_revision() as u64));
+            }
+        }
+        let mut got: Vec<(String, u64)> = snap
+            .pairs
+            .iter()
+            .map(|p| {
+                assert!(
+                    p.mod_revision <= snap.revision,
+                    "{p:?} after {}",
+                    snap.revision
+                );
+                (format!("{ns}/{}", p.key), p.mod_revision)
+            })
+            .collect();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected, "the state at revision {}", snap.revision);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    assert!(written.iter().all(|v| v.get() > 0));
+    let _ = kv.delete_prefix(&Prefix::root()).await;
+}
+
+/// `compact`: a watch from below the compaction point is `Compacted`;
+/// compacting again at or below it is a no-op; above the current revision is
+/// `InvalidArgument`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_discards_history_is_idempotent_and_refuses_the_future() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(url) = common::url("ANYKV_TEST_ETCD") else {
+        return;
+    };
+    let kv = common::open(&url, &common::unique("compact2"), "").await;
+    assert!(kv.capabilities().compact);
+    let k = Key::new("k").unwrap();
+    let first = kv.put(&k, "1".into(), PutOptions::default()).await.unwrap();
+    let last = kv.put(&k, "2".into(), PutOptions::default()).await.unwrap();
+    kv.compact(last.get()).await.unwrap();
+    kv.compact(last.get()).await.unwrap();
+    kv.compact(first.get()).await.unwrap();
+    let e = kv.compact(last.get() + 1_000_000).await.unwrap_err();
+    assert_eq!(e.kind(), anykv_core::ErrorKind::InvalidArgument, "{e}");
+    let mut w = kv
+        .watch(Target::Key(k.clone()), Start::After(first.get() - 1))
+        .await
+        .unwrap();
+    match timeout(Duration::from_secs(5), w.next()).await {
+        Ok(Some(Err(Error::Compacted { oldest, .. }))) => assert_eq!(oldest, last.get()),
+        other => panic!("expected Compacted, got {other:?}"),
+    }
+    let _ = kv.delete_prefix(&Prefix::root()).await;
+}
