@@ -3,6 +3,9 @@
 //! - `cargo xtask test`: fmt, clippy, cargo-deny, then every test of the
 //!   workspace with real etcd, ZooKeeper and Consul servers started here.
 //! - `cargo xtask bench [BACKEND…]`: anykv vs the raw client, same server, one run.
+//! - `cargo xtask bench watch [BACKEND…] [-- OPTIONS]`: how watches scale
+//!   (`anykv-bench`: 100 / 1,000 / 10,000 watches on one handle, delivery,
+//!   delay, memory, sockets, idle CPU, against the raw clients).
 //! - `cargo xtask servers`: start the servers and print their env, for development.
 //! - `cargo xtask chaos [BACKEND…]`: the fault suite (`anykv-chaos`): servers
 //!   killed, frozen, restarted and partitioned under checked workloads.
@@ -41,10 +44,15 @@ enum Cmd {
     },
     /// Lints only: fmt check, clippy -D warnings, cargo-deny.
     Lint,
-    /// Benchmarks anykv against the raw client crates.
+    /// Benchmarks anykv against the raw client crates; `bench watch
+    /// [BACKEND…]`: the watch-scale bench (anykv-bench).
     Bench {
-        /// Backends to bench (default: all): redb, etcd, zookeeper, consul.
+        /// Backends to bench (default: all): redb, etcd, zookeeper, consul;
+        /// or `watch` followed by backends (memory, redb, etcd, zookeeper, consul).
         backends: Vec<String>,
+        /// Options for `anykv-bench watch` (after `--`), e.g. `--sizes 100,1000`.
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// The fault suite: every scenario (or `--ci`: the subset `test` runs).
     Chaos {
@@ -110,7 +118,11 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::Chaos { backends, args } => chaos(&backends, &args),
-        Cmd::Bench { backends } => bench(&ctx, &backends),
+        Cmd::Bench { backends, args } => match backends.split_first() {
+            Some((first, rest)) if first == "watch" => bench_watch(&ctx, rest, &args),
+            _ if !args.is_empty() => bail!("options after `--` are for `bench watch` only"),
+            _ => bench(&ctx, &backends),
+        },
         Cmd::Servers { names } => {
             let started = start_servers(&ctx, &names)?;
             for (k, v) in started.iter().flat_map(|s| s.env.iter()) {
@@ -336,4 +348,85 @@ fn bench(ctx: &Ctx, backends: &[String]) -> Result<()> {
         step(&format!("bench {backend}"), &mut cmd)?;
     }
     Ok(())
+}
+
+/// `cargo xtask bench watch`: one server per backend (a single etcd member,
+/// a standalone ZooKeeper, Consul's dev agent), then the release-mode
+/// `anykv-bench watch` with their URLs, process ids (for the server CPU
+/// figures) and a note of their non-default settings. `ANYKV_BENCH_BIN`
+/// runs a prebuilt `anykv-bench` instead (e.g. one built from an older
+/// commit, to compare drivers on the same kind of servers).
+fn bench_watch(ctx: &Ctx, backends: &[String], args: &[String]) -> Result<()> {
+    use std::time::Duration;
+    let wanted = |b: &str| backends.is_empty() || backends.iter().any(|x| x == b);
+    let mut cmd = match env::var_os("ANYKV_BENCH_BIN") {
+        Some(bin) => Command::new(bin),
+        None => {
+            let mut cmd = cargo();
+            cmd.args(["run", "--release", "-q", "-p", "anykv-bench", "--"]);
+            cmd
+        }
+    };
+    cmd.arg("watch").args(backends).args(args);
+    // Kept until the bench ends: dropping them stops the servers.
+    let mut clusters = Vec::new();
+    let mut started = Vec::new();
+    for (backend, var, note) in [
+        (
+            "etcd",
+            "ETCD",
+            "etcd (Debian package) single member as anykv-servers starts it: default settings \
+             (only name, data dir, URLs and cluster token set)",
+        ),
+        (
+            "zookeeper",
+            "ZOOKEEPER",
+            "ZooKeeper 3.8 standalone as anykv-servers starts it; non-default: maxClientCnxns=0 \
+             (unlimited; default 60), extendedTypesEnabled=true, admin server off, \
+             znode.container.checkIntervalMs=1000, -Xmx256m",
+        ),
+    ] {
+        if !wanted(backend) {
+            continue;
+        }
+        println!("xtask: starting {backend}");
+        let mut cluster = if backend == "etcd" {
+            servers::etcd::cluster(ctx, "bench-watch-etcd", 1, false)?
+        } else {
+            servers::zookeeper::cluster(ctx, "bench-watch-zookeeper", 1, false)?
+        };
+        cluster.wait_all_ready(Duration::from_secs(60))?;
+        let url_var = if backend == "etcd" {
+            "ANYKV_TEST_ETCD"
+        } else {
+            "ANYKV_TEST_ZK"
+        };
+        cmd.env(url_var, cluster.url(""))
+            .env(
+                format!("ANYKV_BENCH_{var}_PID"),
+                cluster.pid(0)?.to_string(),
+            )
+            .env(format!("ANYKV_BENCH_{var}_NOTE"), note);
+        clusters.push(cluster);
+    }
+    if wanted("consul") {
+        println!("xtask: starting consul");
+        let consul = servers::consul::start(ctx).context("starting consul")?;
+        for (k, v) in consul.env.iter().filter(|(k, _)| k == "ANYKV_TEST_CONSUL") {
+            cmd.env(k, v);
+        }
+        if let Some(agent) = consul.procs.first() {
+            cmd.env("ANYKV_BENCH_CONSUL_PID", agent.pid().to_string());
+        }
+        cmd.env(
+            "ANYKV_BENCH_CONSUL_NOTE",
+            "Consul dev agent (-dev) as anykv-servers starts it; non-default: \
+             limits.http_max_conns_per_client = 4096 (default 200); a second (ACL) agent idles alongside",
+        );
+        started.push(consul);
+    }
+    let out = step("bench watch", &mut cmd);
+    drop(clusters);
+    drop(started);
+    out
 }

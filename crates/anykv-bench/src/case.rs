@@ -1,0 +1,235 @@
+//! The phases of one case, the same for every client: pre-create keys,
+//! no-watch put baseline, open N watches, idle, paced puts, drain.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use futures::future::BoxFuture;
+
+use crate::{
+    measure::{self, Slots, Span},
+    sides,
+    spec::{CaseResult, CaseSpec, Kind, Side},
+};
+
+/// Bound of one put (a put that takes longer counts as failed).
+const PUT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause before memory and socket readings, so that connections opened and
+/// buffers freed by the previous phase have settled.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// What the watches saw, shared by the consumers of one case.
+pub struct Seen {
+    /// Arrival time of the first event of each watch.
+    pub first: Arc<Slots>,
+    /// Watches the server confirmed (raw etcd: `created` responses).
+    pub created: AtomicU64,
+    errors: AtomicU64,
+    extra: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Seen {
+    /// Nothing seen yet by `n` watches.
+    pub fn new(n: usize) -> Arc<Seen> {
+        Arc::new(Seen {
+            first: Slots::new(n),
+            created: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            extra: AtomicU64::new(0),
+            first_error: Mutex::new(None),
+        })
+    }
+
+    /// An event on watch `i`; `expected` when it names the key the writer puts for it.
+    pub fn event(&self, i: usize, expected: bool) {
+        if !expected || !self.first.mark(i) {
+            self.extra.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Error items seen so far.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// An error item on a watch.
+    pub fn error(&self, message: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut first) = self.first_error.lock() {
+            first.get_or_insert(message);
+        }
+    }
+}
+
+/// Aborts a task when dropped (ends a consumer together with its watches).
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whatever keeps the watches of a case open; dropping it ends them.
+pub type Holder = Box<dyn Send>;
+
+/// One client under test.
+pub trait Client: Send + Sync {
+    /// Creates the watched keys (before any watch) if the case wants them.
+    fn prepare(&self) -> BoxFuture<'_, Result<()>>;
+    /// The writer's put of the key watched by watch `i`.
+    fn put(&self, i: usize) -> BoxFuture<'static, Result<()>>;
+    /// The writer's put of an unwatched key (the no-watch latency baseline).
+    fn base_put(&self, i: usize) -> BoxFuture<'static, Result<()>>;
+    /// Opens the N watches and starts consuming them, reporting into `seen`;
+    /// returns once every watch is established.
+    fn setup(&self, seen: Arc<Seen>) -> BoxFuture<'_, Result<Holder>>;
+    /// Removes the case's keys and closes the clients.
+    fn cleanup(&self) -> BoxFuture<'_, ()>;
+}
+
+/// The key names a case uses, relative to its namespace/root.
+pub struct Names {
+    /// Key or prefix watches.
+    pub kind: Kind,
+}
+
+impl Names {
+    /// The watched key (key targets) or prefix (prefix targets) of watch `i`.
+    pub fn target(&self, i: usize) -> String {
+        match self.kind {
+            Kind::Key => format!("k/{i:05}"),
+            Kind::Prefix => format!("p/{i:05}"),
+        }
+    }
+
+    /// The key the writer puts for watch `i`.
+    pub fn put_key(&self, i: usize) -> String {
+        match self.kind {
+            Kind::Key => format!("k/{i:05}"),
+            Kind::Prefix => format!("p/{i:05}/x"),
+        }
+    }
+
+    /// An unwatched key for the no-watch baseline.
+    pub fn base_key(&self, i: usize) -> String {
+        format!("base/{i:05}")
+    }
+}
+
+/// Runs a case; a failure is reported in the result with the figures so far.
+pub async fn run(spec: &CaseSpec) -> CaseResult {
+    let mut r = CaseResult::default();
+    if let Err(e) = phases(spec, &mut r).await {
+        r.error = Some(format!("{e:#}"));
+    }
+    r
+}
+
+async fn phases(spec: &CaseSpec, r: &mut CaseResult) -> Result<()> {
+    let step = Duration::from_secs_f64(spec.step_timeout_secs);
+    let client: Box<dyn Client> = tokio::time::timeout(step, connect(spec))
+        .await
+        .context("connecting: timed out")??;
+    let out = measured(spec, r, client.as_ref(), step).await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), client.cleanup()).await;
+    out
+}
+
+async fn connect(spec: &CaseSpec) -> Result<Box<dyn Client>> {
+    Ok(match spec.side {
+        Side::Anykv => Box::new(sides::anykv::AnykvClient::connect(spec).await?),
+        Side::EtcdOneStream | Side::EtcdStreamPerWatch => {
+            Box::new(sides::etcd::EtcdRaw::connect(spec).await?)
+        }
+        Side::ZkRaw => Box::new(sides::zk::ZkRaw::connect(spec).await?),
+    })
+}
+
+async fn measured(
+    spec: &CaseSpec,
+    r: &mut CaseResult,
+    client: &dyn Client,
+    step: Duration,
+) -> Result<()> {
+    tokio::time::timeout(step, client.prepare())
+        .await
+        .context("pre-creating the watched keys: timed out")?
+        .context("pre-creating the watched keys")?;
+
+    let base = measure::paced_puts(spec.base_puts, spec.rate, PUT_TIMEOUT, |i| {
+        client.base_put(i)
+    })
+    .await;
+    r.base_put = measure::percentiles(base.latencies_ms);
+    if let Some(e) = base.first_error {
+        anyhow::bail!("no-watch puts: {} failed, first: {e}", base.failed);
+    }
+
+    tokio::time::sleep(SETTLE).await;
+    r.rss_before = measure::rss_bytes();
+    r.sockets.0 = measure::sockets();
+    let seen = Seen::new(spec.n);
+    let span = Span::start();
+    let holder = tokio::time::timeout(step, client.setup(seen.clone()))
+        .await
+        .with_context(|| format!("opening {} watches: timed out after {step:?}", spec.n))?
+        .with_context(|| format!("opening {} watches", spec.n))?;
+    let (wall, cpu) = span.stop();
+    r.setup_ms = Some(wall);
+    r.setup_cpu_ms = cpu;
+
+    tokio::time::sleep(SETTLE).await;
+    let rss_after = measure::rss_bytes();
+    r.rss_per_watch = Some((rss_after as f64 - r.rss_before as f64) / spec.n as f64);
+    r.sockets.1 = measure::sockets();
+
+    let (c0, s0, t0) = (
+        measure::cpu_ms(None),
+        spec.server_pid.and_then(|p| measure::cpu_ms(Some(p))),
+        Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs_f64(spec.idle_secs)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let per_s = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / secs);
+    r.idle_client_cpu = per_s(c0, measure::cpu_ms(None));
+    r.idle_server_cpu = per_s(s0, spec.server_pid.and_then(|p| measure::cpu_ms(Some(p))));
+
+    let puts = spec.puts();
+    let span = Span::start();
+    let run = measure::paced_puts(puts, spec.rate, PUT_TIMEOUT, |i| client.put(i)).await;
+    let acked = run.acks.filled(puts);
+    let drain = Instant::now() + Duration::from_secs_f64(spec.drain_secs);
+    while seen.first.filled(puts) < acked && Instant::now() < drain {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    r.put_cpu_ms = span.stop().1;
+    r.put = measure::percentiles(run.latencies_ms);
+    r.put_failures = run.failed;
+    r.put_secs = run.secs;
+    r.expected = puts as u64;
+    r.delivered = seen.first.filled(puts);
+    let delays: Vec<f64> = (0..puts)
+        .filter_map(|i| {
+            let (ack, event) = (run.acks.get(i), seen.first.get(i));
+            (ack != 0 && event != 0).then(|| event.saturating_sub(ack) as f64 / 1e6)
+        })
+        .collect();
+    r.delay = measure::percentiles(delays);
+    r.watch_errors = seen.errors.load(Ordering::Relaxed);
+    r.extra_events = seen.extra.load(Ordering::Relaxed);
+    r.first_watch_error = seen.first_error.lock().ok().and_then(|e| e.clone());
+    drop(holder);
+    if let Some(e) = run.first_error {
+        anyhow::bail!("{} of {puts} puts failed, first: {e}", run.failed);
+    }
+    Ok(())
+}
