@@ -3,7 +3,7 @@
 //! a bad key or an unreadable file fails with exit 2 before any connection
 //! (and before a redb file is created); then the plan runs against the store.
 
-use std::{io::Read, time::Instant};
+use std::{io::Read, path::PathBuf, time::Instant};
 
 use anykv::{
     Condition, Key, Kv, Prefix, PutOptions, Start, Store, Target, Version, config::redact,
@@ -13,10 +13,11 @@ use futures::StreamExt;
 
 use crate::{
     cli::{Command, DEFAULT_URL, PutArgs},
-    copy, exit,
+    copy, dump, exit,
     exit::Failure,
     lock::{self, LockPlan},
     output,
+    restore::{self, RestorePlan},
     signals::Signals,
 };
 
@@ -90,6 +91,15 @@ pub enum Plan {
         /// What to copy.
         prefix: Prefix,
     },
+    /// `dump`
+    Dump {
+        /// What to dump.
+        prefix: Prefix,
+        /// Output file; stdout when None.
+        file: Option<PathBuf>,
+    },
+    /// `restore`, its input checked
+    Restore(RestorePlan),
 }
 
 /// Checks arguments and reads the value to write; never touches a store.
@@ -186,6 +196,11 @@ pub fn plan(command: Command) -> Result<Plan, Failure> {
                 prefix: prefix(a.prefix)?,
             }
         }
+        Command::Dump(a) => Plan::Dump {
+            prefix: prefix(a.prefix)?,
+            file: a.file,
+        },
+        Command::Restore(a) => Plan::Restore(restore::check(a.file, a.prefix, a.clean)?),
     })
 }
 
@@ -297,6 +312,8 @@ async fn on_store(kv: &Kv, plan: Plan) -> Result<u8, Failure> {
             json,
         } => watch(kv, target, start, json).await?,
         Plan::Lock(plan) => return lock::run(kv, plan).await,
+        Plan::Dump { prefix, file } => return dump::run(kv, &prefix, file).await,
+        Plan::Restore(plan) => return restore::run(kv, plan).await,
         Plan::Health | Plan::Drivers { .. } | Plan::Copy { .. } => {
             return Err(Failure::usage(
                 "internal: command does not use the --url store",

@@ -12,9 +12,12 @@
 mod cli;
 mod commands;
 mod copy;
+mod dump;
+mod dumpfile;
 mod exit;
 mod lock;
 mod output;
+mod restore;
 mod signals;
 
 use std::{process::ExitCode, time::Duration};

@@ -11,7 +11,7 @@ use std::{
     io::{self, Write},
 };
 
-use anykv::{Capabilities, Event, KvPair, WatchHistory, registry::Driver};
+use anykv::{Capabilities, Event, KvPair, SnapshotMode, WatchHistory, registry::Driver};
 use serde::Serialize;
 
 /// Longest value preview in `list`, in characters of the escaped text.
@@ -38,6 +38,18 @@ impl JsonValue {
                 value: None,
                 value_hex: Some(hex(bytes)),
             },
+        }
+    }
+
+    /// Decodes the two fields back into bytes (the inverse of [`new`](Self::new)):
+    /// exactly one must be present, `value_hex` must be lowercase or
+    /// uppercase hex of even length.
+    pub fn decode(value: Option<String>, value_hex: Option<String>) -> Result<Vec<u8>, String> {
+        match (value, value_hex) {
+            (Some(text), None) => Ok(text.into_bytes()),
+            (None, Some(h)) => unhex(&h),
+            (Some(_), Some(_)) => Err("has both \"value\" and \"value_hex\"".to_owned()),
+            (None, None) => Err("has neither \"value\" nor \"value_hex\"".to_owned()),
         }
     }
 }
@@ -124,6 +136,29 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Decodes hex digits (either case) into bytes.
+fn unhex(text: &str) -> Result<Vec<u8>, String> {
+    let digits = text.as_bytes();
+    if !digits.len().is_multiple_of(2) {
+        return Err(format!(
+            "value_hex has an odd number of digits ({})",
+            digits.len()
+        ));
+    }
+    let nibble = |i: usize| {
+        let d = digits[i];
+        (d as char).to_digit(16).map(|n| n as u8).ok_or_else(|| {
+            format!(
+                "value_hex has a non-hex character {:?} at offset {i}",
+                d as char
+            )
+        })
+    };
+    (0..digits.len() / 2)
+        .map(|i| Ok((nibble(2 * i)? << 4) | nibble(2 * i + 1)?))
+        .collect()
+}
+
 /// One `list` line: `KEY \t VERSION \t PREVIEW`.
 pub fn list_line(kv: &KvPair) -> String {
     format!(
@@ -191,10 +226,23 @@ pub fn capabilities_line(c: &Capabilities) -> String {
         None => "atomic unbounded".to_owned(),
     };
     let durable = if c.durable { "durable" } else { "not durable" };
+    let snapshot = match c.snapshot {
+        Some(mode) => format!("{} snapshot", snapshot_mode(mode)),
+        None => "no snapshot".to_owned(),
+    };
     format!(
-        "max value {}, {ttl}, {watch}, {locks}, {atomic}, {durable}",
+        "max value {}, {ttl}, {watch}, {locks}, {atomic}, {durable}, {snapshot}",
         size(c.max_value_size)
     )
+}
+
+/// `atomic` or `verified`: how a backend's `snapshot` reads (as in `drivers
+/// --json` and the `anykv dump` header).
+pub fn snapshot_mode(mode: SnapshotMode) -> &'static str {
+    match mode {
+        SnapshotMode::Atomic => "atomic",
+        SnapshotMode::Verified => "verified",
+    }
 }
 
 fn size(bytes: usize) -> String {
@@ -228,6 +276,8 @@ struct JsonCapabilities {
     cross_process_locks: bool,
     max_atomic_ops: Option<usize>,
     durable: bool,
+    /// `"atomic"`, `"verified"` or null (no snapshot: `dump` is not consistent).
+    snapshot: Option<&'static str>,
 }
 
 impl JsonDriver {
@@ -250,6 +300,7 @@ impl JsonDriver {
                 cross_process_locks: c.cross_process_locks,
                 max_atomic_ops: c.max_atomic_ops,
                 durable: c.durable,
+                snapshot: c.snapshot.map(snapshot_mode),
             },
         }
     }
@@ -299,6 +350,27 @@ mod tests {
             r#"{"value_hex":"ff00"}"#
         );
         assert_eq!(to_json(&JsonValue::new(b"")), r#"{"value":""}"#);
+    }
+
+    #[test]
+    fn json_value_decodes_what_it_encodes() {
+        let bytes: Vec<u8> = (0..=255u8).collect();
+        for v in [&b""[..], b"text\n\"q\"", &bytes] {
+            let JsonValue { value, value_hex } = JsonValue::new(v);
+            assert_eq!(JsonValue::decode(value, value_hex).as_deref(), Ok(v));
+        }
+        assert_eq!(
+            JsonValue::decode(None, Some("FF00".into())),
+            Ok(vec![0xff, 0])
+        );
+        let odd = JsonValue::decode(None, Some("abc".into())).unwrap_err();
+        assert!(odd.contains("odd number"), "{odd}");
+        let bad = JsonValue::decode(None, Some("zz".into())).unwrap_err();
+        assert!(bad.contains("non-hex character 'z' at offset 0"), "{bad}");
+        let multibyte = JsonValue::decode(None, Some("é".into())).unwrap_err();
+        assert!(multibyte.contains("non-hex"), "{multibyte}");
+        assert!(JsonValue::decode(None, None).is_err());
+        assert!(JsonValue::decode(Some(String::new()), Some(String::new())).is_err());
     }
 
     #[test]
