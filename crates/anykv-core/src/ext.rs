@@ -6,7 +6,8 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     error::{Error, Result},
-    key::Key,
+    key::{Key, Prefix},
+    mirror::{JsonMirror, Mirror},
     store::Store,
     types::{PutOptions, Version},
 };
@@ -62,6 +63,38 @@ pub trait StoreExt: Store {
             source: Box::new(e),
         })?;
         self.set(key, bytes).await
+    }
+
+    /// A local, always-current copy of `prefix`: returns once the first
+    /// snapshot is applied and the watch runs. See [`Mirror`].
+    ///
+    /// ```no_run
+    /// # async fn demo(kv: anykv_core::Kv) -> anykv_core::Result<()> {
+    /// use anykv_core::{Prefix, StoreExt};
+    /// let members = kv.mirror(&Prefix::new("members")?).await?;
+    /// for kv in members.list(&Prefix::root()) {
+    ///     println!("{} = {:?}", kv.key, kv.value);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    async fn mirror(&self, prefix: &Prefix) -> Result<Mirror>
+    where
+        Self: Clone + Sized,
+    {
+        Mirror::start(self.clone(), prefix.clone()).await
+    }
+
+    /// A [`mirror`](StoreExt::mirror) whose values are JSON documents of
+    /// type `T`, decoded when read; a value that does not decode is an error
+    /// for its key only.
+    async fn mirror_json<T: DeserializeOwned + Send + 'static>(
+        &self,
+        prefix: &Prefix,
+    ) -> Result<JsonMirror<T>>
+    where
+        Self: Clone + Sized,
+    {
+        Ok(JsonMirror::new(self.mirror(prefix).await?))
     }
 }
 

@@ -71,7 +71,7 @@ pub struct KvPair {
 /// made after the snapshot: on [`Full`](crate::WatchHistory::Full) backends
 /// every one, once; on [`Converge`](crate::WatchHistory::Converge) backends
 /// the keys changed since (keys deleted between the snapshot and the watch's
-/// start are not reported; a mirror, `StoreExt::mirror`, covers that case).
+/// start are not reported; a [`Mirror`](crate::Mirror) covers that case).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// The store revision the pairs were read at.

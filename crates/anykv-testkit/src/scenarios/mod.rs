@@ -7,7 +7,9 @@ mod keys;
 mod listing;
 mod liveness;
 mod locks;
+mod mirror;
 mod namespace;
+mod snapshot;
 mod transfer;
 mod ttl;
 mod watch;
@@ -53,6 +55,13 @@ pub(crate) fn all() -> Vec<Scenario> {
         scenario!(watch::dropped_watches_release),
         scenario!(watch::closed_handle_ends_watch_with_error),
         scenario!(watch::delete_prefix_emits_deletes),
+        scenario!(watch::many_watches_each_get_their_events),
+        scenario!(snapshot::two_prefixes_at_one_revision),
+        scenario!(snapshot::watch_after_snapshot_has_no_gap),
+        scenario!(snapshot::compact_discards_history_only),
+        scenario!(mirror::mirror_follows_every_change),
+        scenario!(mirror::mirror_converges_under_writers),
+        scenario!(mirror::typed_mirror_reports_undecodable_values),
         scenario!(locks::mutual_exclusion_between_tasks),
         scenario!(locks::fencing_tokens_increase),
         scenario!(locks::try_lock_and_holder),

@@ -287,6 +287,113 @@ pub async fn delete_prefix_emits_deletes(cx: Ctx) {
     );
 }
 
+/// 500 watches on one handle (key watches, and prefix watches over groups
+/// of keys), one write per key: every watch gets exactly its events, in
+/// order, whatever the driver shares between them.
+pub async fn many_watches_each_get_their_events(cx: Ctx) {
+    const KEYS: usize = 450;
+    const GROUPS: usize = 50;
+    let kv = &cx.kv;
+    let name = |i: usize| format!("wm/g{}/k{i}", i % GROUPS);
+    // Half the keys exist before the watches, half do not yet.
+    for i in (0..KEYS).step_by(2) {
+        ok(
+            "put before",
+            kv.put(&key(&name(i)), "0".into(), PutOptions::default())
+                .await,
+        );
+    }
+    let mut key_watches = Vec::with_capacity(KEYS);
+    for i in 0..KEYS {
+        key_watches.push(ok(
+            "key watch",
+            kv.watch(Target::Key(key(&name(i))), Start::Now).await,
+        ));
+    }
+    let mut group_watches = Vec::with_capacity(GROUPS);
+    for g in 0..GROUPS {
+        group_watches.push(ok(
+            "prefix watch",
+            kv.watch(Target::Prefix(prefix(&format!("wm/g{g}"))), Start::Now)
+                .await,
+        ));
+    }
+    settle().await;
+    let writer = cx.other_handle();
+    let writes = tokio::spawn(async move {
+        for i in 0..KEYS {
+            let k = key(&name(i));
+            ok(
+                "put",
+                writer
+                    .put(&k, Bytes::from(format!("v{i}")), PutOptions::default())
+                    .await,
+            );
+            if i % 3 == 0 {
+                ok("delete", writer.delete(&k, Condition::Always).await);
+            }
+        }
+    });
+    // Each key watch: its put, then its delete for every third key.
+    let checks = key_watches
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut w)| async move {
+            let e = next_event("key watch put", &mut w).await;
+            assert_eq!(
+                (e.key().as_str(), put_value(&e)),
+                (name(i).as_str(), Some(format!("v{i}").as_bytes()))
+            );
+            if i % 3 == 0 {
+                let d = next_event("key watch delete", &mut w).await;
+                assert!(
+                    matches!(&d, Event::Delete { key, .. } if key.as_str() == name(i)),
+                    "{d:?}"
+                );
+                assert!(d.revision() > e.revision());
+            }
+            no_event(
+                "nothing else on a key watch",
+                &mut w,
+                Duration::from_millis(200),
+            )
+            .await;
+        });
+    futures::future::join_all(checks).await;
+    // Each group watch: exactly its keys' events, in revision order.
+    let groups = group_watches
+        .into_iter()
+        .enumerate()
+        .map(|(g, mut w)| async move {
+            let mine: Vec<usize> = (0..KEYS).filter(|i| i % GROUPS == g).collect();
+            let want = mine.len() + mine.iter().filter(|i| *i % 3 == 0).count();
+            let mut last = 0;
+            for _ in 0..want {
+                let e = next_event("group watch", &mut w).await;
+                assert!(
+                    e.key().as_str().starts_with(&format!("wm/g{g}/")),
+                    "{e:?} on group {g}"
+                );
+                assert!(e.revision() > last, "group {g} out of order");
+                last = e.revision();
+            }
+            no_event(
+                "nothing else on a group watch",
+                &mut w,
+                Duration::from_millis(200),
+            )
+            .await;
+        });
+    futures::future::join_all(groups).await;
+    ok(
+        "writer",
+        writes.await.map_err(|e| anykv_core::Error::Cancelled {
+            backend: "testkit",
+            message: e.to_string(),
+        }),
+    );
+}
+
 async fn collect(w: &mut anykv_core::WatchStream, n: usize) -> Vec<Event> {
     let mut out = Vec::new();
     while out.len() < n {
