@@ -11,6 +11,7 @@ use crate::{
     error::{self, BACKEND, Ctx},
     health::{self, Health},
     options::EtcdOptions,
+    watch::Hub,
 };
 
 /// Largest response the driver accepts (a page of `list`, a batch of watch
@@ -34,6 +35,8 @@ pub(crate) struct Clients {
 pub(crate) struct Conn {
     pub opts: EtcdOptions,
     clients: OnceCell<Clients>,
+    /// The shared watch streams.
+    pub(crate) watches: Hub,
     /// How often a request whose connection could not even be opened is sent
     /// again (each time the balancer may pick another member).
     unsent_retries: usize,
@@ -45,6 +48,7 @@ impl Conn {
         Conn {
             opts,
             clients: OnceCell::new(),
+            watches: Hub::new(),
             unsent_retries,
         }
     }

@@ -26,7 +26,7 @@
 //! | `export(p)` | the same pages, read as the consumer goes, all at the first page's revision |
 //! | `import` | transactions of up to 128 puts or 1 MiB of values (a repeated key starts a new one), instead of a round trip per pair |
 //! | TTL | one lease per put (see below) |
-//! | `watch` | the Watch API with `prev_kv`, progress notifications and fragments (reassembled), resumed after a broken stream from the last delivered revision + 1; a compacted resume point is [`Error::Compacted`] |
+//! | `watch` | one watcher (`WatchCreateRequest` with a client-chosen `watch_id`, `prev_kv`, progress notifications and fragments, reassembled) on a gRPC watch stream **shared** by the handle's watches: up to `watches_per_stream` (URL option, default 1,000) per stream, more streams beyond. Each watch keeps its own resume point (last delivered revision) and is created again from it + 1 when its stream breaks (one new stream for all of them); a compacted resume point is [`Error::Compacted`] for that watch only. Dropping the stream sends `WatchCancelRequest` at once; a stream left without watches is closed |
 //! | locks | etcd's `concurrency.Mutex` layout: a record `<lock key>/<lease id hex>` on a lease renewed by a task; holder = lowest create revision; fencing token = the record's create revision; waiters watch their predecessor's delete; `lost()` when the lease is gone or could not be renewed in time |
 //! | `probe` | a count-only linearizable range read of one key, bounded by the timeout: it needs a leader and a quorum, like every write |
 //!
@@ -61,11 +61,24 @@
 //! connection of its own and takes a member that does not answer (a hung
 //! process, a black-holed host) out of the balancer until it answers again.
 //! Requests ask for a leader (`require_leader`): a member cut off from the
-//! quorum refuses instead of serving stale reads and watches. A watch that
-//! hears nothing for a while asks for a progress report and, without an
-//! answer within the timeout, resumes on another member; HTTP/2 pings (every
+//! quorum refuses instead of serving stale reads and watches. A shared watch
+//! stream that hears nothing for a while asks for one progress report (one
+//! request per stream, not per watch) and, without an answer within the
+//! timeout, resumes all its watches on another member; HTTP/2 pings (every
 //! 10 s while a stream is open, as etcd's keepalive policy allows) back this
 //! up for lease renewals.
+//!
+//! ## Watches: shared streams, bounded buffers
+//!
+//! A watch costs the client a few hundred bytes (its buffer, its resume
+//! point, one map entry) and etcd one watcher; an idle watch costs neither
+//! side any work (the liveness check is per stream). Each watch buffers up
+//! to 1,024 events for its consumer. A consumer that stops reading never
+//! delays the other watches of its stream: when its buffer is full the
+//! watch is **detached** (cancelled on etcd) and, once the consumer has read
+//! the buffer empty, created again from its own last delivered revision + 1,
+//! so it still gets every event once, in order (or [`Error::Compacted`] if
+//! the history it needs was compacted meanwhile).
 //!
 //! ## Background tasks
 //!
@@ -73,8 +86,9 @@
 //! most once a second): the layers put a tokio timeout around every
 //! operation, and registering a timer that is the runtime's earliest wakes
 //! the thread parked in the I/O driver, which cost 7-10 µs on a 150 µs get.
-//! Stores with several endpoints run the member checks above. Each watch
-//! runs one task and each held lock one renewal task. All of them end when
+//! Stores with several endpoints run the member checks above. Each shared
+//! watch stream runs one task (and one that writes its requests), and each
+//! held lock one renewal task. All of them end when
 //! their store, stream or guard is dropped.
 //!
 //! Errors map by gRPC code after the voltha classification: `Unavailable`,
@@ -105,11 +119,14 @@ use anykv_core::{
 use etcd_client::{DeleteOptions, GetOptions, PutOptions as EtcdPutOptions};
 use futures::{StreamExt, TryStreamExt};
 
-pub use crate::options::{DEFAULT_PORT, DEFAULT_TIMEOUT, EtcdOptions, PARAMS, Tls};
 use crate::{
     conn::Conn,
     error::{BACKEND, Ctx},
     range::{Range, key_of, pair, rev},
+};
+pub use crate::{
+    options::{DEFAULT_PORT, DEFAULT_TIMEOUT, EtcdOptions, PARAMS, Tls},
+    watch::DEFAULT_WATCHES_PER_STREAM,
 };
 
 /// Largest value accepted. etcd refuses requests over 1.5 MiB

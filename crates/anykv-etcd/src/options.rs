@@ -5,7 +5,7 @@ use std::{fmt, path::PathBuf, time::Duration};
 use anykv_core::{Config, Error, Result, Secret};
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
-use crate::error::BACKEND;
+use crate::{error::BACKEND, watch::DEFAULT_WATCHES_PER_STREAM};
 
 /// Port used when an endpoint names none.
 pub const DEFAULT_PORT: u16 = 2379;
@@ -14,7 +14,13 @@ pub const DEFAULT_PORT: u16 = 2379;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Query keys this driver reads (besides the common ones such as `timeout`).
-pub const PARAMS: &[&str] = &["ca", "cert", "key", "domain"];
+pub const PARAMS: &[&str] = &["ca", "cert", "key", "domain", WATCHES_PER_STREAM];
+
+/// Query key: most watches sharing one gRPC watch stream.
+const WATCHES_PER_STREAM: &str = "watches_per_stream";
+
+/// The options that need TLS.
+const TLS_PARAMS: &[&str] = &["ca", "cert", "key", "domain"];
 
 /// TLS material, as PEM.
 #[derive(Clone, Default)]
@@ -59,6 +65,11 @@ pub struct EtcdOptions {
     /// Bound of the driver's own round trips (connect, lease renewal, watch
     /// re-establishment, probe). The layers bound each operation separately.
     pub timeout: Duration,
+    /// Most watches multiplexed on one gRPC watch stream (URL option
+    /// `watches_per_stream`, default
+    /// [`DEFAULT_WATCHES_PER_STREAM`](crate::DEFAULT_WATCHES_PER_STREAM));
+    /// more watches open more streams.
+    pub watches_per_stream: usize,
 }
 
 impl fmt::Debug for EtcdOptions {
@@ -68,6 +79,7 @@ impl fmt::Debug for EtcdOptions {
             .field("tls", &self.tls)
             .field("user", &self.user.as_ref().map(|(u, _)| u))
             .field("timeout", &self.timeout)
+            .field("watches_per_stream", &self.watches_per_stream)
             .finish()
     }
 }
@@ -80,6 +92,7 @@ impl EtcdOptions {
             tls: None,
             user: None,
             timeout: DEFAULT_TIMEOUT,
+            watches_per_stream: DEFAULT_WATCHES_PER_STREAM,
         }
     }
 
@@ -92,6 +105,12 @@ impl EtcdOptions {
     /// Uses TLS.
     pub fn with_tls(mut self, tls: Tls) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Sets how many watches share one gRPC watch stream at most.
+    pub fn with_watches_per_stream(mut self, n: usize) -> Self {
+        self.watches_per_stream = n.max(1);
         self
     }
 
@@ -108,7 +127,7 @@ impl EtcdOptions {
     pub fn from_config(config: &Config) -> Result<Self> {
         let tls = match config.scheme.as_str() {
             "etcd" => {
-                for k in PARAMS {
+                for k in TLS_PARAMS {
                     if config.param(k).is_some() {
                         return Err(config
                             .invalid(format!("option {k:?} needs TLS: use the etcds:// scheme")));
@@ -145,11 +164,17 @@ impl EtcdOptions {
             Some(_) => return Err(config.invalid("timeout must be positive")),
             None => DEFAULT_TIMEOUT,
         };
+        let watches_per_stream = match config.parse_param::<usize>(WATCHES_PER_STREAM)? {
+            Some(0) => return Err(config.invalid("watches_per_stream must be positive")),
+            Some(n) => n,
+            None => DEFAULT_WATCHES_PER_STREAM,
+        };
         Ok(EtcdOptions {
             endpoints,
             tls,
             user,
             timeout,
+            watches_per_stream,
         })
     }
 

@@ -139,7 +139,7 @@ async fn snapshot_is_pinned_to_one_revision_under_concurrent_writers() {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 20_000 {
                 n += 1;
-                let p = if n % 2 == 0 { "a" } else { "b" };
+                let p = if n.is_multiple_of(2) { "a" } else { "b" };
                 let k = Key::new(format!("{p}/k{:03}", n % 300)).unwrap();
                 kv.put(&k, n.to_string().into(), PutOptions::default())
                     .await
