@@ -20,7 +20,26 @@
 //! revision, which is also the written key's version (so versions are never
 //! reused). TTLs expire on access and by a background sweep. Locks exclude
 //! within the process.
+//!
+//! **Watches** are indexed by key and by prefix: a write reaches only the
+//! watches whose target contains its key (one lookup for the key, one per
+//! ancestor, one for the root), never every watch of the store. Each watch
+//! buffers up to 128 events for its consumer. A consumer that falls further
+//! behind never slows the writer or other watches: its watch is *detached*
+//! (the buffer is dropped and later events skip it) and, when the consumer
+//! reads again, resumes from its own last revision out of the event log, in
+//! order, with no gap or duplicate, then follows live events again. If the
+//! log (`history` events, or a `compact`) no longer reaches back that far,
+//! the stream yields `Error::Compacted` and ends. Dropping a stream removes
+//! its watch from the index at once ([`MemoryStore::watch_count`]).
+//!
+//! **snapshot** reads every prefix under one lock, at the store revision
+//! of that moment ([`SnapshotMode::Atomic`]). **compact** drops the event
+//! log up to a revision: watches from below it then get `Compacted`;
+//! compacting at or below an earlier compaction is a no-op, beyond the
+//! current revision `InvalidArgument`.
 
+mod hub;
 mod lock;
 mod state;
 mod watch;
@@ -33,8 +52,8 @@ use std::{
 
 use anykv_core::{
     Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo, LockOptions,
-    Op, Prefix, PutOptions, Result, Revision, Start, Store, Target, Version, WatchStream,
-    async_trait, registry::Driver, store::condition,
+    Op, Prefix, PutOptions, Result, Revision, Snapshot, SnapshotMode, Start, Store, Target,
+    Version, WatchStream, async_trait, registry::Driver, store::condition,
 };
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -50,8 +69,10 @@ const SWEEP_EVERY: Duration = Duration::from_millis(50);
 /// Events kept for watches from a past revision, unless `?history=` says otherwise.
 pub const DEFAULT_HISTORY: usize = 10_000;
 
-const CAPS: Capabilities =
-    Capabilities::full(MAX_VALUE_SIZE).with_ttl(Some(Duration::from_millis(100)));
+const CAPS: Capabilities = Capabilities::full(MAX_VALUE_SIZE)
+    .with_ttl(Some(Duration::from_millis(100)))
+    .with_snapshot(Some(SnapshotMode::Atomic))
+    .with_compact(true);
 
 anykv_core::inventory::submit! {
     Driver {
@@ -69,13 +90,49 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     locks: Mutex<lock::Locks>,
     released: lock::Released,
+    pub(crate) hub: Arc<hub::Hub>,
+}
+
+/// The locked state; releasing it routes the events written meanwhile to
+/// the watches (still under the lock, so a watch reading the log under the
+/// lock sees each event either there or in its buffer).
+pub(crate) struct Guard<'a> {
+    state: MutexGuard<'a, State>,
+    hub: &'a hub::Hub,
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        if !self.state.unpublished.is_empty() {
+            let mut events = std::mem::take(&mut self.state.unpublished);
+            self.hub.publish(&events);
+            events.clear();
+            self.state.unpublished = events;
+        }
+    }
 }
 
 impl Shared {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> Guard<'_> {
         // A panic while holding the lock cannot leave the map half-written
         // (every mutation is a single insert/remove), so poison is ignored.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        Guard {
+            state: self.state.lock().unwrap_or_else(|p| p.into_inner()),
+            hub: &self.hub,
+        }
     }
 
     pub(crate) fn locks(&self) -> MutexGuard<'_, lock::Locks> {
@@ -100,6 +157,7 @@ impl MemoryStore {
             state: Mutex::new(State::new(history)),
             locks: Mutex::new(lock::Locks::default()),
             released: lock::Released::default(),
+            hub: Arc::default(),
         }))
     }
 
@@ -139,7 +197,7 @@ impl MemoryStore {
     }
 
     /// The state with expired keys removed.
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn state(&self) -> Guard<'_> {
         let mut st = self.shared.lock();
         st.expire(Instant::now());
         st
@@ -242,6 +300,19 @@ impl Store for MemoryStore {
         Ok(rev)
     }
 
+    async fn snapshot(&self, prefixes: &[Prefix]) -> Result<Snapshot> {
+        // One lock: every prefix at one revision.
+        let st = self.state();
+        Ok(Snapshot {
+            revision: st.revision(),
+            pairs: prefixes.iter().flat_map(|p| st.list(p)).collect(),
+        })
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        self.state().compact(revision)
+    }
+
     async fn probe(&self) -> Result<()> {
         Ok(())
     }
@@ -251,5 +322,11 @@ impl MemoryStore {
     /// The store's current revision.
     pub fn revision(&self) -> Revision {
         self.shared.lock().revision()
+    }
+
+    /// How many watches are registered on the store (dropping a watch's
+    /// stream removes it at once).
+    pub fn watch_count(&self) -> usize {
+        self.shared.hub.len()
     }
 }

@@ -5,13 +5,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use anykv_core::{Error, Event, Key, KvPair, Prefix, Result, Revision, Version};
 use bytes::Bytes;
-use tokio::{sync::broadcast, time::Instant};
+use tokio::time::Instant;
+
+use crate::hub::Group;
 
 pub(crate) const BACKEND: &str = "memory";
-
-/// An event with its position in the log: several events can share a
-/// revision (an atomic commit), the sequence number is unique.
-pub(crate) type Sequenced = (u64, Event);
 
 struct Entry {
     value: Bytes,
@@ -24,35 +22,32 @@ pub(crate) struct State {
     data: BTreeMap<Key, Entry>,
     expiries: BTreeSet<(Instant, Key)>,
     revision: Revision,
-    seq: u64,
-    log: VecDeque<Sequenced>,
+    /// Every event, in revision order, up to `log_capacity` of them.
+    log: VecDeque<Event>,
     log_capacity: usize,
     /// Highest revision dropped from the log: a watch from before it cannot replay.
     compacted: Revision,
-    pub(crate) events: broadcast::Sender<Sequenced>,
+    /// Events logged under the current lock, routed to the watches when
+    /// the lock is released (see `Guard`), so that each watch gets a whole
+    /// revision at once.
+    pub(crate) unpublished: Vec<Event>,
 }
 
 impl State {
     pub(crate) fn new(log_capacity: usize) -> State {
-        let (events, _) = broadcast::channel(1024);
         State {
             data: BTreeMap::new(),
             expiries: BTreeSet::new(),
             revision: 0,
-            seq: 0,
             log: VecDeque::new(),
             log_capacity: log_capacity.max(1),
             compacted: 0,
-            events,
+            unpublished: Vec::new(),
         }
     }
 
     pub(crate) fn revision(&self) -> Revision {
         self.revision
-    }
-
-    pub(crate) fn seq(&self) -> u64 {
-        self.seq
     }
 
     fn pair(key: &Key, e: &Entry) -> KvPair {
@@ -152,16 +147,13 @@ impl State {
     }
 
     fn publish(&mut self, event: Event) {
-        self.seq += 1;
-        let item = (self.seq, event);
         if self.log.len() == self.log_capacity
-            && let Some((_, old)) = self.log.pop_front()
+            && let Some(old) = self.log.pop_front()
         {
             self.compacted = self.compacted.max(old.revision());
         }
-        self.log.push_back(item.clone());
-        // No receivers is fine: nobody is watching.
-        let _ = self.events.send(item);
+        self.log.push_back(event.clone());
+        self.unpublished.push(event);
     }
 
     fn compacted_error(&self, revision: Revision) -> Error {
@@ -172,27 +164,47 @@ impl State {
         }
     }
 
-    /// Logged events with a revision above `rev`, or `Compacted` if some of
-    /// them are no longer retained.
-    pub(crate) fn since_revision(&self, rev: Revision) -> Result<Vec<Sequenced>> {
+    /// Up to `max` logged revisions above `rev`, each whole, or `Compacted`
+    /// if some of them are no longer retained.
+    pub(crate) fn log_after(&self, rev: Revision, max: usize) -> Result<Vec<Group>> {
         if rev < self.compacted {
             return Err(self.compacted_error(rev));
         }
-        Ok(self
-            .log
-            .iter()
-            .filter(|(_, e)| e.revision() > rev)
-            .cloned()
-            .collect())
+        let from = self.log.partition_point(|e| e.revision() <= rev);
+        let mut out: Vec<Group> = Vec::new();
+        for ev in self.log.range(from..) {
+            let rev = ev.revision();
+            if let Some((r, evs)) = out.last_mut()
+                && *r == rev
+            {
+                evs.push(ev.clone());
+            } else if out.len() >= max {
+                break;
+            } else {
+                out.push((rev, vec![ev.clone()]));
+            }
+        }
+        Ok(out)
     }
 
-    /// Logged events after sequence number `seq` (a watcher that fell behind
-    /// the broadcast), or `Compacted` if the log no longer reaches back.
-    pub(crate) fn since_seq(&self, seq: u64, rev: Revision) -> Result<Vec<Sequenced>> {
-        let first = self.log.front().map_or(self.seq + 1, |(s, _)| *s);
-        if first > seq + 1 {
-            return Err(self.compacted_error(rev));
+    /// Drops the log up to `rev`: watches from before it get `Compacted`.
+    pub(crate) fn compact(&mut self, rev: Revision) -> Result<()> {
+        if rev > self.revision {
+            return Err(Error::InvalidArgument {
+                backend: BACKEND,
+                message: format!(
+                    "cannot compact at revision {rev}: the store is at revision {}",
+                    self.revision
+                ),
+            });
         }
-        Ok(self.log.iter().filter(|(s, _)| *s > seq).cloned().collect())
+        if rev <= self.compacted {
+            return Ok(());
+        }
+        while self.log.front().is_some_and(|e| e.revision() <= rev) {
+            self.log.pop_front();
+        }
+        self.compacted = rev;
+        Ok(())
     }
 }

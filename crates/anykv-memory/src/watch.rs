@@ -1,97 +1,51 @@
-//! Watch streams: replay from the event log, then follow the live broadcast,
-//! skipping by sequence number so that nothing is delivered twice.
+//! Watch streams: registered in the store's [`Hub`](crate::hub::Hub) and
+//! replayed from the event log, both under the state lock.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::sync::Arc;
 
-use anykv_core::{Error, Event, Result, Start, Target, WatchStream};
-use futures::StreamExt;
-use tokio::sync::broadcast::{Receiver, error::RecvError};
+use anykv_core::{Error, Result, Revision, Start, Target, WatchStream};
+use futures::future::BoxFuture;
 
 use crate::{
     Shared,
-    state::{BACKEND, Sequenced},
+    hub::{self, Begin, EventLog, Group},
+    state::BACKEND,
 };
 
-struct Cursor {
-    shared: Arc<Shared>,
-    target: Target,
-    backlog: VecDeque<Sequenced>,
-    live: Receiver<Sequenced>,
-    last_seq: u64,
-    last_rev: u64,
-    done: bool,
+impl EventLog for Shared {
+    fn read_after(
+        self: Arc<Self>,
+        after: Revision,
+        max: usize,
+    ) -> BoxFuture<'static, Result<Vec<Group>>> {
+        let read = self.lock().log_after(after, max);
+        Box::pin(std::future::ready(read))
+    }
+}
+
+fn closed() -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        message: "store closed".into(),
+        source: None,
+    }
 }
 
 pub(crate) fn open(shared: Arc<Shared>, target: Target, start: Start) -> Result<WatchStream> {
-    let (backlog, live, last_seq) = {
+    let (watcher, begin) = {
         let mut st = shared.lock();
         st.expire(tokio::time::Instant::now());
-        // Subscribing and reading the log under one lock: the log holds exactly
-        // what happened before the subscription.
-        let live = st.events.subscribe();
-        let backlog = match start {
-            Start::Now => Vec::new(),
-            Start::After(rev) => st.since_revision(rev)?,
-        };
-        (VecDeque::from(backlog), live, st.seq())
-    };
-    // The backlog ends at or before `last_seq` and the subscription starts
-    // after it, so the sequence check below never drops a fresh event.
-    let cursor = Cursor {
-        shared,
-        target,
-        last_seq: backlog.front().map_or(last_seq, |(s, _)| s - 1),
-        backlog,
-        live,
-        last_rev: 0,
-        done: false,
-    };
-    Ok(futures::stream::unfold(cursor, next).boxed())
-}
-
-async fn next(mut c: Cursor) -> Option<(Result<Event>, Cursor)> {
-    if c.done {
-        return None;
-    }
-    loop {
-        let (seq, event) = match c.backlog.pop_front() {
-            Some(item) => item,
-            None => match c.live.recv().await {
-                Ok(item) => item,
-                Err(RecvError::Lagged(_)) => {
-                    // Fell behind the broadcast: refill from the log.
-                    let refill = c.shared.lock().since_seq(c.last_seq, c.last_rev);
-                    match refill {
-                        Ok(items) => {
-                            c.backlog = items.into();
-                            continue;
-                        }
-                        Err(e) => {
-                            c.done = true;
-                            return Some((Err(e), c));
-                        }
-                    }
-                }
-                Err(RecvError::Closed) => {
-                    c.done = true;
-                    return Some((
-                        Err(Error::Unavailable {
-                            backend: BACKEND,
-                            message: "store closed".into(),
-                            source: None,
-                        }),
-                        c,
-                    ));
-                }
+        // Registering and reading the log under one lock: every event is
+        // either in what was read or routed to the new watch, not both.
+        let watcher = shared.hub.register(target).ok_or_else(closed)?;
+        let begin = match start {
+            Start::Now => Begin::Now(st.revision()),
+            Start::After(after) => Begin::Log {
+                after,
+                first: st.log_after(after, hub::LOG_CHUNK)?,
             },
         };
-        if seq <= c.last_seq {
-            continue;
-        }
-        c.last_seq = seq;
-        c.last_rev = event.revision();
-        if c.target.matches(event.key()) {
-            return Some((Ok(event), c));
-        }
-    }
+        (watcher, begin)
+    };
+    Ok(hub::stream(watcher, shared, begin, closed))
 }

@@ -23,11 +23,12 @@ use std::{
 
 use anykv_core::{Error, Event, Key, KvPair, Prefix, Result, Revision};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::oneshot;
 
 use crate::{
     codec,
     error::{self, BACKEND, Failure},
+    hub::Hub,
     lock::LockTable,
     writer::{Cmd, WriteOp, WriteReq, Writer, WriterSettings, now_ms},
 };
@@ -46,6 +47,8 @@ pub(crate) const META: TableDefinition<'static, &'static str, u64> =
     TableDefinition::new("anykv_meta");
 
 pub(crate) const META_FORMAT: &str = "format";
+/// The revision of the last `compact` (absent: never compacted by hand).
+pub(crate) const META_COMPACTED: &str = "compacted";
 /// Bumped on any incompatible change of the layout above. The store
 /// revision is the last key of [`EVENTS`] (see the writer).
 pub(crate) const FORMAT: u64 = 1;
@@ -68,16 +71,10 @@ pub(crate) struct Snapshot {
 /// Where the current [`Snapshot`] is kept; shared with the writer.
 pub(crate) type SnapshotSlot = Arc<RwLock<Option<Arc<Snapshot>>>>;
 
-/// The events of one committed transaction, in revision order.
-pub(crate) type Batch = Arc<Vec<Event>>;
-
 /// How long an open waits for this process's own just-closed handle on the
 /// same file to let go of redb's lock (a read finishing on another thread).
 /// Another process holding the file is reported after at most this long.
 const REOPEN_GRACE: Duration = Duration::from_millis(500);
-
-/// Live batches kept for slow watchers before they fall back to the log.
-const LIVE_CAPACITY: usize = 256;
 
 /// The key range strictly below `prefix`: `[prefix/, prefix0)` (`'0'` is the
 /// byte after `'/'`), or everything for the root.
@@ -89,16 +86,21 @@ pub(crate) fn prefix_range(prefix: &Prefix) -> (String, Option<String>) {
     }
 }
 
-/// The newest revision a watch may start after: history before it is
-/// pruned. The log's first revision minus one; the current revision when
-/// the log is empty.
+/// The oldest revision a watch may start after: history before it is
+/// pruned. The log's first revision minus one (the current revision when
+/// the log is empty), or the last `compact`, whichever is newer (a compact
+/// at the current revision keeps that revision's entry, which holds the
+/// revision counter).
 pub(crate) fn compacted_floor(
+    meta: &impl ReadableTable<&'static str, u64>,
     events: &impl ReadableTable<u64, &'static [u8]>,
     current: Revision,
 ) -> Result<Revision, redb::StorageError> {
-    Ok(events
+    let pruned = events
         .first()?
-        .map_or(current, |(k, _)| k.value().saturating_sub(1)))
+        .map_or(current, |(k, _)| k.value().saturating_sub(1));
+    let compacted = meta.get(META_COMPACTED)?.map_or(0, |v| v.value());
+    Ok(pruned.max(compacted))
 }
 
 /// Per-file options from the URL.
@@ -133,7 +135,8 @@ pub(crate) struct Engine {
     inflight: Arc<AtomicUsize>,
     writer: Mutex<Option<JoinHandle<()>>>,
     committed: Arc<AtomicU64>,
-    events: Mutex<Option<broadcast::Sender<Batch>>>,
+    /// The watches, fed by the writer after each commit.
+    pub(crate) hub: Arc<Hub>,
     pub(crate) locks: LockTable,
     handles: AtomicUsize,
     closed: AtomicBool,
@@ -222,7 +225,7 @@ impl Engine {
         };
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
-        let (events, _) = broadcast::channel(LIVE_CAPACITY);
+        let hub = Arc::new(Hub::default());
         let committed = Arc::new(AtomicU64::new(0));
         let snapshot = SnapshotSlot::default();
         let inflight = Arc::new(AtomicUsize::new(0));
@@ -231,7 +234,7 @@ impl Engine {
             snapshot.clone(),
             rx,
             committed.clone(),
-            events.clone(),
+            hub.clone(),
             inflight.clone(),
             WriterSettings {
                 history: settings.history,
@@ -247,7 +250,7 @@ impl Engine {
             inflight,
             writer: Mutex::new(Some(handle)),
             committed,
-            events: Mutex::new(Some(events)),
+            hub,
             locks: LockTable::default(),
             handles: AtomicUsize::new(1),
             closed: AtomicBool::new(false),
@@ -290,7 +293,7 @@ impl Engine {
         {
             tracing::error!(path = %self.path.display(), "redb writer thread panicked");
         }
-        lock(&self.events).take();
+        self.hub.close();
         self.db.write().unwrap_or_else(|p| p.into_inner()).take();
         self.locks.clear();
     }
@@ -409,29 +412,68 @@ impl Engine {
         let mut run = || -> Result<(), Failure> {
             let txn = self.read_txn().map_err(Failure::Kv)?;
             let table = txn.open_table(KV)?;
-            let now = now_ms();
-            let (lo, hi) = prefix_range(prefix);
-            let range = match &hi {
-                Some(hi) => table.range(lo.as_str()..hi.as_str())?,
-                None => table.range::<&str>(lo.as_str()..)?,
-            };
-            for item in range {
-                let (k, v) = item?;
-                let rec =
-                    codec::decode_record(v.value()).map_err(|c| Failure::Kv(error::corrupt(c)))?;
-                if rec.expired(now) {
-                    continue;
-                }
-                let Some(key) = Key::from_backend(k.value()) else {
-                    continue;
-                };
-                if !visit(key, rec) || self.is_closed() {
-                    break;
-                }
-            }
+            self.visit(&table, prefix, now_ms(), &mut visit)?;
             Ok(())
         };
         run().map_err(|f| f.into_error("scan"))
+    }
+
+    /// Visits the live pairs below `prefix` in `table`; false if `visit`
+    /// stopped early (or the engine closed).
+    fn visit(
+        &self,
+        table: &redb::ReadOnlyTable<&'static str, &'static [u8]>,
+        prefix: &Prefix,
+        now: u64,
+        visit: &mut impl FnMut(Key, codec::Record) -> bool,
+    ) -> Result<bool, Failure> {
+        let (lo, hi) = prefix_range(prefix);
+        let range = match &hi {
+            Some(hi) => table.range(lo.as_str()..hi.as_str())?,
+            None => table.range::<&str>(lo.as_str()..)?,
+        };
+        for item in range {
+            let (k, v) = item?;
+            let rec =
+                codec::decode_record(v.value()).map_err(|c| Failure::Kv(error::corrupt(c)))?;
+            if rec.expired(now) {
+                continue;
+            }
+            let Some(key) = Key::from_backend(k.value()) else {
+                continue;
+            };
+            if !visit(key, rec) || self.is_closed() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Every live pair below each of `prefixes` and the store revision, all
+    /// from one read transaction. Blocking.
+    pub(crate) fn snapshot_of(&self, prefixes: &[Prefix]) -> Result<anykv_core::Snapshot> {
+        let run = || -> Result<anykv_core::Snapshot, Failure> {
+            let txn = self.read_txn().map_err(Failure::Kv)?;
+            let table = txn.open_table(KV)?;
+            // The log's last key is the store revision (see the writer).
+            let revision = txn
+                .open_table(EVENTS)?
+                .last()?
+                .map_or(0, |(k, _)| k.value());
+            let now = now_ms();
+            let mut pairs = Vec::new();
+            for prefix in prefixes {
+                let whole = self.visit(&table, prefix, now, &mut |key, rec| {
+                    pairs.push(rec.into_pair(key));
+                    true
+                })?;
+                if !whole {
+                    return Err(Failure::Kv(error::closed()));
+                }
+            }
+            Ok(anykv_core::Snapshot { revision, pairs })
+        };
+        run().map_err(|f| f.into_error("snapshot"))
     }
 
     /// The distinct names one level below `prefix`, without copying values.
@@ -488,13 +530,6 @@ impl Engine {
         run().map_err(|f| f.into_error("list names"))
     }
 
-    /// Subscribes to live batches; `None` once closed.
-    pub(crate) fn subscribe(&self) -> Option<broadcast::Receiver<Batch>> {
-        lock(&self.events)
-            .as_ref()
-            .map(broadcast::Sender::subscribe)
-    }
-
     /// Up to `max` logged revisions after `after`, with their events, from
     /// one snapshot; `Error::Compacted` if `after` is older than the log.
     /// Blocking.
@@ -506,8 +541,9 @@ impl Engine {
         let run = || -> Result<Vec<(Revision, Vec<Event>)>, Failure> {
             let txn = self.read_txn().map_err(Failure::Kv)?;
             let events = txn.open_table(EVENTS)?;
+            let meta = txn.open_table(META)?;
             let last = events.last()?.map_or(0, |(k, _)| k.value());
-            let compacted = compacted_floor(&events, last)?;
+            let compacted = compacted_floor(&meta, &events, last)?;
             if after < compacted {
                 return Err(Failure::Kv(Error::Compacted {
                     backend: BACKEND,

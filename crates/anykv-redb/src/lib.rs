@@ -34,8 +34,24 @@
 //! - **Watch.** Every change is logged in an event table, pruned to the last
 //!   `history` revisions; a watch from an older revision fails with
 //!   `Error::Compacted`. A watch replays the log, then follows committed
-//!   batches live, falling back to the log if it falls behind: no gap and no
-//!   duplicate ([`WatchHistory::Full`]).
+//!   batches live: no gap and no duplicate ([`WatchHistory::Full`]). Watches
+//!   are indexed by key and by prefix, so the writer thread hands each
+//!   committed event only to the watches whose target contains its key (one
+//!   lookup for the key, one per ancestor, one for the root); a watch costs
+//!   no task of its own. Each watch buffers up to 128 events; a consumer
+//!   that falls further behind never delays the writer or other watches:
+//!   its watch is *detached* (buffer dropped, later events skip it) and,
+//!   when the consumer reads again, resumes from its own last revision out
+//!   of the event log, then follows live again. If the log no longer reaches
+//!   back that far (pruned, or compacted), the stream yields
+//!   `Error::Compacted` and ends. Dropping a stream removes its watch from
+//!   the index at once ([`RedbStore::watch_count`]).
+//! - **snapshot** reads every prefix in one read transaction; its revision
+//!   is that transaction's store revision ([`SnapshotMode::Atomic`]).
+//! - **compact** goes through the writer: it drops the logged revisions up
+//!   to the given one and records the compacted point in the file, so it
+//!   survives a reopen. At or below an earlier compaction it is a no-op;
+//!   beyond the current revision `InvalidArgument`.
 //! - **TTL.** Each key stores its expiry time; reads treat an expired key as
 //!   absent at once, and the writer deletes it in the background (emitting a
 //!   Delete event) within `sweep_interval`.
@@ -69,6 +85,9 @@
 mod codec;
 mod engine;
 mod error;
+// Shared with anykv-memory, which owns the file (see its header).
+#[path = "../../anykv-memory/src/hub.rs"]
+mod hub;
 mod lock;
 mod watch;
 mod writer;
@@ -83,8 +102,8 @@ use std::{
 
 use anykv_core::{
     Bytes, Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo,
-    LockOptions, Op, PairStream, Prefix, PutOptions, Result, Revision, Start, Store, Target,
-    Version, WatchHistory, WatchStream, async_trait, registry::Driver,
+    LockOptions, Op, PairStream, Prefix, PutOptions, Result, Revision, Snapshot, SnapshotMode,
+    Start, Store, Target, Version, WatchHistory, WatchStream, async_trait, registry::Driver,
 };
 use futures::{StreamExt, future::BoxFuture};
 
@@ -115,6 +134,8 @@ pub fn capabilities(settings: &Settings) -> Capabilities {
         .with_watch(WatchHistory::Full)
         .with_locks(true, false)
         .with_durable(true)
+        .with_snapshot(Some(SnapshotMode::Atomic))
+        .with_compact(true)
 }
 
 inventory::submit! {
@@ -212,6 +233,12 @@ impl RedbStore {
     /// The file's absolute path.
     pub fn path(&self) -> &Path {
         &self.engine.path
+    }
+
+    /// How many watches are registered on the file's engine (dropping a
+    /// watch's stream removes it at once).
+    pub fn watch_count(&self) -> usize {
+        self.engine.hub.len()
     }
 
     fn engine(&self) -> Result<&Arc<Engine>> {
@@ -360,6 +387,19 @@ impl Store for RedbStore {
 
     async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {
         self.engine()?.write(WriteOp::Atomic { checks, ops }).await
+    }
+
+    async fn snapshot(&self, prefixes: &[Prefix]) -> Result<Snapshot> {
+        let prefixes = prefixes.to_vec();
+        self.blocking(move |engine| engine.snapshot_of(&prefixes))
+            .await
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        self.engine()?
+            .write(WriteOp::Compact { revision })
+            .await
+            .map(drop)
     }
 
     async fn export(&self, prefix: &Prefix) -> Result<PairStream> {

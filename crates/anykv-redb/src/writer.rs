@@ -31,15 +31,16 @@ use anykv_core::{
     store::condition,
 };
 use redb::{Database, ReadableTable, Table, WriteTransaction};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::oneshot;
 
 use crate::{
     codec::{self, Record},
     engine::{
-        Batch, EVENTS, EXPIRY, FORMAT, KV, META, META_FORMAT, SnapshotSlot, compacted_floor,
-        prefix_range,
+        EVENTS, EXPIRY, FORMAT, KV, META, META_COMPACTED, META_FORMAT, SnapshotSlot,
+        compacted_floor, prefix_range,
     },
     error::{self, BACKEND, Failure},
+    hub::Hub,
 };
 
 /// Most requests in one transaction; bounds latency of the first in a batch.
@@ -93,6 +94,10 @@ pub(crate) enum WriteOp {
     Import {
         pairs: Vec<(Key, Bytes)>,
     },
+    /// Drop the event log up to a revision (answers 0).
+    Compact {
+        revision: Revision,
+    },
 }
 
 impl WriteOp {
@@ -107,7 +112,7 @@ impl WriteOp {
                 })
                 .sum(),
             WriteOp::Import { pairs } => pairs.iter().map(|(_, v)| v.len()).sum(),
-            WriteOp::Delete { .. } | WriteOp::DeletePrefix { .. } => 0,
+            WriteOp::Delete { .. } | WriteOp::DeletePrefix { .. } | WriteOp::Compact { .. } => 0,
         }
     }
 }
@@ -160,6 +165,8 @@ impl<'t> Tables<'t> {
 struct Ctx<'t> {
     t: Tables<'t>,
     rev: Revision,
+    /// The oldest revision a watch may start after (see `compacted_floor`).
+    compacted: Revision,
     now: u64,
     /// Events in revision order; every event of a revision is contiguous.
     events: Vec<Event>,
@@ -255,6 +262,7 @@ impl Ctx<'_> {
             WriteOp::Delete { key, condition } => self.delete(key, *condition),
             WriteOp::DeletePrefix { prefix } => self.delete_prefix(prefix),
             WriteOp::Atomic { checks, ops } => self.atomic(checks, ops),
+            WriteOp::Compact { revision } => self.compact(*revision),
             WriteOp::Import { pairs } => {
                 let mut n = 0;
                 for (key, value) in pairs {
@@ -393,6 +401,31 @@ impl Ctx<'_> {
         Ok(Ok(rev))
     }
 
+    /// Drops the logged revisions up to `rev` and records `rev` durably as
+    /// the compacted point.
+    fn compact(&mut self, rev: Revision) -> Result<Outcome, Failure> {
+        if rev > self.rev {
+            return Ok(Err(Error::InvalidArgument {
+                backend: BACKEND,
+                message: format!(
+                    "cannot compact at revision {rev}: the store is at revision {}",
+                    self.rev
+                ),
+            }));
+        }
+        if rev <= self.compacted {
+            return Ok(Ok(0));
+        }
+        // The current revision's entry stays: the log's last key is where
+        // the revision counter persists.
+        let upto = if rev == self.rev { rev - 1 } else { rev };
+        self.t.events.retain_in(..=upto, |_, _| false)?;
+        self.t.txn.open_table(META)?.insert(META_COMPACTED, rev)?;
+        self.compacted = rev;
+        self.dirty = true;
+        Ok(Ok(0))
+    }
+
     /// Deletes keys whose TTL ran out, in one revision.
     fn sweep(&mut self) -> Result<(), Failure> {
         let mut due: Vec<(u64, String)> = Vec::new();
@@ -460,7 +493,7 @@ impl Ctx<'_> {
     /// key is the current revision and its first key, minus one, the
     /// compacted floor (pruning always keeps the latest revision). So a
     /// commit touches one extra table, not two.
-    fn finish(&mut self, history: u64, compacted: &mut u64) -> Result<(), Failure> {
+    fn finish(&mut self, history: u64) -> Result<(), Failure> {
         let mut i = 0;
         while i < self.events.len() {
             let rev = self.events[i].revision();
@@ -477,9 +510,9 @@ impl Ctx<'_> {
         // alone: the log keeps between `history` and `history + step`.
         let step = (history / 16).clamp(1, 256);
         let cutoff = self.rev.saturating_sub(history);
-        if cutoff >= compacted.saturating_add(step) {
+        if cutoff >= self.compacted.saturating_add(step) {
             self.t.events.retain_in(..=cutoff, |_, _| false)?;
-            *compacted = cutoff;
+            self.compacted = cutoff;
         }
         Ok(())
     }
@@ -500,7 +533,7 @@ pub(crate) struct Writer {
     snapshot: SnapshotSlot,
     rx: mpsc::Receiver<Cmd>,
     committed: Arc<AtomicU64>,
-    events: broadcast::Sender<Batch>,
+    hub: Arc<Hub>,
     settings: WriterSettings,
     rev: Revision,
     compacted: Revision,
@@ -524,7 +557,7 @@ impl Writer {
         snapshot: SnapshotSlot,
         rx: mpsc::Receiver<Cmd>,
         committed: Arc<AtomicU64>,
-        events: broadcast::Sender<Batch>,
+        hub: Arc<Hub>,
         inflight: Arc<AtomicUsize>,
         settings: WriterSettings,
     ) -> Result<JoinHandle<()>> {
@@ -536,7 +569,7 @@ impl Writer {
             snapshot,
             rx,
             committed,
-            events,
+            hub,
             settings,
             rev,
             compacted,
@@ -717,10 +750,8 @@ impl Writer {
                     .unwrap_or_else(|p| p.into_inner())
                     .take();
                 self.committed.store(done.rev, Ordering::SeqCst);
-                if !done.events.is_empty() {
-                    // No receiver is fine: nobody watches.
-                    let _ = self.events.send(Arc::new(done.events));
-                }
+                // Only the watches each event matches; never waits for one.
+                self.hub.publish(&done.events);
                 self.sample_concurrency();
                 for ((req, outcome), failure) in batch.into_iter().zip(done.outcomes).zip(failed) {
                     let result = match failure {
@@ -751,12 +782,12 @@ impl Writer {
             .db
             .begin_write()
             .map_err(|e| Abort::Txn(error::from("begin a write transaction", e)))?;
-        let mut compacted = self.compacted;
-        let (rev, events, outcomes, next_expiry, dirty) = {
+        let (rev, compacted, events, outcomes, next_expiry, dirty) = {
             let tables = Tables::open(&txn).map_err(|f| Abort::Txn(f.into_error("open tables")))?;
             let mut ctx = Ctx {
                 t: tables,
                 rev: self.rev,
+                compacted: self.compacted,
                 now: now_ms(),
                 events: Vec::new(),
                 dirty: false,
@@ -776,12 +807,19 @@ impl Writer {
                     Err(f) => return Err(Abort::Request(i, f.into_error("write"))),
                 }
             }
-            ctx.finish(self.settings.history, &mut compacted)
+            ctx.finish(self.settings.history)
                 .map_err(|f| Abort::Txn(f.into_error("log events")))?;
             let next_expiry = ctx
                 .next_expiry(self.next_expiry)
                 .map_err(|f| Abort::Txn(f.into_error("read expiries")))?;
-            (ctx.rev, ctx.events, outcomes, next_expiry, ctx.dirty)
+            (
+                ctx.rev,
+                ctx.compacted,
+                ctx.events,
+                outcomes,
+                next_expiry,
+                ctx.dirty,
+            )
         };
         if rev == self.rev && compacted == self.compacted && !dirty {
             // Nothing changed (failed conditions, no-op deletes): no fsync.
@@ -865,17 +903,19 @@ fn init(db: &Database, history: u64) -> Result<(Revision, Revision, Option<u64>)
         // Created now, so that readers never find it missing.
         tables.expiry()?;
         let rev = tables.events.last()?.map_or(0, |(k, _)| k.value());
-        let mut compacted = compacted_floor(&tables.events, rev)?;
+        let compacted = compacted_floor(&meta, &tables.events, rev)?;
+        drop(meta);
         let mut ctx = Ctx {
             t: tables,
             rev,
+            compacted,
             now: now_ms(),
             events: Vec::new(),
             dirty: false,
         };
         ctx.drop_stale_locks()?;
-        ctx.finish(history, &mut compacted)?;
-        (ctx.rev, compacted, ctx.next_expiry(None)?)
+        ctx.finish(history)?;
+        (ctx.rev, ctx.compacted, ctx.next_expiry(None)?)
     };
     txn.commit()?;
     Ok(out)
