@@ -145,18 +145,20 @@ fn unhex(text: &str) -> Result<Vec<u8>, String> {
             digits.len()
         ));
     }
-    let nibble = |i: usize| {
-        let d = digits[i];
-        (d as char).to_digit(16).map(|n| n as u8).ok_or_else(|| {
-            format!(
-                "value_hex has a non-hex character {:?} at offset {i}",
-                d as char
-            )
-        })
+    let nibble = |i: usize| match digits[i] {
+        d @ b'0'..=b'9' => Ok(d - b'0'),
+        d @ b'a'..=b'f' => Ok(d - b'a' + 10),
+        d @ b'A'..=b'F' => Ok(d - b'A' + 10),
+        _ => Err(format!(
+            "value_hex has a non-hex character {:?} at offset {i}",
+            text.get(i..).and_then(|t| t.chars().next()).unwrap_or('?')
+        )),
     };
-    (0..digits.len() / 2)
-        .map(|i| Ok((nibble(2 * i)? << 4) | nibble(2 * i + 1)?))
-        .collect()
+    let mut out = Vec::with_capacity(digits.len() / 2);
+    for i in (0..digits.len()).step_by(2) {
+        out.push((nibble(i)? << 4) | nibble(i + 1)?);
+    }
+    Ok(out)
 }
 
 /// One `list` line: `KEY \t VERSION \t PREVIEW`.
