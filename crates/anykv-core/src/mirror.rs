@@ -53,6 +53,8 @@ use crate::{
 /// revision that no event of the prefix will ever reach (a write elsewhere)
 /// costs one snapshot after this.
 const CATCH_UP: Duration = Duration::from_secs(1);
+/// How long `wait_for` retries a snapshot the backend cannot serve yet.
+const WAIT_LIMIT: Duration = Duration::from_secs(30);
 /// Backoff between snapshot attempts while the backend is unreachable.
 const RESYNC_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// Applied events kept for slow `changes()` readers before they see a gap.
@@ -363,8 +365,9 @@ impl Mirror {
     /// The watch normally gets there within milliseconds; if it has not
     /// after a second (the revision may be of a write outside the prefix,
     /// which no event reports), the mirror takes a snapshot, which reflects
-    /// every write completed before it. Fails if that snapshot fails or the
-    /// mirror has stopped.
+    /// every write completed before it. While the backend is unreachable it
+    /// retries the snapshot for up to 30 s, then fails with its error; it
+    /// fails at once if the mirror has stopped.
     pub async fn wait_for(&self, revision: Revision) -> Result<()> {
         let mut rx = self.shared.revision.subscribe();
         // The borrow `wait_for` returns must not live across an await.
@@ -376,9 +379,22 @@ impl Mirror {
         if caught_up {
             return Ok(());
         }
-        let (tx, done) = oneshot::channel();
-        self.resync.send(tx).await.map_err(|_| self.stopped())?;
-        done.await.map_err(|_| self.stopped())?
+        // Retry while the backend is unreachable (a session reconnecting, a
+        // leader being elected), within a bound: past it, the last error.
+        let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+        let mut backoff = RESYNC_BACKOFF.0;
+        loop {
+            let (tx, done) = oneshot::channel();
+            self.resync.send(tx).await.map_err(|_| self.stopped())?;
+            match done.await.map_err(|_| self.stopped())? {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() + backoff < deadline => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RESYNC_BACKOFF.1);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The events the mirror applies from now on, in order, with the
@@ -656,5 +672,100 @@ impl<T: DeserializeOwned + Send + 'static> JsonMirror<T> {
     /// See [`Mirror::is_synced`].
     pub fn is_synced(&self) -> bool {
         self.mirror.is_synced()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(k: &str, v: &str, rev: Revision) -> KvPair {
+        KvPair {
+            key: Key::new(k).expect("key"),
+            value: Bytes::from(v.to_owned()),
+            version: Version::new(rev),
+            create_revision: rev,
+            mod_revision: rev,
+        }
+    }
+
+    fn put(k: &str, v: &str, rev: Revision) -> Event {
+        Event::Put {
+            kv: pair(k, v, rev),
+            prev: None,
+        }
+    }
+
+    fn del(k: &str, rev: Revision) -> Event {
+        Event::Delete {
+            key: Key::new(k).expect("key"),
+            revision: rev,
+        }
+    }
+
+    fn values(s: &State) -> Vec<(String, String)> {
+        s.below(&Prefix::root())
+            .map(|(k, e)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(&e.value).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_apply_once_and_in_revision_order_per_key() {
+        let mut s = State::default();
+        assert!(s.apply(put("a", "1", 5)).is_some());
+        assert!(
+            s.apply(put("a", "1", 5)).is_none(),
+            "a duplicate is a no-op"
+        );
+        assert!(s.apply(put("a", "0", 4)).is_none(), "an older put loses");
+        assert!(s.apply(del("a", 3)).is_none(), "an older delete loses");
+        assert!(s.apply(del("a", 6)).is_some());
+        assert!(s.apply(del("a", 7)).is_none(), "deleting an absent key");
+        assert_eq!(s.revision, 7);
+        assert!(values(&s).is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_emits_the_differences_and_raises_the_watermark() {
+        let mut s = State::default();
+        s.apply(put("p/a", "1", 2));
+        s.apply(put("p/b", "1", 3));
+        s.apply(put("p/late", "x", 12)); // written after the snapshot's read
+        let diff = s.apply_snapshot(vec![pair("p/a", "2", 8), pair("p/c", "1", 9)], 10);
+        assert_eq!(
+            values(&s),
+            [("p/a", "2"), ("p/c", "1"), ("p/late", "x")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        assert_eq!(diff.len(), 3, "{diff:?}");
+        assert!(matches!(&diff[0], Event::Delete { key, revision: 10 } if key.as_str() == "p/b"));
+        assert!(
+            matches!(&diff[1], Event::Put { kv, prev: Some(prev) } if kv.key.as_str() == "p/a" && &prev.value[..] == b"1")
+        );
+        // Events the snapshot already reflects are skipped (a replay after a
+        // resync), later ones apply.
+        assert!(s.apply(put("p/b", "1", 3)).is_none());
+        assert!(s.apply(del("p/c", 10)).is_none());
+        assert!(s.apply(del("p/c", 11)).is_some());
+        assert_eq!(s.revision, 12);
+    }
+
+    #[test]
+    fn listing_is_directory_scoped_and_sorted() {
+        let mut s = State::default();
+        for (i, k) in ["a/b", "a-x", "a/c/d", "ab", "a"].iter().enumerate() {
+            s.apply(put(k, "v", i as u64 + 1));
+        }
+        let under_a: Vec<String> = s
+            .below(&Prefix::new("a").expect("prefix"))
+            .map(|(k, _)| k.to_string())
+            .collect();
+        assert_eq!(under_a, ["a/b", "a/c/d"]);
+        assert_eq!(s.below(&Prefix::root()).count(), 5);
     }
 }
