@@ -157,7 +157,7 @@ number of keys copied is printed to stdout.
 Example:
   anykv copy redb://backup.redb etcd://127.0.0.1:2379/app --prefix config")]
     Copy(CopyArgs),
-    /// Write every key (or those below --prefix) to a dump file, read at one revision
+    /// Write every key (or those below --prefix) as JSON lines, at one revision where the backend can
     #[command(after_long_help = DUMP_HELP)]
     Dump(DumpArgs),
     /// Write the keys of a dump file back (checks the whole file first)
@@ -179,7 +179,9 @@ backends with a snapshot (`anykv drivers` says which). Elsewhere they are
 streamed one by one: the header then has \"consistent\":false,
 \"revision\":null and a \"note\", and writes made during the dump may show
 partly. TTLs and versions are not dumped. A snapshot is held in memory while
-it is written.
+it is written. --file FILE is replaced only once the dump is complete (it is
+written under a temporary name beside it, then renamed), readable by its
+owner only.
 
 Examples:
   anykv --url etcd://127.0.0.1:2379/app dump > app.jsonl

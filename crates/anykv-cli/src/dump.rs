@@ -9,7 +9,6 @@
 //! streams pair by pair.
 
 use std::{
-    fs::File,
     io::{self, BufWriter, Write},
     path::{Path, PathBuf},
     time::SystemTime,
@@ -17,6 +16,7 @@ use std::{
 
 use anykv::{ErrorKind, Kv, KvPair, Prefix, Store};
 use futures::StreamExt;
+use tempfile::NamedTempFile;
 
 use crate::{
     dumpfile::{EndLine, FORMAT, Header, PairLine, VERSION},
@@ -29,29 +29,50 @@ const NOT_CONSISTENT: &str = "this backend has no snapshot: pairs were streamed 
                               not read at one revision; writes during the dump may show partly";
 
 /// Dumps to `file` (stdout when None) and prints nothing else.
+///
+/// A file is written under a temporary name in its directory, synced and
+/// renamed over FILE only when complete: a failed dump leaves an earlier
+/// FILE as it was. Like any temp file it is readable by its owner only (a
+/// dump often holds secrets).
 pub async fn run(kv: &Kv, prefix: &Prefix, file: Option<PathBuf>) -> Result<u8, Failure> {
-    let open = || -> Result<Box<dyn Write>, Failure> {
-        Ok(match &file {
-            Some(path) => Box::new(create(path)?),
-            None => Box::new(io::stdout()),
-        })
+    let Some(path) = file else {
+        let (_, mut out) = write(kv, prefix, || Ok(io::stdout())).await?;
+        out.flush().map_err(write_failed)?;
+        return Ok(exit::OK);
     };
-    write(kv, prefix, open).await?;
+    let (_, tmp) = write(kv, prefix, || temp_beside(&path)).await?;
+    tmp.as_file().sync_all().map_err(write_failed)?;
+    tmp.persist(&path).map_err(|e| {
+        Failure::new(
+            exit::FAILURE,
+            format!("cannot write {}: {}", path.display(), e.error),
+        )
+    })?;
     Ok(exit::OK)
 }
 
-fn create(path: &Path) -> Result<File, Failure> {
-    File::create(path).map_err(|e| Failure::usage(format!("cannot create {}: {e}", path.display())))
+/// An unnamed-until-persisted file in FILE's directory (so that the final
+/// rename stays on one file system).
+fn temp_beside(path: &Path) -> Result<NamedTempFile, Failure> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    tempfile::Builder::new()
+        .prefix(".anykv-dump-")
+        .tempfile_in(dir)
+        .map_err(|e| Failure::usage(format!("cannot create {}: {e}", path.display())))
 }
 
 /// Reads the pairs below `prefix` and writes the dump to the writer that
 /// `open` returns once the read has started (so a store that fails to
-/// answer leaves no file behind). Returns the number of pairs.
+/// answer leaves no file behind). Returns the number of pairs and the
+/// flushed writer.
 pub async fn write<W: Write>(
     kv: &Kv,
     prefix: &Prefix,
     open: impl FnOnce() -> Result<W, Failure>,
-) -> Result<u64, Failure> {
+) -> Result<(u64, W), Failure> {
     let snapshot = if kv.capabilities().snapshot.is_some() {
         match kv.snapshot(std::slice::from_ref(prefix)).await {
             Ok(s) => Some(s),
@@ -78,7 +99,7 @@ pub async fn write<W: Write>(
         note: snapshot.is_none().then_some(NOT_CONSISTENT),
     };
     let mut count = 0;
-    match snapshot {
+    let out = match snapshot {
         Some(snapshot) => {
             let mut w = Writer::new(open()?);
             w.line(&header)?;
@@ -86,7 +107,7 @@ pub async fn write<W: Write>(
                 w.pair(prefix, pair)?;
                 count += 1;
             }
-            w.end(count)?;
+            w.end(count)?
         }
         None => {
             let mut pairs = kv.export(prefix).await?;
@@ -96,10 +117,10 @@ pub async fn write<W: Write>(
                 w.pair(prefix, &pair?)?;
                 count += 1;
             }
-            w.end(count)?;
+            w.end(count)?
         }
-    }
-    Ok(count)
+    };
+    Ok((count, out))
 }
 
 /// Buffered JSON lines; write errors become a failure that names the dump
@@ -139,9 +160,11 @@ impl<W: Write> Writer<W> {
         })
     }
 
-    fn end(mut self, count: u64) -> Result<(), Failure> {
+    fn end(mut self, count: u64) -> Result<W, Failure> {
         self.line(&EndLine { end: true, count })?;
-        self.out.flush().map_err(write_failed)
+        self.out
+            .into_inner()
+            .map_err(|e| write_failed(e.into_error()))
     }
 }
 

@@ -640,7 +640,7 @@ mod tests {
 
         let mut buf = Vec::new();
         let app = Prefix::new("app").expect("prefix");
-        let n = crate::dump::write(&src, &app, || Ok(&mut buf))
+        let (n, _) = crate::dump::write(&src, &app, || Ok(&mut buf))
             .await
             .expect("dump");
         assert_eq!(n, 5);

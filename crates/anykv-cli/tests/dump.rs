@@ -139,6 +139,13 @@ fn redb_to_redb_round_trip_through_a_pipe_and_a_file() {
         ""
     );
     let written = std::fs::read(file).expect("dump file");
+    // Written beside FILE under a temporary name, then renamed: none is left.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".anykv-dump-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     // The same pairs (the header's `created` may differ by a second).
     assert_eq!(pair_lines(&written), pair_lines(&dump.stdout));
     let restored = anykv(&dst, &["restore", "--file", file, "--prefix", "copy/of"]);
@@ -333,4 +340,14 @@ fn bad_arguments_and_files_fail_before_the_store() {
         "/nonexistent/dir/out.jsonl",
     ]);
     run(cmd, None).fails(2, "cannot create /nonexistent/dir/out.jsonl");
+    // A dump that fails leaves an earlier FILE as it was.
+    let earlier = dir.path().join("earlier.jsonl");
+    std::fs::write(&earlier, "the last good dump\n").expect("write");
+    let path = earlier.to_str().expect("utf-8");
+    anykv("nosuch://x", &["dump", "--file", path]).fails(2, "unknown backend");
+    anykv("memory://?bogus=1", &["dump", "--file", path]).fails(2, "unknown option");
+    assert_eq!(
+        std::fs::read(&earlier).expect("read"),
+        b"the last good dump\n"
+    );
 }
