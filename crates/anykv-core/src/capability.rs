@@ -60,6 +60,13 @@ pub struct Capabilities {
     /// Whether `compact` discards history (watches from before it then get
     /// `Compacted`).
     pub compact: bool,
+    /// `Some(granularity)`: sessions are supported, and a dead session's
+    /// ephemeral keys disappear at most `ttl + granularity` after its last
+    /// renewal. `None`: `session` (and elections) are unsupported.
+    pub sessions: Option<Duration>,
+    /// Whether sessions (and elections) span processes (false: within one
+    /// process; the keys are still visible to all).
+    pub cross_process_sessions: bool,
 }
 
 impl Capabilities {
@@ -83,6 +90,8 @@ impl Capabilities {
             durable: false,
             snapshot: None,
             compact: false,
+            sessions: None,
+            cross_process_sessions: false,
         }
     }
 
@@ -120,6 +129,18 @@ impl Capabilities {
     /// Declares `compact` support.
     pub const fn with_compact(mut self, compact: bool) -> Self {
         self.compact = compact;
+        self
+    }
+
+    /// Declares session support: the granularity past a session's TTL
+    /// (`None`: unsupported) and whether sessions span processes.
+    pub const fn with_sessions(
+        mut self,
+        granularity: Option<Duration>,
+        cross_process: bool,
+    ) -> Self {
+        self.sessions = granularity;
+        self.cross_process_sessions = cross_process;
         self
     }
 

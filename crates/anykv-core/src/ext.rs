@@ -5,6 +5,7 @@ use bytes::Bytes;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
+    election::Election,
     error::{Error, Result},
     key::{Key, Prefix},
     mirror::{JsonMirror, Mirror},
@@ -82,6 +83,15 @@ pub trait StoreExt: Store {
         Self: Clone + Sized,
     {
         Mirror::start(self.clone(), prefix.clone()).await
+    }
+
+    /// The election named `name`: candidates are ephemeral keys one level
+    /// below it. See [`Election`]; needs sessions (`Capabilities::sessions`).
+    fn election(&self, name: &Key) -> Election<Self>
+    where
+        Self: Clone + Sized,
+    {
+        Election::new(self.clone(), name.clone())
     }
 
     /// A [`mirror`](StoreExt::mirror) whose values are JSON documents of

@@ -13,6 +13,7 @@
 
 pub mod capability;
 pub mod config;
+pub mod election;
 pub mod error;
 pub mod ext;
 mod held_locks;
@@ -22,6 +23,7 @@ pub mod liveness;
 pub mod lock;
 pub mod mirror;
 pub mod registry;
+pub mod session;
 pub mod store;
 pub mod types;
 
@@ -32,9 +34,11 @@ pub use ext::StoreExt;
 pub use key::{Key, MAX_KEY_LEN, Prefix, RESERVED_ROOT};
 pub use layer::{Kv, LayerConfig, RetryPolicy};
 pub use liveness::LivenessMonitor;
+pub use election::{CampaignOptions, Election, Leader, Leadership};
 pub use mirror::{JsonChange, JsonMirror, Mirror};
 pub use lock::{LockGuard, LockRelease, LostNotifier, LostSignal, lost_pair};
 pub use registry::{drivers, open};
+pub use session::{Session, SessionBackend, SessionOptions};
 pub use store::{PairStream, Store, WatchStream};
 pub use types::{
     Check, Condition, Event, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Snapshot,

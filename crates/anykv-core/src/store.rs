@@ -9,6 +9,7 @@ use crate::{
     error::{Error, Result},
     key::{Key, Prefix},
     lock::LockGuard,
+    session::{Session, SessionOptions},
     types::{
         Check, Condition, Event, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Snapshot,
         Start, Target, Version,
@@ -100,6 +101,14 @@ pub trait Store: Send + Sync + 'static {
     async fn lock_holder(&self, key: &Key) -> Result<Option<LockInfo>> {
         let _ = key;
         Err(self.unsupported("lock_holder"))
+    }
+
+    /// Starts a session: one lease kept alive in the background, under which
+    /// [`Session::put`] writes ephemeral keys. Declare
+    /// [`Capabilities::sessions`].
+    async fn session(&self, opts: SessionOptions) -> Result<Session> {
+        let _ = opts;
+        Err(self.unsupported("session"))
     }
 
     /// Applies every op if every check holds, atomically; else nothing and
