@@ -2,6 +2,7 @@
 
 mod atomic;
 mod conditional;
+mod coordination;
 mod crud;
 mod keys;
 mod listing;
@@ -62,6 +63,10 @@ pub(crate) fn all() -> Vec<Scenario> {
         scenario!(mirror::mirror_follows_every_change),
         scenario!(mirror::mirror_converges_under_writers),
         scenario!(mirror::typed_mirror_reports_undecodable_values),
+        scenario!(coordination::ephemeral_keys_end_with_their_session),
+        scenario!(coordination::dropped_session_removes_its_keys),
+        scenario!(coordination::election_five_candidates),
+        scenario!(coordination::long_campaign_keeps_its_lease),
         scenario!(locks::mutual_exclusion_between_tasks),
         scenario!(locks::fencing_tokens_increase),
         scenario!(locks::try_lock_and_holder),
