@@ -86,6 +86,7 @@ pub async fn worker(url: &str, name: &str, run_for: Duration, ttl: Duration) -> 
             ttl,
             wait: Some(until.saturating_duration_since(Instant::now())),
             owner: Some(name.to_owned()),
+            ..LockOptions::default()
         };
         let guard = match kv.lock(&lock, opts).await {
             Ok(g) => g,

@@ -272,6 +272,10 @@ pub struct LockOptions {
     pub wait: Option<Duration>,
     /// A name for the holder, shown by `lock_holder`.
     pub owner: Option<String>,
+    /// The longest the lock may be held (kvdb's `LockWithTimeout`): past it
+    /// the guard's `lost()` fires and the lock is released, so a stuck
+    /// holder cannot block the others forever. `None`: no bound.
+    pub max_hold: Option<Duration>,
 }
 
 impl Default for LockOptions {
@@ -280,7 +284,16 @@ impl Default for LockOptions {
             ttl: Duration::from_secs(15),
             wait: None,
             owner: None,
+            max_hold: None,
         }
+    }
+}
+
+impl LockOptions {
+    /// Bounds how long the lock may be held; see [`LockOptions::max_hold`].
+    pub fn with_max_hold(mut self, max_hold: Duration) -> Self {
+        self.max_hold = Some(max_hold);
+        self
     }
 }
 

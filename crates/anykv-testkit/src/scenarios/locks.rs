@@ -17,6 +17,7 @@ fn opts(wait: Option<Duration>) -> LockOptions {
         ttl: Duration::from_secs(10),
         wait,
         owner: Some("testkit".into()),
+        ..LockOptions::default()
     }
 }
 
