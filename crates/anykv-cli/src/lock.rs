@@ -123,6 +123,8 @@ async fn acquire(kv: &Kv, plan: &LockPlan) -> Result<LockGuard, Failure> {
         ttl: plan.ttl,
         wait: plan.wait,
         owner: Some(plan.owner.clone()),
+        // The command decides how long it holds the lock: no max_hold.
+        ..LockOptions::default()
     };
     if plan.wait == Some(Duration::ZERO) {
         return match kv.try_lock(&plan.key, opts).await? {
