@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anykv::{Condition, Key, Kv, Mirror, Prefix, PutOptions, Store, StoreExt};
 use anykv_servers::{Cluster, Ctx};
@@ -21,30 +21,8 @@ fn key(s: &str) -> Key {
     Key::new(s).unwrap()
 }
 
-/// A single-node server of `backend`, or `None` (skip) when its binaries
-/// are not provisioned and servers are not required.
 async fn server(backend: &str, name: &str) -> Option<(Cluster, Ctx)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let required = std::env::var(anykv_testkit::REQUIRE_SERVERS).is_ok_and(|v| v == "1");
-    let name = format!("mirror-{name}");
-    let started = tokio::task::block_in_place(|| {
-        let ctx = Ctx::new(root)?;
-        let mut cluster = match backend {
-            "etcd" => anykv_servers::etcd::cluster(&ctx, &name, 1, false)?,
-            "zookeeper" => anykv_servers::zookeeper::cluster(&ctx, &name, 1, false)?,
-            _ => anykv_servers::consul::cluster(&ctx, &name, 1, false)?,
-        };
-        cluster.wait_all_ready(LIMIT)?;
-        anyhow::Ok((cluster, ctx))
-    });
-    match started {
-        Ok(s) => Some(s),
-        Err(e) if !required => {
-            eprintln!("skipping: cannot start {backend}: {e:#}");
-            None
-        }
-        Err(e) => panic!("cannot start {backend}: {e:#}"),
-    }
+    tokio::task::block_in_place(|| anykv_tests::single_node(backend, &format!("mirror-{name}")))
 }
 
 async fn open(url: &str) -> Kv {
