@@ -1,65 +1,155 @@
-//! The standard layers, composed the same way around every driver:
+//! Layers and their composition: what [`Kv`] is made of.
 //!
-//! namespace → capability checks → tracing span → liveness → retry → timeout → driver
+//! [`Kv`] turns every [`Store`] call into a [`Request`], runs it through a
+//! stack of [`Layer`]s and unpacks the [`Response`]. The standard stack,
+//! outermost first (see `docs/contract.md`):
 //!
-//! The timeout applies to each attempt inside the retry loop, not to the loop.
-//! Checks run before liveness so that a rejected argument, which never reached
-//! the backend, says nothing about its health.
+//! namespace → capability checks → tracing span → liveness → retry →
+//! per-attempt timeout → driver
+//!
+//! Each standard layer lives in its own module under [`layers`](crate::layers).
+//! The handle itself keeps what no layer may drop: `close()` (later
+//! operations fail with `Cancelled`, watches end with it, held locks are
+//! released, each bounded by the timeout) and "a watch never ends silently".
+//!
+//! ```
+//! use anykv_core::{async_trait, Kv, Layer, Next, Request, Response, Result, StandardLayer};
+//! # use std::sync::Arc;
+//!
+//! /// Logs the name of every operation.
+//! struct Log;
+//!
+//! #[async_trait]
+//! impl Layer for Log {
+//!     async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
+//!         let name = req.name();
+//!         let out = next.run(req).await;
+//!         println!("{name}: {}", if out.is_ok() { "ok" } else { "error" });
+//!         out
+//!     }
+//! }
+//!
+//! # fn demo(driver: Arc<dyn anykv_core::Store>) {
+//! let kv: Kv = Kv::builder_for(driver)
+//!     .layer(Log)                        // outermost: sees the caller's keys
+//!     .without(StandardLayer::Retry)     // drop a standard layer
+//!     .build();
+//! # }
+//! ```
 
 use std::{
-    collections::HashSet,
-    future::Future,
-    sync::{Arc, Mutex},
+    any::Any,
+    collections::HashMap,
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
-use tokio::{task::JoinHandle, time::Instant};
-use tracing::Instrument;
+use futures::{StreamExt, stream::BoxStream};
+use tokio::task::JoinHandle;
 
 use crate::{
     capability::Capabilities,
     error::{Error, Result},
     held_locks::HeldLocks,
-    key::{Key, Prefix, RESERVED_ROOT},
+    key::{Key, Prefix},
+    layers,
     liveness::{DEFAULT_LIVENESS_INTERVAL, LivenessMonitor},
     lock::LockGuard,
     store::{PairStream, Store, WatchStream},
     types::{
-        Check, Condition, Event, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Snapshot,
-        Start, Target, Version,
+        Check, Condition, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Snapshot, Start,
+        Target, Version,
     },
 };
 
-/// Retry with exponential backoff, for idempotent operations and retryable errors.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Attempts in all (1: no retry).
-    pub max_attempts: u32,
-    /// Delay before the second attempt; doubles each time.
-    pub initial_backoff: Duration,
-    /// Upper bound of one delay.
-    pub max_backoff: Duration,
+pub use crate::layers::request::{ImportPairs, OpKind, Request, Response};
+pub use crate::layers::retry::RetryPolicy;
+
+/// An interceptor around every operation of a [`Kv`].
+///
+/// `call` receives each operation as a [`Request`] and passes it on with
+/// [`Next::run`] (or answers it itself); it sees every operation, watch,
+/// lock and close included, through this one method. To treat some
+/// operations apart, match on [`Request::kind`]. Watch and export responses
+/// carry their stream, lock responses their guard: a layer may wrap them.
+/// [`Next::context`] gives the handle's backend, settings and liveness.
+#[async_trait]
+pub trait Layer: Any + Send + Sync {
+    /// Handles one operation.
+    async fn call(&self, req: Request, next: Next<'_>) -> Result<Response>;
 }
 
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 3,
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(1),
+/// The rest of the stack below a layer: pass a request on with [`Next::run`].
+///
+/// `Copy`, so a layer may run several requests (the retry layer repeats one).
+#[derive(Clone, Copy)]
+pub struct Next<'a> {
+    layers: &'a [Arc<dyn Layer>],
+    ctx: &'a Context,
+}
+
+impl<'a> Next<'a> {
+    /// Runs `req` through the layers below, then the driver.
+    pub async fn run(self, req: Request) -> Result<Response> {
+        match self.layers.split_first() {
+            Some((layer, rest)) => {
+                let next = Next {
+                    layers: rest,
+                    ctx: self.ctx,
+                };
+                layer.call(req, next).await
+            }
+            // A scoped view shares the driver and must not close it.
+            None if matches!(req, Request::Close) && !self.ctx.owns_driver => Ok(Response::Close),
+            None => req.run_on(&*self.ctx.driver).await,
         }
+    }
+
+    /// The handle this request runs for.
+    pub fn context(&self) -> &'a Context {
+        self.ctx
     }
 }
 
-impl RetryPolicy {
-    fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .initial_backoff
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-        exp.min(self.max_backoff)
+/// The standard layers, for [`KvBuilder::without`] and [`KvBuilder::replace`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StandardLayer {
+    /// Keys relative to the namespace; hides the reserved root.
+    Namespace,
+    /// Capability and argument checks before any I/O.
+    Checks,
+    /// A `tracing` span per operation, with outcome and latency.
+    Tracing,
+    /// Feeds the liveness monitor; reports outages on open watches.
+    Liveness,
+    /// Retries idempotent operations (and writes that never reached the server).
+    Retry,
+    /// Bounds each attempt by the timeout.
+    Timeout,
+}
+
+impl StandardLayer {
+    /// The standard stack, outermost first.
+    pub const ORDER: [StandardLayer; 6] = [
+        StandardLayer::Namespace,
+        StandardLayer::Checks,
+        StandardLayer::Tracing,
+        StandardLayer::Liveness,
+        StandardLayer::Retry,
+        StandardLayer::Timeout,
+    ];
+
+    fn build(self) -> Arc<dyn Layer> {
+        match self {
+            StandardLayer::Namespace => Arc::new(layers::namespace::NamespaceLayer),
+            StandardLayer::Checks => Arc::new(layers::checks::ChecksLayer),
+            StandardLayer::Tracing => Arc::new(layers::trace::TracingLayer),
+            StandardLayer::Liveness => Arc::new(layers::liveness::LivenessLayer),
+            StandardLayer::Retry => Arc::new(layers::retry::RetryLayer),
+            StandardLayer::Timeout => Arc::new(layers::timeout::TimeoutLayer),
+        }
     }
 }
 
@@ -76,6 +166,9 @@ pub struct LayerConfig {
     pub liveness_interval: Duration,
     /// Background probe period, off by default (`?probe_interval=`).
     pub probe_interval: Option<Duration>,
+    /// Fault injection below the standard layers (`?chaos=…`, see
+    /// [`ChaosConfig`](crate::layers::chaos::ChaosConfig)); off by default.
+    pub chaos: Option<layers::chaos::ChaosConfig>,
 }
 
 impl Default for LayerConfig {
@@ -86,32 +179,181 @@ impl Default for LayerConfig {
             retry: RetryPolicy::default(),
             liveness_interval: DEFAULT_LIVENESS_INTERVAL,
             probe_interval: None,
+            chaos: None,
         }
     }
 }
 
-/// A driver wrapped in the standard layers: the handle applications use.
+/// Builds a [`Kv`]: the standard layers, minus those dropped, plus yours.
 ///
-/// Cheap to clone; clones share the driver, the liveness monitor and the
-/// background prober. `Kv` implements [`Store`] with keys relative to its
-/// namespace.
+/// Made by [`builder`](crate::builder) (from a URL) or [`Kv::builder_for`]
+/// (around any [`Store`], a third-party driver included).
 ///
-/// ```no_run
-/// # async fn demo(driver: std::sync::Arc<dyn anykv_core::Store>) -> anykv_core::Result<()> {
-/// use anykv_core::{Kv, LayerConfig, Key, Store};
-/// let kv = Kv::new(driver, LayerConfig::default());
-/// let key = Key::new("greeting")?;
-/// kv.put(&key, "hello".into(), Default::default()).await?;
-/// assert_eq!(kv.get(&key).await?.map(|p| p.value), Some("hello".into()));
+/// ```
+/// # async fn demo() -> anykv_core::Result<()> {
+/// use anykv_core::{RetryPolicy, StandardLayer, layers::chaos::ChaosLayer};
+/// let chaos = ChaosLayer::new(7);
+/// let switch = chaos.handle();
+/// # let _ = (chaos, switch);
+/// // With a driver linked (the `anykv` facade links memory and redb):
+/// // let kv = anykv::builder("memory://t")
+/// //     .layer_below(chaos)                       // faults below retry and liveness
+/// //     .retry(RetryPolicy { max_attempts: 5, ..Default::default() })
+/// //     .without(StandardLayer::Tracing)
+/// //     .open().await?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
-pub struct Kv {
-    inner: Arc<KvInner>,
+#[must_use]
+pub struct KvBuilder {
+    source: Source,
+    cfg: Option<LayerConfig>,
+    timeout: Option<Duration>,
+    retry: Option<RetryPolicy>,
+    outer: Vec<Arc<dyn Layer>>,
+    below: Vec<Arc<dyn Layer>>,
+    replaced: HashMap<StandardLayer, Option<Arc<dyn Layer>>>,
 }
 
-struct KvInner {
+enum Source {
+    Url(String),
+    Store(Arc<dyn Store>),
+}
+
+impl KvBuilder {
+    pub(crate) fn from_url(url: &str) -> Self {
+        KvBuilder::with_source(Source::Url(url.to_owned()))
+    }
+
+    fn with_source(source: Source) -> Self {
+        KvBuilder {
+            source,
+            cfg: None,
+            timeout: None,
+            retry: None,
+            outer: Vec::new(),
+            below: Vec::new(),
+            replaced: HashMap::new(),
+        }
+    }
+
+    /// Adds a layer outside the standard ones: it sees each call as the
+    /// caller made it (keys relative to the namespace, one `delete_prefix`),
+    /// once, whatever the retries. The first added is the outermost.
+    pub fn layer(mut self, layer: impl Layer) -> Self {
+        self.outer.push(Arc::new(layer));
+        self
+    }
+
+    /// Adds a layer between the standard ones and the driver: it sees each
+    /// attempt with full keys, and what it answers is seen by timeout, retry
+    /// and liveness as the driver's answer (the place for fault injection).
+    /// The first added is the outermost of these.
+    pub fn layer_below(mut self, layer: impl Layer) -> Self {
+        self.below.push(Arc::new(layer));
+        self
+    }
+
+    /// Drops a standard layer.
+    pub fn without(mut self, standard: StandardLayer) -> Self {
+        self.replaced.insert(standard, None);
+        self
+    }
+
+    /// Puts `layer` in the place of a standard one.
+    pub fn replace(mut self, standard: StandardLayer, layer: impl Layer) -> Self {
+        self.replaced.insert(standard, Some(Arc::new(layer)));
+        self
+    }
+
+    /// Sets the retry policy (over the URL's `?retries=`).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Sets the per-attempt timeout (over the URL's `?timeout=`).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Replaces every layer setting (a URL's options are then ignored).
+    pub fn config(mut self, cfg: LayerConfig) -> Self {
+        self.cfg = Some(cfg);
+        self
+    }
+
+    /// Connects (for a URL) and builds the handle.
+    pub async fn open(self) -> Result<Kv> {
+        match &self.source {
+            Source::Store(driver) => {
+                let driver = driver.clone();
+                let cfg = self.cfg.clone().unwrap_or_default();
+                Ok(self.assemble(driver, cfg))
+            }
+            Source::Url(url) => {
+                let (driver, config, url_cfg) = crate::registry::prepare(url)?;
+                let store = (driver.open)(config).await?;
+                let cfg = self.cfg.clone().unwrap_or(url_cfg);
+                Ok(self.assemble(store, cfg))
+            }
+        }
+    }
+
+    /// Builds the handle around the driver given to [`Kv::builder_for`]
+    /// (a URL builder needs [`open`](Self::open): this fails with
+    /// `InvalidArgument`). Starts the prober if `probe_interval` is set.
+    pub fn build(self) -> Kv {
+        match &self.source {
+            Source::Store(driver) => {
+                let driver = driver.clone();
+                let cfg = self.cfg.clone().unwrap_or_default();
+                self.assemble(driver, cfg)
+            }
+            Source::Url(url) => {
+                // No driver without connecting: a store that refuses everything.
+                let store = Arc::new(layers::unopened::Unopened(url.clone()));
+                let cfg = self.cfg.clone().unwrap_or_default();
+                self.assemble(store, cfg)
+            }
+        }
+    }
+
+    fn assemble(self, driver: Arc<dyn Store>, mut cfg: LayerConfig) -> Kv {
+        if let Some(t) = self.timeout {
+            cfg.timeout = t;
+        }
+        if let Some(r) = self.retry {
+            cfg.retry = r;
+        }
+        let mut stack = self.outer;
+        for standard in StandardLayer::ORDER {
+            match self.replaced.get(&standard) {
+                None => stack.push(standard.build()),
+                Some(Some(layer)) => stack.push(layer.clone()),
+                Some(None) => {}
+            }
+        }
+        stack.extend(self.below);
+        if let Some(chaos) = &cfg.chaos {
+            stack.push(Arc::new(layers::chaos::ChaosLayer::from_config(chaos)));
+        }
+        let kv = Kv {
+            inner: Context::new(driver, stack.into(), cfg, true),
+        };
+        if let Some(every) = kv.inner.cfg.probe_interval {
+            kv.start_prober(every);
+        }
+        kv
+    }
+}
+
+/// The state of one [`Kv`] handle, shared by its clones and seen by layers
+/// through [`Next::context`].
+pub struct Context {
+    me: Weak<Context>,
     driver: Arc<dyn Store>,
+    layers: Arc<[Arc<dyn Layer>]>,
     backend: &'static str,
     caps: Capabilities,
     cfg: LayerConfig,
@@ -124,7 +366,7 @@ struct KvInner {
     owns_driver: bool,
     /// Locks taken through this handle, released by `close()`.
     locks: Arc<HeldLocks>,
-    /// Probes the backend while watches are open (see [`Kv::watchdog_enter`]).
+    /// Probes the backend while watches are open (see [`Context::watchdog_enter`]).
     watchdog: Mutex<Watchdog>,
 }
 
@@ -136,16 +378,16 @@ struct Watchdog {
 }
 
 /// Held by an open watch stream; the last one dropped stops the probe task.
-struct WatchTicket {
-    inner: std::sync::Weak<KvInner>,
+pub(crate) struct WatchTicket {
+    ctx: Weak<Context>,
 }
 
 impl Drop for WatchTicket {
     fn drop(&mut self) {
-        let Some(inner) = self.inner.upgrade() else {
+        let Some(ctx) = self.ctx.upgrade() else {
             return;
         };
-        let mut w = inner.watchdog.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = ctx.watchdog.lock().unwrap_or_else(|p| p.into_inner());
         w.open = w.open.saturating_sub(1);
         if w.open == 0
             && let Some(task) = w.task.take()
@@ -155,7 +397,7 @@ impl Drop for WatchTicket {
     }
 }
 
-impl Drop for KvInner {
+impl Drop for Context {
     fn drop(&mut self) {
         if let Some(h) = self.prober.get_mut().ok().and_then(Option::take) {
             h.abort();
@@ -166,38 +408,189 @@ impl Drop for KvInner {
     }
 }
 
+impl Context {
+    fn new(
+        driver: Arc<dyn Store>,
+        layers: Arc<[Arc<dyn Layer>]>,
+        cfg: LayerConfig,
+        owns_driver: bool,
+    ) -> Arc<Context> {
+        Arc::new_cyclic(|me| Context {
+            me: me.clone(),
+            backend: driver.backend(),
+            caps: driver.capabilities().clone(),
+            liveness: Arc::new(LivenessMonitor::new(cfg.liveness_interval)),
+            driver,
+            layers,
+            cfg,
+            prober: Mutex::new(None),
+            closed: tokio::sync::watch::Sender::new(false),
+            owns_driver,
+            locks: Arc::default(),
+            watchdog: Mutex::default(),
+        })
+    }
+
+    /// The driver's backend name.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// The driver's capabilities.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// The layer settings (namespace, timeout, retry policy…).
+    pub fn config(&self) -> &LayerConfig {
+        &self.cfg
+    }
+
+    /// The handle's liveness monitor.
+    pub fn liveness(&self) -> &Arc<LivenessMonitor> {
+        &self.liveness
+    }
+
+    /// True once the handle is closed.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// The handle, while it exists (for a layer's background work).
+    pub fn handle(&self) -> Option<Kv> {
+        self.me.upgrade().map(|inner| Kv { inner })
+    }
+
+    /// Starts the background prober unless one runs (the fail-fast layer's
+    /// recovery).
+    pub fn ensure_prober(&self, every: Duration) {
+        let running = self
+            .prober
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|h| !h.is_finished());
+        if !running && !self.is_closed() {
+            self.set_prober(every);
+        }
+    }
+
+    fn set_prober(&self, every: Duration) {
+        let Some(task) = self.spawn_probe_loop(every) else {
+            tracing::warn!("no tokio runtime: background liveness prober not started");
+            return;
+        };
+        let mut slot = self.prober.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = slot.replace(task) {
+            old.abort();
+        }
+    }
+
+    /// A task probing the backend (through the whole stack) every `every`
+    /// until the handle is gone (`None` without a tokio runtime). Used by
+    /// the background prober and the watchdog.
+    fn spawn_probe_loop(&self, every: Duration) -> Option<JoinHandle<()>> {
+        let rt = tokio::runtime::Handle::try_current().ok()?;
+        let weak = self.me.clone();
+        Some(rt.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let _ = Kv { inner }.probe().await;
+            }
+        }))
+    }
+
+    /// Counts an open watch stream; the first one starts a task that probes
+    /// the backend every `timeout`. A watch whose backend stops answering
+    /// may itself see nothing (a frozen server, a blocking query that never
+    /// returns), so the probe turns liveness not-alive within 2 × timeout of
+    /// an outage and every open watch yields `Err(Unavailable)` then.
+    pub(crate) fn watchdog_enter(&self) -> WatchTicket {
+        let mut w = self.watchdog.lock().unwrap_or_else(|p| p.into_inner());
+        w.open += 1;
+        if w.task.is_none() {
+            w.task = self.spawn_probe_loop(self.cfg.timeout);
+        }
+        WatchTicket {
+            ctx: self.me.clone(),
+        }
+    }
+
+    /// What an operation or a watch of a closed handle gets.
+    fn closed_error(&self) -> Error {
+        Error::Cancelled {
+            backend: self.backend,
+            message: "store handle closed".into(),
+        }
+    }
+
+    /// A layer answered with the wrong response: a bug in that layer.
+    fn mismatch(&self, want: OpKind, got: &Response) -> Error {
+        Error::Backend {
+            backend: self.backend,
+            message: format!("a layer answered {want} with a {} response", got.kind()),
+            source: None,
+        }
+    }
+}
+
+/// A driver wrapped in layers: the handle applications use.
+///
+/// Cheap to clone; clones share the driver, the layers, the liveness
+/// monitor and the background prober. `Kv` implements [`Store`] with keys
+/// relative to its namespace: each call becomes a [`Request`] run through
+/// the layers (see the [module docs](self)).
+///
+/// ```no_run
+/// # async fn demo(driver: std::sync::Arc<dyn anykv_core::Store>) -> anykv_core::Result<()> {
+/// use anykv_core::{Kv, LayerConfig, Key, Store};
+/// let kv = Kv::new(driver, LayerConfig::default());
+/// let key = Key::new("greeting")?;
+/// kv.put(&key, "hello".into(), Default::default()).await?;
+/// assert_eq!(kv.get(&key).await?.map(|p| p.value), Some("hello".into()));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Kv {
+    inner: Arc<Context>,
+}
+
 impl std::fmt::Debug for Kv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Kv")
             .field("backend", &self.inner.backend)
             .field("namespace", &self.inner.cfg.namespace)
             .field("alive", &self.inner.liveness.is_alive())
+            .field("layers", &self.inner.layers.len())
             .finish()
     }
+}
+
+/// Runs a request and unpacks its response variant.
+macro_rules! run {
+    ($kv:expr, $req:expr, $resp:ident $( ( $v:ident ) )? => $out:expr) => {{
+        let kind = OpKind::$resp;
+        match $kv.run($req).await? {
+            Response::$resp $( ( $v ) )? => Ok($out),
+            other => Err($kv.inner.mismatch(kind, &other)),
+        }
+    }};
 }
 
 impl Kv {
     /// Wraps `driver` in the standard layers. Starts the background prober if
     /// `cfg.probe_interval` is set (needs a tokio runtime).
     pub fn new(driver: Arc<dyn Store>, cfg: LayerConfig) -> Kv {
-        let kv = Kv {
-            inner: Arc::new(KvInner {
-                backend: driver.backend(),
-                caps: driver.capabilities().clone(),
-                liveness: Arc::new(LivenessMonitor::new(cfg.liveness_interval)),
-                driver,
-                cfg,
-                prober: Mutex::new(None),
-                closed: tokio::sync::watch::Sender::new(false),
-                owns_driver: true,
-                locks: Arc::default(),
-                watchdog: Mutex::default(),
-            }),
-        };
-        if let Some(every) = kv.inner.cfg.probe_interval {
-            kv.start_prober(every);
-        }
-        kv
+        Kv::builder_for(driver).config(cfg).build()
+    }
+
+    /// A builder around any [`Store`] (a third-party driver included), to
+    /// add, drop or replace layers. [`KvBuilder::build`] makes the handle.
+    pub fn builder_for(driver: Arc<dyn Store>) -> KvBuilder {
+        KvBuilder::with_source(Source::Store(driver))
     }
 
     /// The liveness monitor fed by every operation of this store.
@@ -215,364 +608,117 @@ impl Kv {
         &self.inner.cfg
     }
 
-    /// A view of the same driver scoped to a sub-namespace, with its own
-    /// liveness monitor. Closing the view ends its watches but leaves the
-    /// driver open for the other handles.
+    /// The first layer of type `L` in this handle's stack, e.g. a
+    /// [`ChaosLayer`](crate::layers::chaos::ChaosLayer) set by URL.
+    pub fn layer<L: Layer>(&self) -> Option<&L> {
+        self.inner
+            .layers
+            .iter()
+            .find_map(|l| (&**l as &dyn Any).downcast_ref::<L>())
+    }
+
+    /// A view of the same driver and layers scoped to a sub-namespace, with
+    /// its own liveness monitor. Closing the view ends its watches but
+    /// leaves the driver open for the other handles.
     pub fn scoped(&self, sub: &Prefix) -> Kv {
         let mut cfg = self.inner.cfg.clone();
         cfg.namespace = cfg.namespace.join_prefix(sub);
         cfg.probe_interval = None;
         Kv {
-            inner: Arc::new(KvInner {
-                driver: self.inner.driver.clone(),
-                backend: self.inner.backend,
-                caps: self.inner.caps.clone(),
-                liveness: Arc::new(LivenessMonitor::new(cfg.liveness_interval)),
+            inner: Context::new(
+                self.inner.driver.clone(),
+                self.inner.layers.clone(),
                 cfg,
-                prober: Mutex::new(None),
-                closed: tokio::sync::watch::Sender::new(false),
-                owns_driver: false,
-                locks: Arc::default(),
-                watchdog: Mutex::default(),
-            }),
+                false,
+            ),
         }
     }
 
     /// Probes the backend every `every` in the background, so that liveness
     /// moves without traffic. Replaces a running prober.
     pub fn start_prober(&self, every: Duration) {
-        let Some(task) = self.spawn_probe_loop(every) else {
-            tracing::warn!("no tokio runtime: background liveness prober not started");
-            return;
+        self.inner.set_prober(every);
+    }
+
+    /// Runs one request through this handle's layers.
+    async fn run(&self, req: Request) -> Result<Response> {
+        if self.inner.is_closed() {
+            return Err(self.inner.closed_error());
+        }
+        let next = Next {
+            layers: &self.inner.layers,
+            ctx: &self.inner,
         };
-        let mut slot = self.inner.prober.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = slot.replace(task) {
-            old.abort();
-        }
+        next.run(req).await
     }
 
-    /// A task probing the backend every `every` until the handle is gone
-    /// (`None` without a tokio runtime). Used by the background prober and
-    /// the watchdog.
-    fn spawn_probe_loop(&self, every: Duration) -> Option<JoinHandle<()>> {
-        let rt = tokio::runtime::Handle::try_current().ok()?;
-        let weak = Arc::downgrade(&self.inner);
-        Some(rt.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                let _ = Kv { inner }.probe().await;
-            }
-        }))
-    }
-
-    /// Counts an open watch stream; the first one starts a task that probes
-    /// the backend every `timeout`. A watch whose backend stops answering
-    /// may itself see nothing (a frozen server, a blocking query that never
-    /// returns), so the probe turns liveness not-alive within 2 × timeout of
-    /// an outage and every open watch yields `Err(Unavailable)` then.
-    fn watchdog_enter(&self) -> WatchTicket {
-        let mut w = self
-            .inner
-            .watchdog
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        w.open += 1;
-        if w.task.is_none() {
-            w.task = self.spawn_probe_loop(self.inner.cfg.timeout);
-        }
-        WatchTicket {
-            inner: Arc::downgrade(&self.inner),
-        }
-    }
-
-    /// Registers a driver's guard with this handle (see [`HeldLocks`]).
+    /// Registers a guard with this handle (see [`HeldLocks`]).
     fn track(&self, guard: LockGuard) -> LockGuard {
         self.inner
             .locks
             .track(guard, self.inner.backend, self.inner.cfg.timeout)
     }
 
-    fn ensure_open(&self) -> Result<()> {
-        if *self.inner.closed.borrow() {
-            return Err(self.closed_error());
-        }
-        Ok(())
-    }
-
-    /// What an operation or a watch of a closed handle gets.
-    fn closed_error(&self) -> Error {
-        Error::Cancelled {
-            backend: self.inner.backend,
-            message: "store handle closed".into(),
-        }
-    }
-
-    /// An `Unavailable` the layer itself reports on a watch.
-    fn watch_unavailable(&self, message: &str) -> Error {
-        Error::Unavailable {
-            backend: self.inner.backend,
-            message: message.into(),
-            source: None,
-        }
-    }
-
-    // ---- namespace mapping -------------------------------------------------
-
-    fn to_inner(&self, key: &Key) -> Key {
-        self.inner.cfg.namespace.join(key)
-    }
-
-    fn prefix_to_inner(&self, prefix: &Prefix) -> Prefix {
-        self.inner.cfg.namespace.join_prefix(prefix)
-    }
-
-    fn lock_key(&self, key: &Key) -> Key {
-        Key::lock_record(&self.inner.cfg.namespace, key)
-    }
-
-    /// Maps a driver's key back to the caller's; `None` for keys outside the
-    /// namespace or under the reserved root, which callers never see.
-    fn to_outer(&self, key: &Key) -> Option<Key> {
-        let outer = self.inner.cfg.namespace.strip(key)?;
-        (outer.as_str().split('/').next() != Some(RESERVED_ROOT)).then_some(outer)
-    }
-
-    fn pair_to_outer(&self, mut kv: KvPair) -> Option<KvPair> {
-        kv.key = self.to_outer(&kv.key)?;
-        Some(kv)
-    }
-
-    fn error_to_outer(&self, e: Error) -> Error {
-        let ns = self.inner.cfg.namespace.dir();
-        let locks = format!("{RESERVED_ROOT}/locks/{ns}");
-        e.map_key(|k| {
-            k.strip_prefix(&locks)
-                .or_else(|| k.strip_prefix(&ns))
-                .unwrap_or(k)
-                .to_owned()
-        })
-    }
-
-    // ---- checks done before the driver --------------------------------------
-
-    fn check_value(&self, key: &Key, value: &Bytes) -> Result<()> {
-        let max = self.inner.caps.max_value_size;
-        if value.len() > max {
-            return Err(Error::ValueTooLarge {
-                backend: self.inner.backend,
-                key: key.to_string(),
-                size: value.len(),
-                max,
-            });
-        }
-        Ok(())
-    }
-
-    fn check_ttl(&self, ttl: Option<Duration>) -> Result<()> {
-        match ttl {
-            None => Ok(()),
-            Some(_) if self.inner.caps.ttl.is_none() => Err(Error::Unsupported {
-                backend: self.inner.backend,
-                operation: "ttl",
-            }),
-            Some(t) if t.is_zero() => Err(self.invalid_argument("ttl must be positive")),
-            Some(_) => Ok(()),
-        }
-    }
-
-    fn check_locks(&self, operation: &'static str) -> Result<()> {
-        if self.inner.caps.locks {
-            Ok(())
-        } else {
-            Err(Error::Unsupported {
-                backend: self.inner.backend,
-                operation,
-            })
-        }
-    }
-
-    fn invalid_argument(&self, message: impl Into<String>) -> Error {
-        Error::InvalidArgument {
-            backend: self.inner.backend,
-            message: message.into(),
-        }
-    }
-
-    // ---- the call path: tracing → liveness → retry → timeout ----------------
-
-    async fn call<T, F, Fut>(
+    /// Ends a stream with `Err(Cancelled)` when this handle is closed, and
+    /// turns a watch (`endless`) that ends on its own (which the contract
+    /// forbids) into a final `Err(Unavailable)`; a stream that ends right
+    /// after an error item ends cleanly.
+    fn guard_stream<T: Send + 'static>(
         &self,
-        operation: &'static str,
-        key: Option<&str>,
-        idempotent: bool,
-        mut attempt_fn: F,
-    ) -> Result<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T>>,
-    {
-        self.ensure_open()?;
-        let inner = &self.inner;
-        let span = tracing::debug_span!(
-            "anykv",
-            backend = inner.backend,
-            operation,
-            key = key.unwrap_or(""),
-        );
-        async {
-            let started = Instant::now();
-            let policy = &inner.cfg.retry;
-            let mut attempt = 1;
-            let outcome = loop {
-                let result = match tokio::time::timeout(inner.cfg.timeout, attempt_fn()).await {
-                    Ok(r) => r,
-                    Err(_) => Err(Error::Timeout {
-                        backend: inner.backend,
-                        operation,
-                        after: inner.cfg.timeout,
-                    }),
-                };
-                match result {
-                    // A write is retried only when it provably never reached
-                    // the server: one that timed out may have been applied.
-                    Err(e)
-                        if (e.never_reached_server() || idempotent && e.is_retryable())
-                            && attempt < policy.max_attempts =>
-                    {
-                        tracing::debug!(attempt, error = %e, "retrying");
-                        tokio::time::sleep(policy.backoff(attempt)).await;
-                        attempt += 1;
-                    }
-                    other => break other,
-                }
-            };
-            inner.liveness.record(&outcome);
-            let latency_us = started.elapsed().as_micros() as u64;
-            match &outcome {
-                Ok(_) => tracing::debug!(latency_us, attempt, outcome = "ok"),
-                Err(e) => tracing::debug!(latency_us, attempt, outcome = ?e.kind(), error = %e),
-            }
-            outcome.map_err(|e| self.error_to_outer(e))
-        }
-        .instrument(span)
-        .await
-    }
-
-    /// Maps a driver's stream to the caller's keys, feeds stream errors to
-    /// the liveness monitor, ends with `Err(Cancelled)` when this handle is
-    /// closed, and turns a driver stream that ends on its own (which the
-    /// contract forbids for watches) into a final `Err(Unavailable)`.
-    ///
-    /// A watch (`endless`) also yields one non-terminal `Err(Unavailable)`
-    /// when liveness turns not-alive (the [watchdog](Kv::watchdog_enter)
-    /// probes while watches are open), unless the driver already said so;
-    /// it stays open and goes on once the driver resumes.
-    fn outer_stream<T: Send + 'static>(
-        &self,
-        stream: futures::stream::BoxStream<'static, Result<T>>,
+        stream: BoxStream<'static, Result<T>>,
         endless: bool,
-        map: impl Fn(&Kv, T) -> Option<T> + Send + Sync + 'static,
-    ) -> futures::stream::BoxStream<'static, Result<T>> {
+    ) -> BoxStream<'static, Result<T>> {
         struct St<T> {
             kv: Kv,
-            inner: futures::stream::BoxStream<'static, Result<T>>,
+            inner: BoxStream<'static, Result<T>>,
             closed: tokio::sync::watch::Receiver<bool>,
             done: bool,
-            /// The last item was an error: ending after it is a clean end.
             after_error: bool,
-            /// Liveness, for watches; `signalled` once this outage was reported.
-            alive: Option<tokio::sync::watch::Receiver<bool>>,
-            signalled: bool,
-            _ticket: Option<WatchTicket>,
         }
         let st = St {
+            closed: self.inner.closed.subscribe(),
             kv: self.clone(),
             inner: stream,
-            closed: self.inner.closed.subscribe(),
             done: false,
             after_error: false,
-            alive: endless.then(|| self.inner.liveness.state()),
-            signalled: false,
-            _ticket: endless.then(|| self.watchdog_enter()),
         };
-        futures::stream::unfold((st, map), move |(mut st, map)| async move {
+        futures::stream::unfold(st, move |mut st| async move {
             if st.done {
                 return None;
             }
-            loop {
-                // Reported outage: wait for alive again; else for not-alive.
-                let want = st.signalled;
-                let alive = async {
-                    match st.alive.as_mut() {
-                        Some(rx) => rx.wait_for(|a| *a == want).await.is_ok(),
-                        None => futures::future::pending().await,
-                    }
-                };
-                let item = tokio::select! {
-                    biased;
-                    _ = st.closed.wait_for(|c| *c) => None,
-                    changed = alive => Some(Err(changed)),
-                    item = st.inner.next() => Some(Ok(item)),
-                };
-                let item = match item {
-                    Some(Ok(item)) => Some(item),
-                    None => None,
-                    Some(Err(changed)) => {
-                        if !changed {
-                            st.alive = None; // monitor gone: nothing more to report
-                        } else if want {
-                            st.signalled = false;
-                        } else {
-                            st.signalled = true;
-                            let e = st.kv.watch_unavailable(
-                                "backend unreachable; the watch resumes by itself",
-                            );
-                            return Some((Err(e), (st, map)));
-                        }
-                        continue;
-                    }
-                };
-                let Some(item) = item else {
-                    st.done = true;
-                    return Some((Err(st.kv.closed_error()), (st, map)));
-                };
-                match item {
-                    Some(Ok(v)) => {
-                        st.after_error = false;
-                        if let Some(v) = map(&st.kv, v) {
-                            return Some((Ok(v), (st, map)));
-                        }
-                    }
-                    Some(Err(e)) => {
-                        st.kv.inner.liveness.set(!e.indicates_unreachable());
-                        st.signalled |= e.indicates_unreachable();
-                        st.after_error = true;
-                        return Some((Err(st.kv.error_to_outer(e)), (st, map)));
-                    }
-                    None if endless && !st.after_error => {
-                        st.done = true;
-                        let e = st.kv.watch_unavailable("watch stream ended unexpectedly");
-                        return Some((Err(e), (st, map)));
-                    }
-                    None => return None,
+            let item = tokio::select! {
+                biased;
+                _ = st.closed.wait_for(|c| *c) => None,
+                item = st.inner.next() => Some(item),
+            };
+            let Some(item) = item else {
+                st.done = true;
+                let e = st.kv.inner.closed_error();
+                return Some((Err(e), st));
+            };
+            match item {
+                Some(Ok(v)) => {
+                    st.after_error = false;
+                    Some((Ok(v), st))
                 }
+                Some(Err(e)) => {
+                    st.after_error = true;
+                    Some((Err(e), st))
+                }
+                None if endless && !st.after_error => {
+                    st.done = true;
+                    let e = Error::Unavailable {
+                        backend: st.kv.inner.backend,
+                        message: "watch stream ended unexpectedly".into(),
+                        source: None,
+                    };
+                    Some((Err(e), st))
+                }
+                None => None,
             }
         })
         .boxed()
     }
-}
-
-/// Sorted prefixes with every prefix covered by another dropped, so a driver
-/// never reads a key twice.
-fn disjoint(mut prefixes: Vec<Prefix>) -> Vec<Prefix> {
-    prefixes.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    prefixes.dedup();
-    let all = prefixes.clone();
-    prefixes.retain(|p| !all.iter().any(|q| q != p && q.covers(p)));
-    prefixes
 }
 
 #[async_trait]
@@ -586,332 +732,113 @@ impl Store for Kv {
     }
 
     async fn get(&self, key: &Key) -> Result<Option<KvPair>> {
-        let k = self.to_inner(key);
-        let found = self
-            .call("get", Some(key.as_str()), true, || {
-                self.inner.driver.get(&k)
-            })
-            .await?;
-        Ok(found.and_then(|kv| self.pair_to_outer(kv)))
+        run!(self, Request::Get { key: key.clone() }, Get(v) => v)
     }
 
     async fn put(&self, key: &Key, value: Bytes, opts: PutOptions) -> Result<Version> {
-        self.check_value(key, &value)?;
-        self.check_ttl(opts.ttl)?;
-        let k = self.to_inner(key);
-        // Not idempotent, even unconditional: a retried put that had been
-        // applied would write a second version (and a second event).
-        self.call("put", Some(key.as_str()), false, || {
-            self.inner.driver.put(&k, value.clone(), opts)
-        })
-        .await
+        let req = Request::Put {
+            key: key.clone(),
+            value,
+            opts,
+        };
+        run!(self, req, Put(v) => v)
     }
 
     async fn delete(&self, key: &Key, condition: Condition) -> Result<bool> {
-        if condition == Condition::IfAbsent {
-            return Err(self.invalid_argument("delete cannot be conditional on absence"));
-        }
-        let k = self.to_inner(key);
-        self.call("delete", Some(key.as_str()), false, || {
-            self.inner.driver.delete(&k, condition)
-        })
-        .await
+        let req = Request::Delete {
+            key: key.clone(),
+            condition,
+        };
+        run!(self, req, Delete(v) => v)
     }
 
     async fn exists(&self, key: &Key) -> Result<bool> {
-        let k = self.to_inner(key);
-        self.call("exists", Some(key.as_str()), true, || {
-            self.inner.driver.exists(&k)
-        })
-        .await
+        run!(self, Request::Exists { key: key.clone() }, Exists(v) => v)
     }
 
     async fn list(&self, prefix: &Prefix) -> Result<Vec<KvPair>> {
-        let p = self.prefix_to_inner(prefix);
-        let pairs = self
-            .call("list", Some(prefix.as_str()), true, || {
-                self.inner.driver.list(&p)
-            })
-            .await?;
-        Ok(pairs
-            .into_iter()
-            .filter_map(|kv| self.pair_to_outer(kv))
-            .collect())
+        let req = Request::List {
+            prefix: prefix.clone(),
+        };
+        run!(self, req, List(v) => v)
     }
 
     async fn keys(&self, prefix: &Prefix) -> Result<Vec<String>> {
-        let p = self.prefix_to_inner(prefix);
-        let mut names = self
-            .call("keys", Some(prefix.as_str()), true, || {
-                self.inner.driver.keys(&p)
-            })
-            .await?;
-        if p.is_root() {
-            names.retain(|n| n != RESERVED_ROOT);
-        }
-        Ok(names)
+        let req = Request::Keys {
+            prefix: prefix.clone(),
+        };
+        run!(self, req, Keys(v) => v)
     }
 
     async fn delete_prefix(&self, prefix: &Prefix) -> Result<u64> {
-        let p = self.prefix_to_inner(prefix);
-        if !p.is_root() {
-            return self
-                .call("delete_prefix", Some(prefix.as_str()), false, || {
-                    self.inner.driver.delete_prefix(&p)
-                })
-                .await;
-        }
-        // The whole backend: spare anykv's own records (held locks) by
-        // deleting each top-level name but the reserved one.
-        let mut total = 0;
-        for name in self.keys(prefix).await? {
-            let Ok(top) = Prefix::new(name) else { continue };
-            total += self
-                .call("delete_prefix", Some(top.as_str()), false, || {
-                    self.inner.driver.delete_prefix(&top)
-                })
-                .await?;
-            let Ok(k) = Key::new(top.as_str()) else {
-                continue;
-            };
-            if self
-                .call("delete", Some(k.as_str()), false, || {
-                    self.inner.driver.delete(&k, Condition::Always)
-                })
-                .await?
-            {
-                total += 1;
-            }
-        }
-        Ok(total)
+        let req = Request::DeletePrefix {
+            prefix: prefix.clone(),
+        };
+        run!(self, req, DeletePrefix(v) => v)
     }
 
     async fn watch(&self, target: Target, start: Start) -> Result<WatchStream> {
-        let (shown, inner_target) = match &target {
-            Target::Key(k) => (k.to_string(), Target::Key(self.to_inner(k))),
-            Target::Prefix(p) => (p.to_string(), Target::Prefix(self.prefix_to_inner(p))),
-        };
-        let stream = self
-            .call("watch", Some(&shown), true, || {
-                self.inner.driver.watch(inner_target.clone(), start)
-            })
-            .await?;
-        Ok(self.outer_stream(stream, true, |kv, ev| match ev {
-            Event::Put { kv: pair, prev } => Some(Event::Put {
-                kv: kv.pair_to_outer(pair)?,
-                prev: prev.and_then(|p| kv.pair_to_outer(p)),
-            }),
-            Event::Delete { key, revision } => Some(Event::Delete {
-                key: kv.to_outer(&key)?,
-                revision,
-            }),
-        }))
+        run!(self, Request::Watch { target, start }, Watch(s) => self.guard_stream(s, true))
     }
 
     async fn lock(&self, key: &Key, opts: LockOptions) -> Result<LockGuard> {
-        self.ensure_open()?;
-        self.check_locks("lock")?;
-        if opts.ttl.is_zero() {
-            return Err(self.invalid_argument("lock ttl must be positive"));
-        }
-        let k = self.lock_key(key);
-        let span = tracing::debug_span!(
-            "anykv",
-            backend = self.inner.backend,
-            operation = "lock",
-            key = key.as_str()
-        );
-        // Waiting for a lock is not bounded by the per-operation timeout:
-        // `opts.wait` is, plus one timeout for the final round trip.
-        let outcome = match opts.wait {
-            None => {
-                self.inner
-                    .driver
-                    .lock(&k, opts.clone())
-                    .instrument(span)
-                    .await
-            }
-            Some(wait) => {
-                let limit = wait.saturating_add(self.inner.cfg.timeout);
-                match tokio::time::timeout(
-                    limit,
-                    self.inner.driver.lock(&k, opts.clone()).instrument(span),
-                )
-                .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(Error::Timeout {
-                        backend: self.inner.backend,
-                        operation: "lock",
-                        after: wait,
-                    }),
-                }
-            }
+        let req = Request::Lock {
+            key: key.clone(),
+            opts,
         };
-        // Running out of wait while the lock is held proves the backend answered.
-        if !matches!(&outcome, Err(Error::Timeout { .. })) {
-            self.inner.liveness.record(&outcome);
-        }
-        outcome
-            .map(|g| self.track(g.with_key(key.clone())))
-            .map_err(|e| self.error_to_outer(e))
+        run!(self, req, Lock(g) => self.track(g))
     }
 
     async fn try_lock(&self, key: &Key, opts: LockOptions) -> Result<Option<LockGuard>> {
-        self.check_locks("try_lock")?;
-        if opts.ttl.is_zero() {
-            return Err(self.invalid_argument("lock ttl must be positive"));
-        }
-        let k = self.lock_key(key);
-        let guard = self
-            .call("try_lock", Some(key.as_str()), false, || {
-                self.inner.driver.try_lock(&k, opts.clone())
-            })
-            .await?;
-        Ok(guard.map(|g| self.track(g.with_key(key.clone()))))
+        let req = Request::TryLock {
+            key: key.clone(),
+            opts,
+        };
+        run!(self, req, TryLock(g) => g.map(|g| self.track(g)))
     }
 
     async fn lock_holder(&self, key: &Key) -> Result<Option<LockInfo>> {
-        self.check_locks("lock_holder")?;
-        let k = self.lock_key(key);
-        self.call("lock_holder", Some(key.as_str()), true, || {
-            self.inner.driver.lock_holder(&k)
-        })
-        .await
+        run!(self, Request::LockHolder { key: key.clone() }, LockHolder(v) => v)
     }
 
     async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {
-        if let Some(max) = self.inner.caps.max_atomic_ops
-            && checks.len() + ops.len() > max
-        {
-            return Err(self.invalid_argument(format!(
-                "atomic has {} checks and operations; this backend takes at most {max}",
-                checks.len() + ops.len()
-            )));
-        }
-        let mut written = HashSet::new();
-        for op in &ops {
-            if !written.insert(op.key().as_str()) {
-                return Err(self.invalid_argument(format!("atomic writes {} twice", op.key())));
-            }
-            if let Op::Put(k, v) = op {
-                self.check_value(k, v)?;
-            }
-        }
-        let checks: Vec<Check> = checks
-            .into_iter()
-            .map(|c| match c {
-                Check::Exists(k) => Check::Exists(self.to_inner(&k)),
-                Check::Absent(k) => Check::Absent(self.to_inner(&k)),
-                Check::Version(k, v) => Check::Version(self.to_inner(&k), v),
-                Check::Value(k, v) => Check::Value(self.to_inner(&k), v),
-            })
-            .collect();
-        let ops: Vec<Op> = ops
-            .into_iter()
-            .map(|o| match o {
-                Op::Put(k, v) => Op::Put(self.to_inner(&k), v),
-                Op::Delete(k) => Op::Delete(self.to_inner(&k)),
-            })
-            .collect();
-        self.call("atomic", None, false, || {
-            self.inner.driver.atomic(checks.clone(), ops.clone())
-        })
-        .await
+        run!(self, Request::Atomic { checks, ops }, Atomic(v) => v)
     }
 
     async fn snapshot(&self, prefixes: &[Prefix]) -> Result<Snapshot> {
-        if self.inner.caps.snapshot.is_none() {
-            return Err(Error::Unsupported {
-                backend: self.inner.backend,
-                operation: "snapshot",
-            });
-        }
-        if prefixes.is_empty() {
-            return Err(self.invalid_argument("snapshot needs at least one prefix"));
-        }
-        let inner = disjoint(prefixes.iter().map(|p| self.prefix_to_inner(p)).collect());
-        let shown = prefixes
-            .iter()
-            .map(Prefix::as_str)
-            .collect::<Vec<_>>()
-            .join(",");
-        let snap = self
-            .call("snapshot", Some(&shown), true, || {
-                self.inner.driver.snapshot(&inner)
-            })
-            .await?;
-        let mut pairs: Vec<KvPair> = snap
-            .pairs
-            .into_iter()
-            .filter_map(|kv| self.pair_to_outer(kv))
-            .collect();
-        pairs.sort_by(|a, b| a.key.as_str().cmp(b.key.as_str()));
-        pairs.dedup_by(|a, b| a.key == b.key);
-        Ok(Snapshot {
-            revision: snap.revision,
-            pairs,
-        })
+        let req = Request::Snapshot {
+            prefixes: prefixes.to_vec(),
+        };
+        run!(self, req, Snapshot(v) => v)
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {
-        if !self.inner.caps.compact {
-            return Err(Error::Unsupported {
-                backend: self.inner.backend,
-                operation: "compact",
-            });
-        }
-        // Idempotent: compacting twice at one revision is a no-op.
-        self.call("compact", None, true, || {
-            self.inner.driver.compact(revision)
-        })
-        .await
+        run!(self, Request::Compact { revision }, Compact => ())
     }
 
     async fn export(&self, prefix: &Prefix) -> Result<PairStream> {
-        let p = self.prefix_to_inner(prefix);
-        let stream = self
-            .call("export", Some(prefix.as_str()), true, || {
-                self.inner.driver.export(&p)
-            })
-            .await?;
-        Ok(self.outer_stream(stream, false, |kv, pair| kv.pair_to_outer(pair)))
+        let req = Request::Export {
+            prefix: prefix.clone(),
+        };
+        run!(self, req, Export(s) => self.guard_stream(s, false))
     }
 
     async fn import(&self, pairs: PairStream) -> Result<u64> {
-        let kv = self.clone();
-        let mapped = pairs
-            .and_then(move |mut pair| {
-                let checked = kv.check_value(&pair.key, &pair.value).map(|()| {
-                    pair.key = kv.to_inner(&pair.key);
-                    pair
-                });
-                futures::future::ready(checked)
-            })
-            .boxed();
-        // One call: retrying would need to replay a consumed stream.
-        let mut once = Some(mapped);
-        self.call("import", None, false, || {
-            let s = once.take();
-            async move {
-                match s {
-                    Some(s) => self.inner.driver.import(s).await,
-                    None => Err(self.invalid_argument("import stream already consumed")),
-                }
-            }
-        })
-        .await
+        let req = Request::Import {
+            pairs: ImportPairs::new(pairs),
+        };
+        run!(self, req, Import(v) => v)
     }
 
     async fn probe(&self) -> Result<()> {
-        self.call("probe", None, false, || self.inner.driver.probe())
-            .await
+        run!(self, Request::Probe, Probe => ())
     }
 
     /// Ends this handle's watch streams (each yields `Err(Cancelled)`),
     /// releases every lock taken through it (each guard's `lost()` fires),
-    /// stops the prober and, unless this is a [`scoped`](Kv::scoped) view,
-    /// closes the driver. Every later operation fails with `Cancelled`.
+    /// stops the prober, then runs `Close` through the layers; the driver is
+    /// closed unless this is a [`scoped`](Kv::scoped) view. Every later
+    /// operation fails with `Cancelled`.
     async fn close(&self) -> Result<()> {
         self.inner.closed.send_replace(true);
         let prober = self
@@ -928,11 +855,11 @@ impl Store for Kv {
             .locks
             .release_all(self.inner.backend, self.inner.cfg.timeout)
             .await;
-        let closed = if self.inner.owns_driver {
-            self.inner.driver.close().await
-        } else {
-            Ok(())
+        let next = Next {
+            layers: &self.inner.layers,
+            ctx: &self.inner,
         };
+        let closed = next.run(Request::Close).await.map(drop);
         released.and(closed)
     }
 }
@@ -942,17 +869,13 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
 
+    use tokio::time::Instant;
+
+    use crate::types::Event;
+
     use crate::ErrorKind;
 
     use futures::StreamExt;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let p = RetryPolicy::default();
-        assert_eq!(p.backoff(1), Duration::from_millis(50));
-        assert_eq!(p.backoff(2), Duration::from_millis(100));
-        assert_eq!(p.backoff(30), Duration::from_secs(1));
-    }
 
     /// How the fake answers: `hang` attempts hang, then `fail` attempts are
     /// Unavailable, then it succeeds.
@@ -1372,5 +1295,80 @@ mod tests {
             Duration::ZERO,
             "no operation waited on the subscriber"
         );
+    }
+}
+
+#[cfg(test)]
+mod bench_baseline {
+    use super::*;
+    use crate::types::KvPair;
+    use std::collections::HashMap;
+
+    struct Mem(Mutex<HashMap<String, Bytes>>);
+    const CAPS: Capabilities = Capabilities::full(1 << 20);
+
+    #[async_trait]
+    impl Store for Mem {
+        fn backend(&self) -> &'static str {
+            "bench"
+        }
+        fn capabilities(&self) -> &Capabilities {
+            &CAPS
+        }
+        async fn get(&self, k: &Key) -> Result<Option<KvPair>> {
+            let m = self.0.lock().unwrap();
+            Ok(m.get(k.as_str()).map(|v| KvPair {
+                key: k.clone(),
+                value: v.clone(),
+                version: Version::new(1),
+                create_revision: 1,
+                mod_revision: 1,
+            }))
+        }
+        async fn put(&self, k: &Key, v: Bytes, _: PutOptions) -> Result<Version> {
+            self.0.lock().unwrap().insert(k.as_str().to_owned(), v);
+            Ok(Version::new(1))
+        }
+        async fn delete(&self, _: &Key, _: Condition) -> Result<bool> {
+            Ok(false)
+        }
+        async fn list(&self, _: &Prefix) -> Result<Vec<KvPair>> {
+            Ok(vec![])
+        }
+        async fn delete_prefix(&self, _: &Prefix) -> Result<u64> {
+            Ok(0)
+        }
+        async fn probe(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    #[ignore = "timing; run with --release --ignored --nocapture"]
+    async fn stack_overhead() {
+        let raw: Arc<dyn Store> = Arc::new(Mem(Mutex::default()));
+        let kv = Kv::new(raw.clone(), LayerConfig::default());
+        let key = Key::new("a/b").unwrap();
+        raw.put(&kv.namespace().join(&key), "v".into(), Default::default())
+            .await
+            .unwrap();
+        const N: u32 = 1_000_000;
+        for (name, s) in [("raw", &raw), ("kv", &(Arc::new(kv) as Arc<dyn Store>))] {
+            let t = std::time::Instant::now();
+            for _ in 0..N {
+                std::hint::black_box(s.get(&key).await.unwrap());
+            }
+            let get = t.elapsed().as_nanos() as f64 / N as f64;
+            let t = std::time::Instant::now();
+            for _ in 0..N {
+                std::hint::black_box(
+                    s.put(&key, Bytes::from_static(b"v"), Default::default())
+                        .await
+                        .unwrap(),
+                );
+            }
+            let put = t.elapsed().as_nanos() as f64 / N as f64;
+            println!("BENCH {name}: get {get:.0} ns/op, put {put:.0} ns/op");
+        }
     }
 }

@@ -4,6 +4,9 @@
 //! - [`Store`]: the trait every driver implements (keys already namespaced).
 //! - [`Kv`]: a driver wrapped in the standard layers (namespace, capability
 //!   checks, tracing, liveness, retry, timeout); what applications hold.
+//! - [`Layer`]: an interceptor that sees every operation as a [`Request`];
+//!   [`builder`] / [`Kv::builder_for`] add, drop or replace layers;
+//!   [`layers`] holds the standard ones, metrics, chaos and fail-fast.
 //! - [`Key`] / [`Prefix`]: the key rules, checked before any network call.
 //! - [`Error`]: one taxonomy for every backend.
 //! - [`LivenessMonitor`]: the voltha-style liveness channel.
@@ -19,6 +22,7 @@ pub mod ext;
 mod held_locks;
 pub mod key;
 pub mod layer;
+pub mod layers;
 pub mod liveness;
 pub mod lock;
 pub mod mirror;
@@ -29,15 +33,18 @@ pub mod types;
 
 pub use capability::{Capabilities, SnapshotMode, WatchHistory};
 pub use config::{Config, Secret};
+pub use election::{CampaignOptions, Election, Leader, Leadership};
 pub use error::{BoxError, Error, ErrorKind, NotSent, Result};
 pub use ext::StoreExt;
 pub use key::{Key, MAX_KEY_LEN, Prefix, RESERVED_ROOT};
-pub use layer::{Kv, LayerConfig, RetryPolicy};
+pub use layer::{
+    Context, ImportPairs, Kv, KvBuilder, Layer, LayerConfig, Next, OpKind, Request, Response,
+    RetryPolicy, StandardLayer,
+};
 pub use liveness::LivenessMonitor;
-pub use election::{CampaignOptions, Election, Leader, Leadership};
-pub use mirror::{JsonChange, JsonMirror, Mirror};
 pub use lock::{LockGuard, LockRelease, LostNotifier, LostSignal, lost_pair};
-pub use registry::{drivers, open};
+pub use mirror::{JsonChange, JsonMirror, Mirror};
+pub use registry::{builder, drivers, open};
 pub use session::{Session, SessionBackend, SessionOptions};
 pub use store::{PairStream, Store, WatchStream};
 pub use types::{

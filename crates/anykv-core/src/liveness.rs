@@ -37,6 +37,8 @@ pub const DEFAULT_LIVENESS_INTERVAL: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct LivenessMonitor {
     alive: AtomicBool,
+    /// Set by the first outcome: not-alive until then means "not proven yet".
+    known: AtomicBool,
     /// Nanoseconds after `epoch` of the last post; read lock-free on the hot path.
     last_post: AtomicU64,
     epoch: Instant,
@@ -53,6 +55,7 @@ impl LivenessMonitor {
         let (tx, _) = watch::channel(false);
         LivenessMonitor {
             alive: AtomicBool::new(false),
+            known: AtomicBool::new(false),
             last_post: AtomicU64::new(0),
             epoch: Instant::now(),
             interval,
@@ -64,6 +67,12 @@ impl LivenessMonitor {
     /// The current state.
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
+    }
+
+    /// True once any outcome was recorded (or a state set): a not-alive
+    /// monitor that is not known yet means "not proven", not "down".
+    pub fn is_known(&self) -> bool {
+        self.known.load(Ordering::Acquire)
     }
 
     /// The re-post interval.
@@ -91,6 +100,9 @@ impl LivenessMonitor {
     /// Sets the state, posting it if it changed or if `interval` has passed
     /// since the last post.
     pub fn set(&self, alive: bool) {
+        if !self.known.load(Ordering::Relaxed) {
+            self.known.store(true, Ordering::Release);
+        }
         let now = self.elapsed_nanos();
         let interval = u64::try_from(self.interval.as_nanos()).unwrap_or(u64::MAX);
         let due = |last: u64| now.saturating_sub(last) >= interval;

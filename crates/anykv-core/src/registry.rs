@@ -43,7 +43,8 @@ use crate::{
     config::Config,
     error::{Error, Result},
     key::Prefix,
-    layer::{Kv, LayerConfig},
+    layer::{Kv, KvBuilder, LayerConfig},
+    layers::chaos::{CHAOS_PARAMS, ChaosConfig},
     store::Store,
 };
 
@@ -106,9 +107,24 @@ pub fn driver_for(scheme: &str) -> Result<&'static Driver> {
 /// Parses `url`, finds its driver, connects and wraps it in the standard
 /// layers. See [`LayerConfig`] for the common query options.
 pub async fn open(url: &str) -> Result<Kv> {
-    let (driver, config, layers) = prepare(url)?;
-    let store = (driver.open)(config).await?;
-    Ok(Kv::new(store, layers))
+    builder(url).open().await
+}
+
+/// A builder for the store at `url`, to add, drop or replace layers before
+/// [`open`](KvBuilder::open)ing it.
+///
+/// ```no_run
+/// # async fn demo() -> anykv_core::Result<()> {
+/// use anykv_core::{StandardLayer, layers::fail_fast::FailFastLayer};
+/// let kv = anykv_core::builder("etcd://127.0.0.1:2379/app")
+///     .layer(FailFastLayer::new())
+///     .without(StandardLayer::Tracing)
+///     .open()
+///     .await?;
+/// # let _ = kv; Ok(()) }
+/// ```
+pub fn builder(url: &str) -> KvBuilder {
+    KvBuilder::from_url(url)
 }
 
 /// Everything [`open`] does before connecting: parse, find the driver,
@@ -116,7 +132,12 @@ pub async fn open(url: &str) -> Result<Kv> {
 pub fn prepare(url: &str) -> Result<(&'static Driver, Config, LayerConfig)> {
     let mut config = Config::parse(url)?;
     let driver = driver_for(&config.scheme)?;
-    let accepted: Vec<&str> = COMMON_PARAMS.iter().chain(driver.params).copied().collect();
+    let accepted: Vec<&str> = COMMON_PARAMS
+        .iter()
+        .chain(CHAOS_PARAMS)
+        .chain(driver.params)
+        .copied()
+        .collect();
     config.check_params(&accepted)?;
     let namespace = match config.param("prefix") {
         Some(p) => p.to_owned(),
@@ -142,6 +163,7 @@ pub fn prepare(url: &str) -> Result<(&'static Driver, Config, LayerConfig)> {
     if let Some(i) = positive(&config, "liveness_interval")? {
         layers.liveness_interval = i;
     }
+    layers.chaos = ChaosConfig::from_url(&config)?;
     Ok((driver, config, layers))
 }
 

@@ -1,0 +1,313 @@
+//! Keys relative to the handle's namespace.
+//!
+//! Maps every key, prefix, watch target, atomic check and imported pair
+//! into the namespace on the way down, and every pair, event, guard and
+//! error key back on the way up. Keys outside the namespace or under the
+//! reserved root (`__anykv`) never reach the caller; `delete_prefix` of the
+//! whole backend spares the reserved root. Locks live at
+//! `__anykv/locks/<namespace>/<key>`.
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::{
+    error::{Error, Result},
+    key::{Key, Prefix, RESERVED_ROOT},
+    layer::{Layer, Next},
+    layers::request::{Request, Response},
+    types::{Check, Condition, Event, KvPair, Op, Snapshot, Target},
+};
+
+/// The standard namespace layer; the namespace is the handle's
+/// [`LayerConfig::namespace`](crate::LayerConfig::namespace).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NamespaceLayer;
+
+/// One handle's namespace, both ways.
+#[derive(Clone)]
+struct Ns(Prefix);
+
+impl Ns {
+    fn key(&self, key: &Key) -> Key {
+        self.0.join(key)
+    }
+
+    fn prefix(&self, prefix: &Prefix) -> Prefix {
+        self.0.join_prefix(prefix)
+    }
+
+    /// Maps a driver's key back to the caller's; `None` for keys outside
+    /// the namespace or under the reserved root.
+    fn outer(&self, key: &Key) -> Option<Key> {
+        let outer = self.0.strip(key)?;
+        (outer.as_str().split('/').next() != Some(RESERVED_ROOT)).then_some(outer)
+    }
+
+    fn pair(&self, mut kv: KvPair) -> Option<KvPair> {
+        kv.key = self.outer(&kv.key)?;
+        Some(kv)
+    }
+
+    fn event(&self, ev: Event) -> Option<Event> {
+        match ev {
+            Event::Put { kv, prev } => Some(Event::Put {
+                kv: self.pair(kv)?,
+                prev: prev.and_then(|p| self.pair(p)),
+            }),
+            Event::Delete { key, revision } => Some(Event::Delete {
+                key: self.outer(&key)?,
+                revision,
+            }),
+        }
+    }
+
+    fn error(&self, e: Error) -> Error {
+        let ns = self.0.dir();
+        let locks = format!("{RESERVED_ROOT}/locks/{ns}");
+        e.map_key(|k| {
+            k.strip_prefix(&locks)
+                .or_else(|| k.strip_prefix(&ns))
+                .unwrap_or(k)
+                .to_owned()
+        })
+    }
+}
+
+/// Sorted prefixes with every prefix covered by another dropped, so a driver
+/// never reads a key twice.
+fn disjoint(mut prefixes: Vec<Prefix>) -> Vec<Prefix> {
+    prefixes.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    prefixes.dedup();
+    let all = prefixes.clone();
+    prefixes.retain(|p| !all.iter().any(|q| q != p && q.covers(p)));
+    prefixes
+}
+
+#[async_trait]
+impl Layer for NamespaceLayer {
+    async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
+        let ns = Ns(next.context().config().namespace.clone());
+        let out = ns.call(req, next).await;
+        out.map_err(|e| ns.error(e))
+    }
+}
+
+impl Ns {
+    async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
+        let lock_key = |k: &Key| Key::lock_record(&self.0, k);
+        let resp = match req {
+            Request::Get { key } => match next
+                .run(Request::Get {
+                    key: self.key(&key),
+                })
+                .await?
+            {
+                Response::Get(p) => Response::Get(p.and_then(|p| self.pair(p))),
+                other => other,
+            },
+            Request::Put { key, value, opts } => {
+                let key = self.key(&key);
+                next.run(Request::Put { key, value, opts }).await?
+            }
+            Request::Delete { key, condition } => {
+                let key = self.key(&key);
+                next.run(Request::Delete { key, condition }).await?
+            }
+            Request::Exists { key } => {
+                next.run(Request::Exists {
+                    key: self.key(&key),
+                })
+                .await?
+            }
+            Request::List { prefix } => {
+                let prefix = self.prefix(&prefix);
+                match next.run(Request::List { prefix }).await? {
+                    Response::List(pairs) => {
+                        Response::List(pairs.into_iter().filter_map(|p| self.pair(p)).collect())
+                    }
+                    other => other,
+                }
+            }
+            Request::Keys { prefix } => {
+                let prefix = self.prefix(&prefix);
+                let root = prefix.is_root();
+                match next.run(Request::Keys { prefix }).await? {
+                    Response::Keys(mut names) if root => {
+                        names.retain(|n| n != RESERVED_ROOT);
+                        Response::Keys(names)
+                    }
+                    other => other,
+                }
+            }
+            Request::DeletePrefix { prefix } => {
+                let prefix = self.prefix(&prefix);
+                if prefix.is_root() {
+                    Response::DeletePrefix(self.delete_all(next).await?)
+                } else {
+                    next.run(Request::DeletePrefix { prefix }).await?
+                }
+            }
+            Request::Watch { target, start } => {
+                let target = match target {
+                    Target::Key(k) => Target::Key(self.key(&k)),
+                    Target::Prefix(p) => Target::Prefix(self.prefix(&p)),
+                };
+                match next.run(Request::Watch { target, start }).await? {
+                    Response::Watch(s) => {
+                        let ns = self.clone();
+                        Response::Watch(
+                            s.filter_map(move |item| {
+                                futures::future::ready(match item {
+                                    Ok(ev) => ns.event(ev).map(Ok),
+                                    Err(e) => Some(Err(ns.error(e))),
+                                })
+                            })
+                            .boxed(),
+                        )
+                    }
+                    other => other,
+                }
+            }
+            Request::Lock { key, opts } => {
+                let req = Request::Lock {
+                    key: lock_key(&key),
+                    opts,
+                };
+                match next.run(req).await? {
+                    Response::Lock(g) => Response::Lock(g.with_key(key)),
+                    other => other,
+                }
+            }
+            Request::TryLock { key, opts } => {
+                let req = Request::TryLock {
+                    key: lock_key(&key),
+                    opts,
+                };
+                match next.run(req).await? {
+                    Response::TryLock(g) => Response::TryLock(g.map(|g| g.with_key(key))),
+                    other => other,
+                }
+            }
+            Request::LockHolder { key } => {
+                next.run(Request::LockHolder {
+                    key: lock_key(&key),
+                })
+                .await?
+            }
+            Request::Atomic { checks, ops } => {
+                let checks = checks
+                    .into_iter()
+                    .map(|c| match c {
+                        Check::Exists(k) => Check::Exists(self.key(&k)),
+                        Check::Absent(k) => Check::Absent(self.key(&k)),
+                        Check::Version(k, v) => Check::Version(self.key(&k), v),
+                        Check::Value(k, v) => Check::Value(self.key(&k), v),
+                    })
+                    .collect();
+                let ops = ops
+                    .into_iter()
+                    .map(|o| match o {
+                        Op::Put(k, v) => Op::Put(self.key(&k), v),
+                        Op::Delete(k) => Op::Delete(self.key(&k)),
+                    })
+                    .collect();
+                next.run(Request::Atomic { checks, ops }).await?
+            }
+            Request::Snapshot { prefixes } => {
+                let prefixes = disjoint(prefixes.iter().map(|p| self.prefix(p)).collect());
+                match next.run(Request::Snapshot { prefixes }).await? {
+                    Response::Snapshot(snap) => {
+                        let mut pairs: Vec<KvPair> = snap
+                            .pairs
+                            .into_iter()
+                            .filter_map(|p| self.pair(p))
+                            .collect();
+                        pairs.sort_by(|a, b| a.key.as_str().cmp(b.key.as_str()));
+                        pairs.dedup_by(|a, b| a.key == b.key);
+                        Response::Snapshot(Snapshot {
+                            revision: snap.revision,
+                            pairs,
+                        })
+                    }
+                    other => other,
+                }
+            }
+            Request::Export { prefix } => {
+                let prefix = self.prefix(&prefix);
+                match next.run(Request::Export { prefix }).await? {
+                    Response::Export(s) => {
+                        let ns = self.clone();
+                        Response::Export(
+                            s.filter_map(move |item| {
+                                futures::future::ready(match item {
+                                    Ok(p) => ns.pair(p).map(Ok),
+                                    Err(e) => Some(Err(ns.error(e))),
+                                })
+                            })
+                            .boxed(),
+                        )
+                    }
+                    other => other,
+                }
+            }
+            Request::Import { pairs } => {
+                let ns = self.clone();
+                let pairs = pairs.map(move |s| {
+                    s.map_ok(move |mut p| {
+                        p.key = ns.key(&p.key);
+                        p
+                    })
+                    .boxed()
+                });
+                next.run(Request::Import { pairs }).await?
+            }
+            req @ (Request::Compact { .. } | Request::Probe | Request::Close) => {
+                next.run(req).await?
+            }
+        };
+        Ok(resp)
+    }
+
+    /// `delete_prefix` of the whole backend: deletes each top-level name but
+    /// the reserved one, sparing anykv's own records (held locks).
+    async fn delete_all(&self, next: Next<'_>) -> Result<u64> {
+        let names = match next
+            .run(Request::Keys {
+                prefix: Prefix::root(),
+            })
+            .await?
+        {
+            Response::Keys(names) => names,
+            other => return Err(unexpected(next, &other)),
+        };
+        let mut total = 0;
+        for name in names.into_iter().filter(|n| n != RESERVED_ROOT) {
+            let Ok(top) = Prefix::new(name) else { continue };
+            let Ok(key) = Key::new(top.as_str()) else {
+                continue;
+            };
+            match next.run(Request::DeletePrefix { prefix: top }).await? {
+                Response::DeletePrefix(n) => total += n,
+                other => return Err(unexpected(next, &other)),
+            }
+            let req = Request::Delete {
+                key,
+                condition: Condition::Always,
+            };
+            match next.run(req).await? {
+                Response::Delete(true) => total += 1,
+                Response::Delete(false) => {}
+                other => return Err(unexpected(next, &other)),
+            }
+        }
+        Ok(total)
+    }
+}
+
+fn unexpected(next: Next<'_>, got: &Response) -> Error {
+    Error::Backend {
+        backend: next.context().backend(),
+        message: format!("a layer answered with a {} response", got.kind()),
+        source: None,
+    }
+}
