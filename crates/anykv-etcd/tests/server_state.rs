@@ -220,3 +220,50 @@ async fn compact_discards_history_is_idempotent_and_refuses_the_future() {
     }
     let _ = kv.delete_prefix(&Prefix::root()).await;
 }
+
+/// 1,500 watches on one handle (two shared streams): etcd counts 1,500 more
+/// watchers; dropping 1,000 of them cancels exactly those at once (the
+/// other 500 stay and still deliver), and dropping the rest frees them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_shared_stream_watches_cancels_exactly_their_server_watchers() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(url) = common::url("ANYKV_TEST_ETCD") else {
+        return;
+    };
+    let endpoint = common::endpoints(&url)[0].clone();
+    let kv = common::open(&url, &common::unique("watchers2"), "").await;
+    let base = common::metric(&endpoint, WATCHERS).await.expect("metrics");
+    let mut streams = Vec::new();
+    for i in 0..1500 {
+        let k = Key::new(format!("k{i}")).unwrap();
+        streams.push(kv.watch(Target::Key(k), Start::Now).await.unwrap());
+    }
+    let settled = |want: f64| {
+        let endpoint = endpoint.clone();
+        async move {
+            let mut now = f64::NAN;
+            for _ in 0..50 {
+                now = common::metric(&endpoint, WATCHERS).await.unwrap();
+                if now == want {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            now
+        }
+    };
+    assert_eq!(settled(base + 1500.0).await, base + 1500.0);
+    let kept = streams.split_off(1000);
+    drop(streams);
+    assert_eq!(settled(base + 500.0).await, base + 500.0, "1,000 cancelled");
+    let mut kept = kept;
+    let k = Key::new("k1499").unwrap();
+    let v = kv.put(&k, "x".into(), PutOptions::default()).await.unwrap();
+    match timeout(Duration::from_secs(5), kept[499].next()).await {
+        Ok(Some(Ok(e))) => assert_eq!(e.revision(), v.get()),
+        other => panic!("a kept watch still delivers: {other:?}"),
+    }
+    drop(kept);
+    assert_eq!(settled(base).await, base, "all cancelled");
+    let _ = kv.delete_prefix(&Prefix::root()).await;
+}

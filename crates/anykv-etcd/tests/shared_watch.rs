@@ -234,3 +234,123 @@ async fn a_broken_connection_resumes_every_watch_from_its_own_revision() {
     );
     let _ = direct.delete_prefix(&Prefix::root()).await;
 }
+
+/// What the shared streams' liveness check relies on, checked on the real
+/// server: on a stream carrying several watches, one progress request gets
+/// one response for the whole stream (watch id -1, no events, the store
+/// revision in its header), and a client-chosen watch id is honoured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_request_on_a_shared_stream_gets_one_stream_wide_answer() {
+    let Some(url) = common::url("ANYKV_TEST_ETCD") else {
+        return;
+    };
+    let ns = common::unique("progress");
+    let mut raw = common::raw(&url).await;
+    let opts = |id| etcd_client::WatchOptions::new().with_watch_id(id);
+    let mut stream = raw.watch(format!("{ns}/a"), Some(opts(7))).await.unwrap();
+    stream
+        .watch(format!("{ns}/b"), Some(opts(9)))
+        .await
+        .unwrap();
+    let mut created = Vec::new();
+    for _ in 0..2 {
+        let r = timeout(Duration::from_secs(5), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(r.created());
+        created.push(r.watch_id());
+    }
+    assert_eq!(created, [7, 9], "client watch ids, confirmed in order");
+    let rev = raw.put(format!("{ns}/other"), "x", None).await.unwrap();
+    let rev = rev.header().unwrap().revision();
+    stream.request_progress().await.unwrap();
+    let r = timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.watch_id(), -1, "{r:?}");
+    assert!(r.events().is_empty() && !r.created() && !r.canceled());
+    assert!(r.header().unwrap().revision() >= rev);
+    assert!(
+        timeout(Duration::from_millis(300), stream.message())
+            .await
+            .is_err(),
+        "one answer for the stream, not one per watch"
+    );
+}
+
+/// Resident memory of this process, in bytes (`/proc/self/statm`).
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// CPU time (user + system) of a process so far (`/proc/<pid>/stat`).
+fn cpu(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Figures for 10,000 watches on one handle (run by hand:
+/// `cargo test -p anykv-etcd --test shared_watch ten_thousand -- --ignored
+/// --nocapture`, optionally with `ANYKV_ETCD_PID` for the server's CPU):
+/// setup time (100 `watch` calls in flight), client memory per watch, and
+/// CPU per second of both sides while they are idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn ten_thousand_idle_watches_figures() {
+    let Some(url) = common::url("ANYKV_TEST_ETCD") else {
+        return;
+    };
+    let kv = common::open(&url, &common::unique("tenk"), "").await;
+    kv.put(&key("warm"), "x".into(), PutOptions::default())
+        .await
+        .unwrap();
+    const N: usize = 10_000;
+    let before = rss();
+    let started = Instant::now();
+    let watches: Vec<WatchStream> = futures::stream::iter(0..N)
+        .map(|i| {
+            let kv = kv.clone();
+            async move {
+                kv.watch(Target::Key(key(&format!("t/k{i:05}"))), Start::Now)
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffered(100)
+        .collect()
+        .await;
+    let setup = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let per_watch = rss().saturating_sub(before) / N as u64;
+    println!("{N} watches: setup {setup:?}, {per_watch} B per watch (RSS)");
+    let me = std::process::id().to_string();
+    let server = std::env::var("ANYKV_ETCD_PID").ok();
+    let idle = Duration::from_secs(30);
+    let (c0, s0) = (cpu(&me), server.as_deref().map(cpu));
+    tokio::time::sleep(idle).await;
+    let (c1, s1) = (cpu(&me), server.as_deref().map(cpu));
+    let client_ms = (c1 - c0).as_millis() as f64 / idle.as_secs_f64();
+    println!("idle {idle:?}: client {client_ms:.1} ms CPU/s");
+    if let (Some(s0), Some(s1)) = (s0, s1) {
+        let server_ms = (s1 - s0).as_millis() as f64 / idle.as_secs_f64();
+        println!("idle {idle:?}: etcd {server_ms:.1} ms CPU/s");
+    }
+    // Every watch still works after the idle period.
+    let v = kv
+        .put(&key("t/k09999"), "x".into(), PutOptions::default())
+        .await
+        .unwrap();
+    let mut watches = watches;
+    let e = next(&mut watches[N - 1], Duration::from_secs(5), "last watch").await;
+    assert_eq!(e.revision(), v.get());
+    assert!(per_watch < 4096, "{per_watch} B per watch");
+}

@@ -286,6 +286,18 @@ async fn mutual_tls_and_password_auth() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    // A watch outside the user's range: refused at once, not a timeout
+    // (etcd answers the create request with the watch's own id).
+    let started = std::time::Instant::now();
+    match other.watch(Target::Key(k.clone()), Start::Now).await {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}"),
+        Ok(_) => panic!("a watch outside the user's range was created"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(other.liveness().is_alive());
     assert!(!format!("{e:?}").contains(APP_PW));
 

@@ -143,6 +143,19 @@ struct Live {
     asked: Option<Instant>,
     /// Ticks of the progress requests not answered yet, oldest first.
     progress: VecDeque<u64>,
+    /// Ids of the watches whose create request is not answered yet, in the
+    /// order sent: etcd answers them in that order, and names no id (-1)
+    /// when it refuses one (etcd 3.4: "permission denied").
+    creating: VecDeque<i64>,
+}
+
+impl Live {
+    fn create(&mut self, id: i64, w: &Watch) {
+        self.creating.push_back(id);
+        let _ = self
+            .requests
+            .send(Req::Create(w.range.start.clone(), w.options(id)));
+    }
 }
 
 /// The task owning one shared stream.
@@ -200,6 +213,9 @@ impl Task {
                         continue;
                     }
                     Err(e) => {
+                        // Callers of `watch` waiting for a new watch learn at
+                        // once, as with a failed request.
+                        self.refuse_pending(&e);
                         let (since, told) = down.get_or_insert((Instant::now(), false));
                         if !*told && since.elapsed() >= self.timeout {
                             *told = true;
@@ -289,7 +305,7 @@ impl Task {
         // Oldest first, as they were made.
         creates.sort_unstable_by_key(|(id, _, _)| *id);
         let mut creates = creates.into_iter();
-        let Some((_, key, opts)) = creates.next() else {
+        let Some((first, key, opts)) = creates.next() else {
             return Err(Error::Unavailable {
                 backend: BACKEND,
                 message: "watch: nothing to open a stream for".into(),
@@ -317,7 +333,10 @@ impl Task {
         let (sender, responses) = stream.split();
         let (requests, queue) = mpsc::unbounded_channel();
         tokio::spawn(forward_requests(sender, queue));
-        for (_, key, opts) in creates {
+        let mut creating = VecDeque::with_capacity(creates.len() + 1);
+        creating.push_back(first);
+        for (id, key, opts) in creates {
+            creating.push_back(id);
             let _ = requests.send(Req::Create(key, opts));
         }
         Ok(Live {
@@ -326,6 +345,7 @@ impl Task {
             quiet_since: Instant::now(),
             asked: None,
             progress: VecDeque::new(),
+            creating,
         })
     }
 
@@ -350,9 +370,7 @@ impl Task {
                     reply: Some(reply),
                 };
                 if let Some(l) = live {
-                    let _ = l
-                        .requests
-                        .send(Req::Create(w.range.start.clone(), w.options(id)));
+                    l.create(id, &w);
                 }
                 self.watches.insert(id, w);
             }
@@ -388,9 +406,7 @@ impl Task {
                 w.phase = Phase::Creating;
                 w.floor = w.last;
                 if let Some(l) = live {
-                    let _ = l
-                        .requests
-                        .send(Req::Create(w.range.start.clone(), w.options(id)));
+                    l.create(id, &w);
                 }
                 self.watches.insert(id, w);
             }
@@ -429,7 +445,17 @@ impl Task {
             }
             Err(e) => return Err(Broken(error::map(e, Ctx::new("watch", None, self.timeout)))),
         };
-        let id = resp.watch_id();
+        let mut id = resp.watch_id();
+        if resp.created() {
+            // Answers to create requests come in the order they were sent.
+            match l.creating.front() {
+                Some(&front) if id == STREAM || id == front => {
+                    id = front;
+                    l.creating.pop_front();
+                }
+                _ => l.creating.retain(|c| *c != id),
+            }
+        }
         let header = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
         if id == STREAM && !resp.created() && !resp.canceled() {
             // The answer to a progress request: every event up to `header`
@@ -520,6 +546,24 @@ impl Task {
         for w in self.watches.values() {
             if w.reply.is_none() && w.phase != Phase::Detached {
                 w.slot.push(Err(outage(e)));
+            }
+        }
+    }
+
+    /// Fails the watches no caller got yet (waiting for their
+    /// confirmation) with `e`.
+    fn refuse_pending(&mut self, e: &Error) {
+        let pending: Vec<i64> = self
+            .watches
+            .iter()
+            .filter(|(_, w)| w.reply.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in pending {
+            if let Some(mut w) = self.remove(id)
+                && let Some(reply) = w.reply.take()
+            {
+                let _ = reply.send(Err(outage(e)));
             }
         }
     }
