@@ -26,6 +26,31 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Layers: [`builder`] adds your own [`Layer`] (it sees every operation as
+//! a [`Request`]), drops or replaces a standard one, and [`Kv::builder_for`]
+//! wraps any [`Store`], a third-party driver included. [`layers`] holds the
+//! standard layers and the optional ones: metrics (cargo feature
+//! `metrics`), chaos (fault injection, also by URL: `memory://t?chaos_error_rate=0.1`)
+//! and fail-fast.
+//!
+//! ```
+//! use anykv::{StandardLayer, layers::{chaos::ChaosLayer, fail_fast::FailFastLayer}};
+//!
+//! # #[tokio::main] async fn main() -> anykv::Result<()> {
+//! let chaos = ChaosLayer::new(7);
+//! let switch = chaos.handle();
+//! let kv = anykv::builder("memory://builder-demo")
+//!     .layer(FailFastLayer::new())
+//!     .layer_below(chaos)
+//!     .without(StandardLayer::Tracing)
+//!     .open()
+//!     .await?;
+//! kv.set("a", "1").await?;
+//! switch.set_unreachable(true);
+//! assert!(kv.set("a", "2").await.is_err());
+//! # Ok(()) }
+//! ```
+//!
 //! Drivers are picked with cargo features: `memory` and `redb` (default),
 //! `etcd`, `consul`, `zookeeper`, or `full`. [`drivers()`] lists what is
 //! linked. A third-party driver registers itself the same way the built-in

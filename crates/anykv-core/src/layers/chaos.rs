@@ -264,3 +264,179 @@ impl Layer for ChaosLayer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::{
+        Key, Kv, LayerConfig, StandardLayer, Start, Store, Target, error::ErrorKind,
+        layers::test_store::TestStore,
+    };
+
+    fn k() -> Key {
+        Key::new("k").unwrap()
+    }
+
+    /// Failures of `n` gets through a chaos layer of `rate` (no retries).
+    async fn failures(seed: u64, rate: f64, n: u32) -> (u32, Vec<bool>) {
+        let store = TestStore::new();
+        let kv = Kv::builder_for(store.clone())
+            .without(StandardLayer::Retry)
+            .layer_below(ChaosLayer::new(seed).error_rate(rate))
+            .build();
+        let mut pattern = Vec::new();
+        for _ in 0..n {
+            pattern.push(kv.get(&k()).await.is_err());
+        }
+        let failed = pattern.iter().filter(|f| **f).count() as u32;
+        assert_eq!(
+            store.calls(),
+            n - failed,
+            "a failed call never reaches the driver"
+        );
+        assert_eq!(
+            kv.layer::<ChaosLayer>().unwrap().handle().injected(),
+            failed as u64
+        );
+        (failed, pattern)
+    }
+
+    #[tokio::test]
+    async fn the_error_rate_is_honoured_and_seeded() {
+        // 10,000 draws at 10 %: σ = 30, so ±4σ fails a fair RNG once in 15,000 seeds.
+        let (failed, pattern) = failures(7, 0.1, 10_000).await;
+        assert!((880..=1120).contains(&failed), "{failed} failures");
+        let (_, again) = failures(7, 0.1, 10_000).await;
+        assert_eq!(pattern, again, "same seed, same failures");
+        let (other, _) = failures(8, 0.1, 10_000).await;
+        assert!((880..=1120).contains(&other), "{other} failures");
+    }
+
+    #[tokio::test]
+    async fn rates_apply_per_operation_kind() {
+        let store = TestStore::new();
+        let kv = Kv::builder_for(store.clone())
+            .without(StandardLayer::Retry)
+            .layer_below(ChaosLayer::new(1).error_rate_for(OpKind::Put, 1.0))
+            .build();
+        for _ in 0..100 {
+            kv.get(&k()).await.expect("gets never fail");
+            let e = kv.put(&k(), "v".into(), Default::default()).await;
+            let e = e.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unavailable);
+            assert!(
+                !e.never_reached_server(),
+                "an injected error may have been applied"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_switch_makes_liveness_go_false_then_true() {
+        let store = TestStore::new();
+        let chaos = ChaosLayer::new(0);
+        let switch = chaos.handle();
+        let cfg = LayerConfig {
+            probe_interval: Some(std::time::Duration::from_secs(1)),
+            ..LayerConfig::default()
+        };
+        let kv = Kv::builder_for(store.clone())
+            .config(cfg)
+            .layer_below(chaos)
+            .build();
+        let mut states = kv.liveness().subscribe();
+        assert_eq!(states.next().await, Some(false));
+        assert_eq!(states.next().await, Some(true), "first probe");
+        let mut watch = kv
+            .watch(Target::Prefix(crate::Prefix::root()), Start::Now)
+            .await
+            .unwrap();
+        switch.set_unreachable(true);
+        let calls = store.calls();
+        let e = kv.get(&k()).await.unwrap_err();
+        assert!(e.never_reached_server(), "a refused connection: {e}");
+        assert_eq!(store.calls(), calls, "nothing reaches the driver");
+        assert_eq!(states.next().await, Some(false), "outage seen");
+        let outage = watch.next().await.unwrap().unwrap_err();
+        assert_eq!(
+            outage.kind(),
+            ErrorKind::Unavailable,
+            "the watch reports it"
+        );
+        switch.set_unreachable(false);
+        assert_eq!(states.next().await, Some(true), "and the recovery");
+        kv.get(&k()).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unreachable_writes_are_retried_as_never_sent() {
+        let store = TestStore::new();
+        let chaos = ChaosLayer::new(0);
+        let switch = chaos.handle();
+        let kv = Kv::builder_for(store.clone()).layer_below(chaos).build();
+        switch.set_unreachable(true);
+        let put = {
+            let kv = kv.clone();
+            tokio::spawn(async move { kv.put(&k(), "v".into(), Default::default()).await })
+        };
+        // The first attempt is refused; switch back during the 50 ms backoff.
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        switch.set_unreachable(false);
+        put.await.unwrap().expect("the retry succeeds");
+        assert_eq!(store.calls(), 1);
+    }
+
+    #[test]
+    fn url_options() {
+        let url = "memory://t?chaos_error_rate=0.1&chaos_latency=5ms&chaos_seed=7&chaos_error_ops=get,put";
+        let c = ChaosConfig::from_url(&Config::parse(url).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.seed, 7);
+        assert_eq!(c.latency, Duration::from_millis(5));
+        assert_eq!(c.error_rates, [(OpKind::Get, 0.1), (OpKind::Put, 0.1)]);
+        let off = Config::parse("memory://t?timeout=1s").unwrap();
+        assert_eq!(ChaosConfig::from_url(&off).unwrap(), None);
+        let on = Config::parse("memory://t?chaos=true").unwrap();
+        assert_eq!(
+            ChaosConfig::from_url(&on).unwrap(),
+            Some(ChaosConfig::default())
+        );
+        for bad in [
+            "chaos_error_rate=2",
+            "chaos_error_ops=gett",
+            "chaos_latency=soon",
+        ] {
+            let c = Config::parse(&format!("memory://t?{bad}")).unwrap();
+            assert!(ChaosConfig::from_url(&c).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watch_delivers_nothing_while_unreachable() {
+        let store = TestStore::new();
+        let chaos = ChaosLayer::new(0);
+        let switch = chaos.handle();
+        let kv = Kv::builder_for(store.clone()).layer_below(chaos).build();
+        let mut w = kv.watch(Target::Key(k()), Start::Now).await.unwrap();
+        switch.set_unreachable(true);
+        let tx = store.events.lock().unwrap()[0].clone();
+        tx.send(Ok(crate::Event::Delete {
+            key: k(),
+            revision: 2,
+        }))
+        .unwrap();
+        let held = tokio::time::timeout(std::time::Duration::from_millis(50), w.next()).await;
+        assert!(held.is_err(), "held while unreachable");
+        switch.set_unreachable(false);
+        assert!(matches!(
+            w.next().await,
+            Some(Ok(crate::Event::Delete { .. }))
+        ));
+        let _ = Arc::strong_count(&store);
+    }
+}

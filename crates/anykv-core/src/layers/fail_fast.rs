@@ -69,3 +69,49 @@ impl Layer for FailFastLayer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ErrorKind, Key, Kv, Store, layers::test_store::TestStore};
+
+    #[tokio::test(start_paused = true)]
+    async fn refuses_at_once_while_not_alive_without_reaching_the_driver() {
+        let store = TestStore::new();
+        let kv = Kv::builder_for(store.clone())
+            .layer(FailFastLayer::new())
+            .build();
+        let key = Key::new("k").unwrap();
+        kv.get(&key)
+            .await
+            .expect("unknown liveness lets calls through");
+        kv.liveness().set(false);
+        let calls = store.calls();
+        let started = tokio::time::Instant::now();
+        for _ in 0..1000 {
+            let e = kv.get(&key).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unavailable);
+        }
+        // The clock is paused and auto-advances only when a task awaits a
+        // timer: zero elapsed proves no timeout or backoff was waited out.
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(store.calls(), calls, "the driver is never called");
+        kv.probe().await.expect("probes go through");
+        assert!(kv.liveness().is_alive());
+        kv.get(&key).await.expect("alive again: calls go through");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_optional_probe_recovers() {
+        let store = TestStore::new();
+        let kv = Kv::builder_for(store.clone())
+            .layer(FailFastLayer::new().with_probe(Duration::from_secs(1)))
+            .build();
+        kv.liveness().set(false);
+        let key = Key::new("k").unwrap();
+        kv.get(&key).await.unwrap_err();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(kv.liveness().is_alive(), "the prober it started recovered");
+        kv.get(&key).await.unwrap();
+    }
+}

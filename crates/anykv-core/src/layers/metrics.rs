@@ -172,3 +172,119 @@ fn count_lock(backend: &'static str, guard: LockGuard) -> LockGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use futures::StreamExt;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::*;
+    use crate::{
+        Condition, Key, Kv, LockOptions, Prefix, Start, Store, Target,
+        layers::test_store::TestStore,
+    };
+
+    /// name{label=value,…} → value, sorted labels.
+    fn snapshot(rec: &DebuggingRecorder) -> HashMap<String, DebugValue> {
+        rec.snapshotter()
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(k, _, _, v)| {
+                let key = k.key();
+                let mut labels: Vec<String> = key
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
+                labels.sort();
+                (format!("{}{{{}}}", key.name(), labels.join(",")), v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn counters_match_the_operations_run() {
+        let rec = DebuggingRecorder::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (during, after) = metrics::with_local_recorder(&rec, || {
+            rt.block_on(async {
+                let store = TestStore::new();
+                let kv = Kv::builder_for(store.clone()).layer(MetricsLayer).build();
+                let key = Key::new("k").unwrap();
+                for _ in 0..3 {
+                    kv.get(&key).await.unwrap();
+                }
+                kv.put(&key, "v".into(), Default::default()).await.unwrap();
+                kv.put(&key, "v".into(), Default::default()).await.unwrap();
+                kv.delete(&key, Condition::IfAbsent).await.unwrap_err();
+                let mut w = kv
+                    .watch(Target::Prefix(Prefix::root()), Start::Now)
+                    .await
+                    .unwrap();
+                let tx = store.events.lock().unwrap()[0].clone();
+                for r in 1..=2 {
+                    tx.send(Ok(crate::Event::Delete {
+                        key: key.clone(),
+                        revision: r,
+                    }))
+                    .unwrap();
+                    w.next().await.unwrap().unwrap();
+                }
+                let guard = kv.lock(&key, LockOptions::default()).await.unwrap();
+                let during = snapshot(&rec);
+                guard.release().await.unwrap();
+                drop(w);
+                (during, snapshot(&rec))
+            })
+        });
+        // A snapshot drains every value (counters and gauges back to 0,
+        // histograms emptied): the totals are both snapshots added up.
+        let mut after = after;
+        for (k, v) in &during {
+            match (v, after.get_mut(k)) {
+                (DebugValue::Counter(n), Some(DebugValue::Counter(m))) => *m += n,
+                (DebugValue::Gauge(n), Some(DebugValue::Gauge(m))) => *m += *n,
+                (DebugValue::Histogram(n), Some(DebugValue::Histogram(m))) => m.extend(n),
+                _ => {}
+            }
+        }
+        let ops = |op: &str, outcome: &str| {
+            after.get(&format!(
+                "anykv_operations_total{{backend=test,operation={op},outcome={outcome}}}"
+            ))
+        };
+        assert_eq!(ops("get", "ok"), Some(&DebugValue::Counter(3)));
+        assert_eq!(ops("put", "ok"), Some(&DebugValue::Counter(2)));
+        assert_eq!(
+            ops("delete", "invalid_argument"),
+            Some(&DebugValue::Counter(1))
+        );
+        assert_eq!(ops("watch", "ok"), Some(&DebugValue::Counter(1)));
+        assert_eq!(ops("lock", "ok"), Some(&DebugValue::Counter(1)));
+        assert_eq!(ops("get", "unavailable"), None);
+        match after.get("anykv_operation_duration_seconds{backend=test,operation=get}") {
+            Some(DebugValue::Histogram(v)) => assert_eq!(v.len(), 3),
+            other => panic!("get latency: {other:?}"),
+        }
+        let gauge = |m: &HashMap<String, DebugValue>, name: &str| match m
+            .get(&format!("{name}{{backend=test}}"))
+        {
+            Some(DebugValue::Gauge(v)) => v.into_inner(),
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(gauge(&during, "anykv_alive"), 1.0);
+        assert_eq!(gauge(&during, "anykv_open_watches"), 1.0);
+        assert_eq!(gauge(&during, "anykv_held_locks"), 1.0);
+        assert_eq!(gauge(&after, "anykv_open_watches"), 0.0);
+        assert_eq!(gauge(&after, "anykv_held_locks"), 0.0);
+        assert_eq!(
+            after.get("anykv_watch_events_total{backend=test}"),
+            Some(&DebugValue::Counter(2))
+        );
+    }
+}

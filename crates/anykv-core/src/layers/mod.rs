@@ -14,6 +14,8 @@ pub mod metrics;
 pub mod namespace;
 pub mod request;
 pub mod retry;
+#[cfg(test)]
+mod test_store;
 pub mod timeout;
 pub mod trace;
 pub(crate) mod unopened;
