@@ -354,13 +354,13 @@ async fn next(mut c: Cursor) -> Option<(Result<Event>, Cursor)> {
         }
         match c.mode {
             Mode::Live { floor } => match c.w.slot.take() {
-                Taken::Events(evs) => {
-                    for ev in evs {
-                        if ev.revision() > floor {
-                            c.last = c.last.max(ev.revision());
-                            c.ready.push_back(ev);
-                        }
+                Taken::Events(mut evs) => {
+                    // `ready` is empty here: hand over the buffer as it is.
+                    evs.retain(|e| e.revision() > floor);
+                    if let Some(e) = evs.back() {
+                        c.last = c.last.max(e.revision());
                     }
+                    c.ready = evs;
                 }
                 Taken::Detached => {
                     c.mode = Mode::CatchUp {
