@@ -178,10 +178,11 @@ The keys are read at one store revision (the header's \"revision\") on
 backends with a snapshot (`anykv drivers` says which). Elsewhere they are
 streamed one by one: the header then has \"consistent\":false,
 \"revision\":null and a \"note\", and writes made during the dump may show
-partly. TTLs and versions are not dumped. A snapshot is held in memory while
-it is written. --file FILE is replaced only once the dump is complete (it is
-written under a temporary name beside it, then renamed), readable by its
-owner only.
+partly. A \"verified\" snapshot (ZooKeeper: read twice, kept only if nothing
+changed) may fail with exit 4 under constant writes: run it again. TTLs and
+versions are not dumped. A snapshot is held in memory while it is written.
+--file FILE is replaced only once the dump is complete (it is written under
+a temporary name beside it, then renamed), readable by its owner only.
 
 Examples:
   anykv --url etcd://127.0.0.1:2379/app dump > app.jsonl

@@ -623,7 +623,7 @@ mod tests {
     async fn memory_to_redb_round_trip_with_16_mib() {
         use anykv::StoreExt;
 
-        let src = anykv::open("memory://").await.expect("memory");
+        let src = anykv::open("memory://?timeout=60s").await.expect("memory");
         let binary: Vec<u8> = (0..=255u8).rev().collect();
         let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
         let pairs: Vec<(&str, Vec<u8>)> = vec![
@@ -660,7 +660,10 @@ mod tests {
             validate(&mut &buf[..], None::<&mut Vec<u8>>, Some(target.clone())).expect("valid");
         assert_eq!(checked.pairs, 5);
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("redb://{}", dir.path().join("dst.redb").display());
+        let url = format!(
+            "redb://{}?timeout=60s",
+            dir.path().join("dst.redb").display()
+        );
         let dst = anykv::open(&url).await.expect("redb");
         let written = write(&dst, &mut &buf[..], &target, checked.pairs)
             .await

@@ -9,7 +9,15 @@ mod common;
 
 use std::path::Path;
 
-use common::{Out, anykv, anykv_stdin, bin, redb_url, run};
+use common::{Out, anykv, anykv_stdin, bin, patient, redb_url, run};
+
+/// A memory store that lives as long as one `anykv` process.
+const MEM: &str = "memory://?timeout=60s";
+
+/// A redb file in `dir`, with a timeout that fits 16 MiB writes.
+fn redb(dir: &Path, name: &str) -> String {
+    patient(&redb_url(dir, name))
+}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"))
@@ -102,7 +110,7 @@ fn assert_header(dump: &[u8], backend: &str, prefix: &str) {
 #[test]
 fn redb_to_redb_round_trip_through_a_pipe_and_a_file() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let src = redb_url(dir.path(), "src.redb");
+    let src = redb(dir.path(), "src.redb");
     fill(dir.path(), &src);
 
     // To stdout; keys relative to the prefix, sorted, then the end line.
@@ -126,7 +134,7 @@ fn redb_to_redb_round_trip_through_a_pipe_and_a_file() {
     assert_eq!(lines[6], br#"{"end":true,"count":5}"#);
 
     // Piped into restore (spooled), under the dump's own prefix.
-    let dst = redb_url(dir.path(), "dst.redb");
+    let dst = redb(dir.path(), "dst.redb");
     assert_eq!(anykv_stdin(&dst, &["restore"], &dump.stdout).ok(), "5\n");
     assert_holds(&dst, "app");
     assert_eq!(anykv(&dst, &["keys"]).ok(), "app\n");
@@ -170,11 +178,11 @@ fn pair_lines(dump: &[u8]) -> Vec<&[u8]> {
 #[test]
 fn stdin_redirected_from_a_file_is_read_in_place() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let src = redb_url(dir.path(), "src.redb");
+    let src = redb(dir.path(), "src.redb");
     fill(dir.path(), &src);
     let file = dir.path().join("all.jsonl");
     anykv(&src, &["dump", "--file", file.to_str().expect("utf-8")]).ok();
-    let dst = redb_url(dir.path(), "dst.redb");
+    let dst = redb(dir.path(), "dst.redb");
     let mut cmd = bin();
     cmd.args(["--url", &dst, "restore", "--prefix", "whole"])
         .stdin(std::fs::File::open(&file).expect("open"));
@@ -203,33 +211,27 @@ fn run_with_stdin_file(mut cmd: std::process::Command) -> Out {
 #[test]
 fn redb_to_memory_and_a_memory_dump() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let src = redb_url(dir.path(), "src.redb");
+    let src = redb(dir.path(), "src.redb");
     fill(dir.path(), &src);
     let dump = anykv(&src, &["dump", "--prefix", "app"]);
     assert_eq!(dump.code, Some(0), "{}", dump.stderr);
     // memory takes the 16 MiB value too (the store ends with the process).
-    assert_eq!(
-        anykv_stdin("memory://", &["restore"], &dump.stdout).ok(),
-        "5\n"
-    );
+    assert_eq!(anykv_stdin(MEM, &["restore"], &dump.stdout).ok(), "5\n");
     // An (empty) memory dump states whether it is consistent.
-    let empty = anykv("memory://", &["dump"]);
+    let empty = anykv(MEM, &["dump"]);
     assert_eq!(empty.code, Some(0), "{}", empty.stderr);
     assert_header(&empty.stdout, "memory", "");
     assert_eq!(
         pair_lines(&empty.stdout),
         [&br#"{"end":true,"count":0}"#[..], b""]
     );
-    assert_eq!(
-        anykv_stdin("memory://", &["restore"], &empty.stdout).ok(),
-        "0\n"
-    );
+    assert_eq!(anykv_stdin(MEM, &["restore"], &empty.stdout).ok(), "0\n");
 }
 
 #[test]
 fn clean_deletes_what_the_dump_lacks() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = redb_url(dir.path(), "s.redb");
+    let url = redb(dir.path(), "s.redb");
     anykv(&url, &["put", "cfg/a", "1"]).ok();
     anykv(&url, &["put", "cfg/b", "2"]).ok();
     let dump = anykv(&url, &["dump", "--prefix", "cfg"]);
@@ -255,7 +257,7 @@ fn clean_deletes_what_the_dump_lacks() {
 #[test]
 fn corrupt_dumps_are_refused_and_nothing_is_written() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let src = redb_url(dir.path(), "src.redb");
+    let src = redb(dir.path(), "src.redb");
     for i in 0..8 {
         anykv(&src, &["put", &format!("k/{i}"), &format!("v{i}")]).ok();
     }
@@ -263,7 +265,7 @@ fn corrupt_dumps_are_refused_and_nothing_is_written() {
     let lines: Vec<String> = dump.lines().map(str::to_owned).collect();
     assert_eq!(lines.len(), 10, "{dump}");
 
-    let dst = redb_url(dir.path(), "dst.redb");
+    let dst = redb(dir.path(), "dst.redb");
     anykv(&dst, &["put", "k/0", "untouched"]).ok();
     let before = anykv(&dst, &["list", "--json"]).ok();
 
@@ -326,11 +328,11 @@ fn bad_arguments_and_files_fail_before_the_store() {
     .fails(2, "cannot read /nonexistent/dump.jsonl");
     // A refused dump never opens the store: no redb file appears.
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = redb_url(dir.path(), "never.redb");
+    let url = redb(dir.path(), "never.redb");
     anykv_stdin(&url, &["restore"], b"not json\n").fails(2, "line 1");
     assert!(!dir.path().join("never.redb").exists());
     // dump to a file in a missing directory: exit 2, one line.
-    let src = redb_url(dir.path(), "src.redb");
+    let src = redb(dir.path(), "src.redb");
     let mut cmd = bin();
     cmd.args([
         "--url",

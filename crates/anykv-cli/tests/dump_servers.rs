@@ -21,7 +21,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use common::{anykv, anykv_stdin, redb_url};
+use common::{anykv, anykv_stdin, patient, redb_url};
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"))
@@ -66,10 +66,11 @@ fn round_trip(var: &str, backend: &str) {
     let Some(server) = anykv_testkit::server_url(var) else {
         return;
     };
+    let server = patient(&server);
     let caps = caps(backend);
     let max = caps["max_value_size"].as_u64().expect("max_value_size") as usize;
     let dir = tempfile::tempdir().expect("tempdir");
-    let src = redb_url(dir.path(), "src.redb");
+    let src = patient(&redb_url(dir.path(), "src.redb"));
 
     // The source: a batch's worth of small keys via one restore, then the
     // special values with put.
@@ -171,4 +172,145 @@ fn consul_round_trip() {
 #[test]
 fn zookeeper_round_trip() {
     round_trip("ANYKV_TEST_ZK", "zookeeper");
+}
+
+/// A dump taken while another client keeps rewriting two keys in one
+/// transaction (`a` and `z`, with filler keys between them so that the
+/// read spans pages) always shows the two equal, on backends that declare
+/// snapshot; the writer must have made progress across the dumps. A
+/// verified snapshot may instead refuse (exit 4) while writes go on.
+fn consistent_under_writes(var: &str, backend: &str) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+
+    use anykv::{Key, Op, Store};
+
+    let Some(server) = anykv_testkit::server_url(var) else {
+        return;
+    };
+    let server = patient(&server);
+    let mode = caps(backend)["snapshot"].clone();
+    if mode.is_null() {
+        eprintln!("{backend} declares no snapshot: its dumps are not consistent, nothing to check");
+        return;
+    }
+    // A verified snapshot (ZooKeeper) reads twice and gives up when every
+    // attempt saw a change: its writer pauses so that some dumps can land.
+    let verified = mode == "verified";
+    let pause = std::time::Duration::from_millis(if verified { 1000 } else { 0 });
+    let prefix = fresh(&format!("{backend}-writes"));
+    let mut seed = format!(
+        "{{\"format\":\"anykv-dump\",\"version\":1,\"prefix\":\"{prefix}\"}}\n{{\"key\":\"a\",\"value\":\"0\"}}\n"
+    );
+    for i in 0..600 {
+        seed.push_str(&format!("{{\"key\":\"m/{i:04}\",\"value\":\"filler\"}}\n"));
+    }
+    seed.push_str("{\"key\":\"z\",\"value\":\"0\"}\n{\"end\":true,\"count\":602}\n");
+    assert_eq!(
+        anykv_stdin(&server, &["restore"], seed.as_bytes()).ok(),
+        "602\n"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, rounds, server) = (stop.clone(), rounds.clone(), server.clone());
+        let (a, z) = (
+            Key::new(format!("{prefix}/a")).expect("key"),
+            Key::new(format!("{prefix}/z")).expect("key"),
+        );
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let kv = anykv::open(&server).await.expect("open");
+                let started = std::time::Instant::now();
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) && started.elapsed().as_secs() < 120 {
+                    n += 1;
+                    let v = bytes::Bytes::from(n.to_string());
+                    kv.atomic(
+                        Vec::new(),
+                        vec![Op::Put(a.clone(), v.clone()), Op::Put(z.clone(), v)],
+                    )
+                    .await
+                    .expect("atomic");
+                    rounds.store(n, Ordering::SeqCst);
+                    tokio::time::sleep(pause).await;
+                }
+                let _ = kv.close().await;
+            });
+        })
+    };
+    let wait_for = |n: u64| {
+        let started = std::time::Instant::now();
+        while rounds.load(Ordering::SeqCst) < n {
+            assert!(started.elapsed().as_secs() < 30, "the writer is stuck");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    wait_for(1);
+    let first = rounds.load(Ordering::SeqCst);
+    let mut landed = 0;
+    let mut dumps = 0;
+    let started = std::time::Instant::now();
+    // At least five dumps, and on until the writer has committed three more
+    // transactions, so that writes provably ran between and during them.
+    while dumps < 5 || rounds.load(Ordering::SeqCst) < first + 3 {
+        assert!(started.elapsed().as_secs() < 60, "the writer is stuck");
+        dumps += 1;
+        let out = anykv(&server, &["dump", "--prefix", &prefix]);
+        if verified && out.code == Some(4) {
+            // Refused, not wrong: the documented outcome under writes.
+            assert!(out.stderr.contains("changed during"), "{out:?}");
+            continue;
+        }
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        landed += 1;
+        let text = out.text();
+        let value_of = |key: &str| {
+            text.lines()
+                .map(json)
+                .find(|l| l["key"] == key)
+                .unwrap_or_else(|| panic!("no {key} in the dump"))["value"]
+                .clone()
+        };
+        assert_eq!(value_of("a"), value_of("z"), "a dump mixed two revisions");
+        assert!(
+            text.contains("\"count\":602}"),
+            "{}",
+            &text[text.len() - 40..]
+        );
+    }
+    assert!(landed >= 1, "no dump of {backend} succeeded under writes");
+    let last = rounds.load(Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    writer.join().expect("writer");
+    assert!(
+        last > first,
+        "no write ran during the dumps ({first} → {last})"
+    );
+    assert_eq!(anykv(&server, &["del", "--prefix", &prefix]).ok(), "602\n");
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn etcd_dump_is_consistent_under_writes() {
+    consistent_under_writes("ANYKV_TEST_ETCD", "etcd");
+}
+
+#[cfg(feature = "consul")]
+#[test]
+fn consul_dump_is_consistent_under_writes() {
+    consistent_under_writes("ANYKV_TEST_CONSUL", "consul");
+}
+
+#[cfg(feature = "zookeeper")]
+#[test]
+fn zookeeper_dump_is_consistent_under_writes() {
+    consistent_under_writes("ANYKV_TEST_ZK", "zookeeper");
 }

@@ -142,3 +142,10 @@ pub fn terminate(child: &Child) {
         .expect("run kill");
     assert!(status.success());
 }
+
+/// `url` with a 60 s operation timeout: a 16 MiB write in a debug build on
+/// a loaded machine can outlast the default 5 s.
+pub fn patient(url: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}timeout=60s")
+}
