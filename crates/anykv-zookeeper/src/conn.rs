@@ -217,6 +217,15 @@ impl Conn {
         Ok(session)
     }
 
+    /// A session of its own (the watch hub's), not the store's shared one:
+    /// its reads never wait behind the store's writes, which ZooKeeper
+    /// serves in order per session.
+    pub(crate) async fn open_separate(&self) -> Result<Arc<Session>> {
+        Ok(Arc::new(Session {
+            client: self.connect().await?,
+        }))
+    }
+
     /// The current session if it is usable.
     fn live(&self) -> Option<Arc<Session>> {
         let current = self.current.lock().unwrap_or_else(|p| p.into_inner());

@@ -91,28 +91,52 @@
 //!     VM) a get at concurrency 1 took a p50 of 270–310 µs instead of
 //!     140 µs (0.46–0.57× the ops/s), at concurrency 64 0.45–0.52× the
 //!     ops/s; the raw client's `sync` + `getData` is as fast (0.88–1.16×).
-//! * **Watch** uses persistent watches (`AddWatchMode::PersistentRecursive`
-//!   for a prefix, `Persistent` for one key). ZooKeeper 3.8 notifications
-//!   carry no data and no zxid, so the watch reads the changed znodes
-//!   (multi-reads, repeated until no further notification is pending, which
-//!   makes the batch a consistent cut) and emits the differences from what
-//!   it delivered before: deletes, then puts in `mzxid` order with `prev`
-//!   from its own view. A delete carries one more than the largest zxid
-//!   the watch knew complete before it (at or below the real zxid, at or
-//!   above every earlier event). Events never go back in revision. Under
-//!   writes that never pause, a batch stops after 2 s and emits only the
-//!   changes it knows complete (up to the largest zxid seen before its last
-//!   round), the rest with the next batch. A disconnection can lose
-//!   notifications (ZOOKEEPER-4698, and zookeeper-client 0.11 does not
-//!   register persistent watches again): whatever a batch read across it is
-//!   dropped, and once connected the watch registers itself anew, `sync`s
-//!   and re-reads the whole range; after a session expiry it does the same
-//!   on a new session. So the watch resumes by itself after a server
-//!   restart or freeze: `watch_history: Converge` (no invented, duplicated
-//!   or reordered event; changes between two reads of a key are merged).
-//!   `Start::After(r)` emits the current keys whose `mzxid > r` as puts,
-//!   then live events. A watch keeps its range's keys in memory. Dropping
-//!   the stream removes the server-side watch.
+//! * **Watch**: one task per store (the *hub*), on a ZooKeeper session of
+//!   its own (so its reads never queue behind the store's writes), serves
+//!   every watch. Server-side it holds persistent watches
+//!   (`AddWatchMode::PersistentRecursive` for a prefix, `Persistent` for a
+//!   key), shared: a watch under a recursive watch already registered (or
+//!   on a key already watched) uses it, and a new recursive watch takes
+//!   over the ones below it, so registrations never overlap and one server
+//!   watch serves many anykv watches, fanned out locally by path. Each
+//!   watch is its view of its range and a bounded queue (no task, channel
+//!   or timer of its own; about 1 KB for a key watch, zookeeper-client's
+//!   share included). Watches started together are set up together:
+//!   registrations pipelined, one `sync`, ranges read in pipelined
+//!   multi-reads. ZooKeeper 3.8 notifications carry no data and no zxid,
+//!   so the hub reads each notified path once for all watches on it (a
+//!   delete needs no read) and emits each watch's differences from what it
+//!   delivered before, in revision order: a put when every earlier change
+//!   is known read (notifications arrive in zxid order before any reply
+//!   that reflects them), a delete at a revision at or below its real zxid
+//!   and above every earlier event. Changes between two reads of a key
+//!   merge (a put and a delete in quick succession can show as the
+//!   delete). A disconnection can lose notifications (ZOOKEEPER-4698, and
+//!   zookeeper-client 0.11 does not register persistent watches again): a
+//!   read across it is dropped, and once connected the hub registers every
+//!   server watch anew, `sync`s, re-reads every range and emits the
+//!   differences; after a session expiry the same on a new session. So
+//!   watches resume by themselves after a server restart or freeze:
+//!   `watch_history: Converge`. `Start::After(r)` emits the current keys
+//!   whose `mzxid > r` as puts, then live events. A consumer that falls
+//!   256 events behind is detached alone (the hub never waits on it); once
+//!   it has drained its queue, its range is re-read and the differences
+//!   emitted (Converge), then it is delivered to as before. Dropping a
+//!   stream frees its share at once; the last user of a server watch
+//!   removes it. Liveness is the session's, not per watch.
+//! * **snapshot** (`SnapshotMode::Verified`): ZooKeeper has no read of
+//!   several znodes at one zxid (its multi-read is one request, not
+//!   documented as atomic, and a range needs a read per depth level), so
+//!   the driver reads every prefix with stats, then reads the stat of every
+//!   znode again (the bases' too, or for a missing base its nearest
+//!   existing ancestor's) and accepts only when each `mzxid` and `pzxid`
+//!   is unchanged: no write and no child created or deleted in between, so
+//!   every pair was current at the instant between the two passes.
+//!   `revision` is the largest `mzxid`/`pzxid` seen, and
+//!   `watch(Start::After(revision))` reports every later change. Under
+//!   writes it tries up to 10 times (backing off 2 ms … 100 ms), then fails
+//!   with `Unavailable`. `compact` is unsupported (ZooKeeper keeps no
+//!   history to discard).
 //! * **Locks** follow the ephemeral-sequential recipe under
 //!   `/__anykv/locks/<ns>/<key>`: znode `lock-<guid>-<seq>` (the GUID finds
 //!   one's znode again if a create reply was lost), the lowest sequence
@@ -165,6 +189,7 @@ mod codec;
 mod conn;
 mod error;
 mod lock;
+mod snapshot;
 mod tree;
 mod txn;
 mod watch;
@@ -177,8 +202,8 @@ use std::{
 
 use anykv_core::{
     Bytes, Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo,
-    LockOptions, Op, Prefix, PutOptions, Result, Revision, Start, Store, Target, Version,
-    WatchHistory, WatchStream, async_trait, registry::Driver,
+    LockOptions, Op, Prefix, PutOptions, Result, Revision, Snapshot, SnapshotMode, Start, Store,
+    Target, Version, WatchHistory, WatchStream, async_trait, registry::Driver,
 };
 use zookeeper_client::{self as zk, CreateMode, CreateOptions};
 
@@ -211,6 +236,7 @@ pub fn capabilities(check_interval: Duration) -> Capabilities {
         .with_watch(WatchHistory::Converge)
         .with_locks(true, true)
         .with_durable(true)
+        .with_snapshot(Some(SnapshotMode::Verified))
 }
 
 inventory::submit! {
@@ -251,6 +277,8 @@ pub(crate) struct Inner {
     ttl_acls: zk::Acls<'static>,
     /// The namespace root znode, probed by `probe()`.
     namespace_path: String,
+    /// The task serving the store's watches.
+    pub(crate) hub: watch::HubHandle,
 }
 
 impl Inner {
@@ -327,6 +355,7 @@ impl ZkStore {
                 acls,
                 ttl_acls,
                 namespace_path: codec::prefix_path(config.namespace.as_str()),
+                hub: watch::HubHandle::default(),
             }),
         })
     }
@@ -472,6 +501,10 @@ impl Store for ZkStore {
 
     async fn watch(&self, target: Target, start: Start) -> Result<WatchStream> {
         watch::watch(self.inner.clone(), target, start).await
+    }
+
+    async fn snapshot(&self, prefixes: &[Prefix]) -> Result<Snapshot> {
+        snapshot::snapshot(&self.inner, prefixes).await
     }
 
     async fn lock(&self, key: &Key, opts: LockOptions) -> Result<LockGuard> {

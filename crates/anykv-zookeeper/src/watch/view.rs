@@ -24,11 +24,101 @@ use std::collections::BTreeMap;
 
 use anykv_core::{Event, KvPair};
 
+/// Views up to this many keys keep them in a sorted vector: most watches
+/// are on one key, and a B-tree node costs a dozen slots (about 1.2 KB)
+/// even for one entry.
+const SMALL: usize = 16;
+
+/// path → pair: a sorted vector while small, a B-tree beyond.
+enum Keys {
+    Small(Vec<(String, KvPair)>),
+    Big(BTreeMap<String, KvPair>),
+}
+
+impl Default for Keys {
+    fn default() -> Keys {
+        Keys::Small(Vec::new())
+    }
+}
+
+impl Keys {
+    fn from_map(map: BTreeMap<String, KvPair>) -> Keys {
+        if map.len() <= SMALL {
+            let mut v = Vec::with_capacity(map.len());
+            v.extend(map);
+            Keys::Small(v)
+        } else {
+            Keys::Big(map)
+        }
+    }
+
+    fn get(&self, path: &str) -> Option<&KvPair> {
+        match self {
+            Keys::Small(v) => v
+                .binary_search_by(|(p, _)| p.as_str().cmp(path))
+                .ok()
+                .map(|i| &v[i].1),
+            Keys::Big(m) => m.get(path),
+        }
+    }
+
+    fn insert(&mut self, path: String, kv: KvPair) -> Option<KvPair> {
+        match self {
+            Keys::Small(v) => match v.binary_search_by(|(p, _)| p.as_str().cmp(&path)) {
+                Ok(i) => Some(std::mem::replace(&mut v[i].1, kv)),
+                Err(i) if v.len() < SMALL => {
+                    // Exactly the room needed: most views hold one key.
+                    v.reserve_exact(1);
+                    v.insert(i, (path, kv));
+                    None
+                }
+                Err(_) => {
+                    let mut m: BTreeMap<String, KvPair> = std::mem::take(v).into_iter().collect();
+                    m.insert(path, kv);
+                    *self = Keys::Big(m);
+                    None
+                }
+            },
+            Keys::Big(m) => m.insert(path, kv),
+        }
+    }
+
+    fn remove(&mut self, path: &str) -> Option<KvPair> {
+        match self {
+            Keys::Small(v) => {
+                let i = v.binary_search_by(|(p, _)| p.as_str().cmp(path)).ok()?;
+                let (_, kv) = v.remove(i);
+                if v.is_empty() {
+                    v.shrink_to_fit();
+                }
+                Some(kv)
+            }
+            Keys::Big(m) => m.remove(path),
+        }
+    }
+
+    fn paths(&self) -> Box<dyn Iterator<Item = &String> + '_> {
+        match self {
+            Keys::Small(v) => Box::new(v.iter().map(|(p, _)| p)),
+            Keys::Big(m) => Box::new(m.keys()),
+        }
+    }
+
+    #[cfg(test)]
+    fn revisions(&self) -> BTreeMap<String, u64> {
+        let pairs: Box<dyn Iterator<Item = (&String, &KvPair)>> = match self {
+            Keys::Small(v) => Box::new(v.iter().map(|(p, kv)| (p, kv))),
+            Keys::Big(m) => Box::new(m.iter()),
+        };
+        pairs.map(|(p, kv)| (p.clone(), kv.mod_revision)).collect()
+    }
+}
+
 /// What the consumer has been told about the range.
 #[derive(Default)]
 pub(crate) struct View {
     /// path → pair, as last emitted (or absorbed).
-    keys: BTreeMap<String, KvPair>,
+    keys: Keys,
     /// Every change not emitted yet has a larger zxid.
     floor: u64,
 }
@@ -56,12 +146,15 @@ impl View {
     /// A view that knows `keys` and nothing changed up to `floor`
     /// (`Start::After(floor)`).
     pub(crate) fn new(keys: BTreeMap<String, KvPair>, floor: u64) -> View {
-        View { keys, floor }
+        View {
+            keys: Keys::from_map(keys),
+            floor,
+        }
     }
 
     /// The paths the view holds.
     pub(crate) fn paths(&self) -> impl Iterator<Item = &String> {
-        self.keys.keys()
+        self.keys.paths()
     }
 
     /// The floor (see the module docs).
@@ -85,6 +178,20 @@ impl View {
     /// Turns a batch's reads, complete up to `watermark`, into events and
     /// updates the view (see the module docs).
     pub(crate) fn apply(&mut self, reads: Reads, watermark: u64) -> Applied {
+        self.apply_with(reads, watermark, |_| 0)
+    }
+
+    /// [`View::apply`], where `above(path)` is a zxid the delete of `path`
+    /// is known to be above (0: nothing known). A delete is then reported
+    /// at `above + 1`, kept within `floor + 1 ..= watermark + 1`: at or
+    /// below its real zxid, above every earlier event, at or below every
+    /// later one; events are sorted by revision, a delete first on a tie.
+    pub(crate) fn apply_with(
+        &mut self,
+        reads: Reads,
+        watermark: u64,
+        above: impl Fn(&str) -> u64,
+    ) -> Applied {
         let watermark = watermark.max(self.floor);
         let mut deleted = Vec::new();
         let mut puts = Vec::new();
@@ -92,24 +199,35 @@ impl View {
         for (path, read) in reads {
             match self.classify(&path, read) {
                 Change::None => {}
-                Change::Delete => deleted.push(path),
+                Change::Delete => {
+                    let revision = (above(&path) + 1).clamp(self.floor + 1, watermark + 1);
+                    deleted.push((revision, path));
+                }
                 Change::Put(kv) if kv.mod_revision <= watermark => puts.push((path, kv)),
                 Change::Put(_) => held.push(path),
             }
         }
+        deleted.sort();
+        puts.sort_by_key(|(_, kv)| kv.mod_revision);
         let mut events = Vec::with_capacity(deleted.len() + puts.len());
-        if !deleted.is_empty() {
-            let revision = self.floor + 1;
-            for path in deleted {
-                if let Some(old) = self.keys.remove(&path) {
-                    events.push(Event::Delete {
-                        key: old.key,
-                        revision,
-                    });
+        let mut puts = puts.into_iter().peekable();
+        for (revision, path) in deleted {
+            while let Some((_, kv)) = puts.peek() {
+                if kv.mod_revision >= revision {
+                    break;
+                }
+                if let Some((path, kv)) = puts.next() {
+                    let prev = self.keys.insert(path, kv.clone());
+                    events.push(Event::Put { kv, prev });
                 }
             }
+            if let Some(old) = self.keys.remove(&path) {
+                events.push(Event::Delete {
+                    key: old.key,
+                    revision,
+                });
+            }
         }
-        puts.sort_by_key(|(_, kv)| kv.mod_revision);
         for (path, kv) in puts {
             let prev = self.keys.insert(path, kv.clone());
             events.push(Event::Put { kv, prev });
@@ -222,6 +340,29 @@ mod tests {
     }
 
     #[test]
+    fn deletes_with_known_bounds_get_distinct_revisions_in_order() {
+        let mut v = View::new(
+            BTreeMap::from([("/a".into(), kv("a", 5)), ("/b".into(), kv("b", 6))]),
+            10,
+        );
+        let bounds = |p: &str| match p {
+            "/a" => 12,
+            "/b" => 15,
+            _ => 0,
+        };
+        let out = v.apply_with(
+            reads(&[("a", None), ("b", None), ("c", Some(14))]),
+            20,
+            bounds,
+        );
+        assert_eq!(shown(&out.events), ["del a@13", "put c@14", "del b@16"]);
+        // Bounds beyond the watermark are kept at watermark + 1.
+        let mut v = View::new(BTreeMap::from([("/a".into(), kv("a", 5))]), 10);
+        let out = v.apply_with(reads(&[("a", None)]), 12, |_| 30);
+        assert_eq!(shown(&out.events), ["del a@13"]);
+    }
+
+    #[test]
     fn an_older_read_than_the_view_is_not_a_change() {
         let mut v = View::new(BTreeMap::from([("/a".into(), kv("a", 40))]), 40);
         let out = v.apply(reads(&[("a", Some(35))]), 40);
@@ -267,8 +408,9 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        for _ in 0..300 {
-            let keys = 1 + rnd(6);
+        for round in 0..300 {
+            // Some rounds with more keys than a small view holds.
+            let keys = if round % 10 == 0 { 40 } else { 1 + rnd(6) };
             let mut store: BTreeMap<String, u64> = BTreeMap::new();
             let mut zxid = 100;
             let mut view = View::new(BTreeMap::new(), zxid);
@@ -335,11 +477,7 @@ mod tests {
                     );
                 }
             }
-            let shown_view: BTreeMap<String, u64> = view
-                .keys
-                .iter()
-                .map(|(p, kv)| (p.clone(), kv.mod_revision))
-                .collect();
+            let shown_view: BTreeMap<String, u64> = view.keys.revisions();
             assert_eq!(shown_view, store, "converged");
         }
     }
