@@ -49,7 +49,7 @@ fn cpu_time() -> Duration {
 }
 
 fn target(i: usize) -> (Target, Key) {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let k = Key::new(format!("ws/k{i}")).unwrap();
         (Target::Key(k.clone()), k)
     } else {
