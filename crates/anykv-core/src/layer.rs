@@ -57,6 +57,7 @@ use crate::{
     layers,
     liveness::{DEFAULT_LIVENESS_INTERVAL, LivenessMonitor},
     lock::LockGuard,
+    session::{Session, SessionOptions},
     store::{PairStream, Store, WatchStream},
     types::{
         Check, Condition, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Snapshot, Start,
@@ -799,6 +800,10 @@ impl Store for Kv {
 
     async fn lock_holder(&self, key: &Key) -> Result<Option<LockInfo>> {
         run!(self, Request::LockHolder { key: key.clone() }, LockHolder(v) => v)
+    }
+
+    async fn session(&self, opts: SessionOptions) -> Result<Session> {
+        run!(self, Request::Session { opts }, Session(s) => s)
     }
 
     async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {

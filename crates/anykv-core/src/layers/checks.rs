@@ -6,7 +6,7 @@
 //! argument says nothing about the backend's health (this layer sits above
 //! liveness).
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,7 +18,8 @@ use crate::{
     key::Key,
     layer::{Layer, Next},
     layers::request::{Request, Response},
-    types::{Condition, Op},
+    session::SessionBackend,
+    types::{Condition, Op, Version},
 };
 
 /// The standard checks layer.
@@ -33,9 +34,19 @@ impl Layer for ChecksLayer {
             backend: ctx.backend(),
             caps: ctx.capabilities(),
         };
-        match check.request(req) {
-            Ok(req) => next.run(req).await,
-            Err(e) => Err(e),
+        let req = check.request(req)?;
+        match next.run(req).await? {
+            Response::Session(session) => {
+                let (backend, max) = (check.backend, check.caps.max_value_size);
+                Ok(Response::Session(session.map_backend(|inner| {
+                    Arc::new(CheckedSession {
+                        inner,
+                        backend,
+                        max,
+                    })
+                })))
+            }
+            other => Ok(other),
         }
     }
 }
@@ -79,6 +90,14 @@ impl Checks<'_> {
                 }
             }
             Request::LockHolder { .. } => self.locks("lock_holder")?,
+            Request::Session { opts } => {
+                if self.caps.sessions.is_none() {
+                    return Err(self.unsupported("session"));
+                }
+                if opts.ttl.is_zero() {
+                    return Err(self.invalid("session ttl must be positive"));
+                }
+            }
             Request::Atomic { checks, ops } => self.atomic(checks.len(), ops)?,
             Request::Snapshot { prefixes } => {
                 if self.caps.snapshot.is_none() {
@@ -150,6 +169,29 @@ impl Checks<'_> {
             backend: self.backend,
             message: message.into(),
         }
+    }
+}
+
+/// A session's puts, checked like [`Store::put`](crate::Store::put)'s.
+struct CheckedSession {
+    inner: Arc<dyn SessionBackend>,
+    backend: &'static str,
+    max: usize,
+}
+
+#[async_trait]
+impl SessionBackend for CheckedSession {
+    fn id(&self) -> String {
+        self.inner.id()
+    }
+
+    async fn put(&self, key: &Key, value: Bytes, condition: Condition) -> Result<Version> {
+        value_fits(self.backend, self.max, key, &value)?;
+        self.inner.put(key, value, condition).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
     }
 }
 

@@ -8,7 +8,7 @@
 //! | `anykv_alive` | gauge (1 alive, 0 not) | `backend` |
 //! | `anykv_open_watches` | gauge | `backend` |
 //! | `anykv_held_locks` | gauge | `backend` |
-//! | `anykv_live_sessions` | gauge | `backend` (reserved: sessions do not exist yet) |
+//! | `anykv_live_sessions` | gauge | `backend` |
 //! | `anykv_watch_events_total` | counter | `backend` |
 //! | `anykv_watch_errors_total` | counter | `backend`, `kind` (outages reported on watches) |
 //! | `anykv_watch_resumes_total` | counter | `backend` (events flowing again after an error item) |
@@ -24,16 +24,22 @@
 //! # let _ = kv; }
 //! ```
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::time::Instant;
 
 use crate::{
     error::{ErrorKind, Result},
+    key::Key,
     layer::{Layer, Next},
     layers::request::{Request, Response},
     lock::{LockGuard, LockRelease},
+    session::SessionBackend,
     store::WatchStream,
+    types::{Condition, Version},
 };
 
 /// Records operations, latency, liveness, open watches and held locks.
@@ -87,6 +93,10 @@ impl Layer for MetricsLayer {
             Response::Watch(s) => Response::Watch(count_watch(backend, s)),
             Response::Lock(g) => Response::Lock(count_lock(backend, g)),
             Response::TryLock(g) => Response::TryLock(g.map(|g| count_lock(backend, g))),
+            Response::Session(s) => Response::Session(s.map_backend(|inner| {
+                let live = Held::new(metrics::gauge!("anykv_live_sessions", "backend" => backend));
+                Arc::new(CountedSession { inner, _live: live })
+            })),
             other => other,
         })
     }
@@ -130,6 +140,28 @@ fn count_watch(backend: &'static str, s: WatchStream) -> WatchStream {
         }
     })
     .boxed()
+}
+
+/// A session backend that keeps `anykv_live_sessions` up while it exists
+/// (the session drops it once closed or dropped).
+struct CountedSession {
+    inner: Arc<dyn SessionBackend>,
+    _live: Held,
+}
+
+#[async_trait]
+impl SessionBackend for CountedSession {
+    fn id(&self) -> String {
+        self.inner.id()
+    }
+
+    async fn put(&self, key: &Key, value: Bytes, condition: Condition) -> Result<Version> {
+        self.inner.put(key, value, condition).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
 }
 
 /// A release that keeps `anykv_held_locks` up while the lock is held.

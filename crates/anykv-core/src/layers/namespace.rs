@@ -7,7 +7,10 @@
 //! whole backend spares the reserved root. Locks live at
 //! `__anykv/locks/<namespace>/<key>`.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::{
@@ -15,7 +18,8 @@ use crate::{
     key::{Key, Prefix, RESERVED_ROOT},
     layer::{Layer, Next},
     layers::request::{Request, Response},
-    types::{Check, Condition, Event, KvPair, Op, Snapshot, Target},
+    session::SessionBackend,
+    types::{Check, Condition, Event, KvPair, Op, Snapshot, Target, Version},
 };
 
 /// The standard namespace layer; the namespace is the handle's
@@ -70,6 +74,29 @@ impl Ns {
                 .unwrap_or(k)
                 .to_owned()
         })
+    }
+}
+
+/// A session's ephemeral keys, in the namespace.
+struct NsSession {
+    inner: Arc<dyn SessionBackend>,
+    ns: Ns,
+}
+
+#[async_trait]
+impl SessionBackend for NsSession {
+    fn id(&self) -> String {
+        self.inner.id()
+    }
+
+    async fn put(&self, key: &Key, value: Bytes, condition: Condition) -> Result<Version> {
+        let inner = self.ns.key(key);
+        let out = self.inner.put(&inner, value, condition).await;
+        out.map_err(|e| self.ns.error(e))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
     }
 }
 
@@ -194,6 +221,15 @@ impl Ns {
                 })
                 .await?
             }
+            Request::Session { opts } => match next.run(Request::Session { opts }).await? {
+                Response::Session(session) => {
+                    let ns = self.clone();
+                    Response::Session(
+                        session.map_backend(|inner| Arc::new(NsSession { inner, ns })),
+                    )
+                }
+                other => other,
+            },
             Request::Atomic { checks, ops } => {
                 let checks = checks
                     .into_iter()

@@ -13,6 +13,7 @@ use crate::{
     error::{Error, Result},
     key::{Key, Prefix},
     lock::LockGuard,
+    session::{Session, SessionOptions},
     store::{PairStream, Store, WatchStream},
     types::{
         Check, Condition, KvPair, LockInfo, LockOptions, Op, PutOptions, Revision, Snapshot, Start,
@@ -45,6 +46,8 @@ pub enum OpKind {
     TryLock,
     /// [`Store::lock_holder`]
     LockHolder,
+    /// [`Store::session`]
+    Session,
     /// [`Store::atomic`]
     Atomic,
     /// [`Store::snapshot`]
@@ -75,6 +78,7 @@ impl OpKind {
         OpKind::Lock,
         OpKind::TryLock,
         OpKind::LockHolder,
+        OpKind::Session,
         OpKind::Atomic,
         OpKind::Snapshot,
         OpKind::Compact,
@@ -99,6 +103,7 @@ impl OpKind {
             OpKind::Lock => "lock",
             OpKind::TryLock => "try_lock",
             OpKind::LockHolder => "lock_holder",
+            OpKind::Session => "session",
             OpKind::Atomic => "atomic",
             OpKind::Snapshot => "snapshot",
             OpKind::Compact => "compact",
@@ -211,6 +216,9 @@ pub enum Request {
     LockHolder {
         key: Key,
     },
+    Session {
+        opts: SessionOptions,
+    },
     Atomic {
         checks: Vec<Check>,
         ops: Vec<Op>,
@@ -246,6 +254,7 @@ impl Request {
             Request::Lock { .. } => OpKind::Lock,
             Request::TryLock { .. } => OpKind::TryLock,
             Request::LockHolder { .. } => OpKind::LockHolder,
+            Request::Session { .. } => OpKind::Session,
             Request::Atomic { .. } => OpKind::Atomic,
             Request::Snapshot { .. } => OpKind::Snapshot,
             Request::Compact { .. } => OpKind::Compact,
@@ -286,6 +295,7 @@ impl Request {
             }),
             Request::Snapshot { prefixes } => prefixes.first().map(Prefix::as_str),
             Request::Atomic { .. }
+            | Request::Session { .. }
             | Request::Compact { .. }
             | Request::Import { .. }
             | Request::Probe
@@ -311,6 +321,7 @@ impl Request {
             Request::Lock { key, opts } => Response::Lock(store.lock(&key, opts).await?),
             Request::TryLock { key, opts } => Response::TryLock(store.try_lock(&key, opts).await?),
             Request::LockHolder { key } => Response::LockHolder(store.lock_holder(&key).await?),
+            Request::Session { opts } => Response::Session(store.session(opts).await?),
             Request::Atomic { checks, ops } => Response::Atomic(store.atomic(checks, ops).await?),
             Request::Snapshot { prefixes } => Response::Snapshot(store.snapshot(&prefixes).await?),
             Request::Compact { revision } => {
@@ -353,6 +364,7 @@ pub enum Response {
     Lock(LockGuard),
     TryLock(Option<LockGuard>),
     LockHolder(Option<LockInfo>),
+    Session(Session),
     Atomic(Revision),
     Snapshot(Snapshot),
     Compact,
@@ -377,6 +389,7 @@ impl Response {
             Response::Lock(_) => OpKind::Lock,
             Response::TryLock(_) => OpKind::TryLock,
             Response::LockHolder(_) => OpKind::LockHolder,
+            Response::Session(_) => OpKind::Session,
             Response::Atomic(_) => OpKind::Atomic,
             Response::Snapshot(_) => OpKind::Snapshot,
             Response::Compact => OpKind::Compact,

@@ -6,12 +6,18 @@
 //! the final round trip and fails with `Timeout { after: d }`; `lock`
 //! without a wait and `close` are not bounded.
 
+use std::{future::Future, sync::Arc, time::Duration};
+
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::{
     error::{Error, Result},
+    key::Key,
     layer::{Layer, Next},
     layers::request::{Request, Response},
+    session::SessionBackend,
+    types::{Condition, Version},
 };
 
 /// The standard timeout layer; its deadline is the handle's
@@ -39,13 +45,64 @@ impl Layer for TimeoutLayer {
             }
             _ => (timeout, timeout),
         };
-        match tokio::time::timeout(limit, next.run(req)).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout {
-                backend: ctx.backend(),
-                operation,
-                after,
-            }),
+        let backend = ctx.backend();
+        match bounded(backend, operation, limit, after, next.run(req)).await? {
+            Response::Session(s) => Ok(Response::Session(s.map_backend(|inner| {
+                Arc::new(TimedSession {
+                    inner,
+                    backend,
+                    timeout,
+                })
+            }))),
+            other => Ok(other),
         }
+    }
+}
+
+async fn bounded<T>(
+    backend: &'static str,
+    operation: &'static str,
+    limit: Duration,
+    after: Duration,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            backend,
+            operation,
+            after,
+        }),
+    }
+}
+
+/// A session's puts and close, each bounded by the timeout.
+struct TimedSession {
+    inner: Arc<dyn SessionBackend>,
+    backend: &'static str,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl SessionBackend for TimedSession {
+    fn id(&self) -> String {
+        self.inner.id()
+    }
+
+    async fn put(&self, key: &Key, value: Bytes, condition: Condition) -> Result<Version> {
+        let put = self.inner.put(key, value, condition);
+        bounded(self.backend, "session_put", self.timeout, self.timeout, put).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        let close = self.inner.close();
+        bounded(
+            self.backend,
+            "session_close",
+            self.timeout,
+            self.timeout,
+            close,
+        )
+        .await
     }
 }
