@@ -76,12 +76,12 @@ pub fn check(
         Some(path) => {
             let f = File::open(&path)
                 .map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))?;
-            (path.display().to_string(), Input::Seekable(f))
+            (path.display().to_string(), Input::of(f))
         }
         None => ("stdin".to_owned(), stdin()),
     };
     let read_failed = |e: io::Error| Failure::usage(format!("cannot read {name}: {e}"));
-    let (mut input, start, checked) = match input {
+    let (input, start, checked) = match input {
         Input::Seekable(mut f) => {
             let start = f.stream_position().map_err(read_failed)?;
             let checked = validate(&mut BufReader::new(&f), None::<&mut File>, prefix)
@@ -98,7 +98,6 @@ pub fn check(
             (spool, 0, checked)
         }
     };
-    input.seek(SeekFrom::Start(start)).map_err(read_failed)?;
     Ok(RestorePlan {
         input,
         start,
@@ -109,21 +108,30 @@ pub fn check(
     })
 }
 
+/// Where the dump comes from: a regular file is read twice in place;
+/// anything else (a pipe, a FIFO, `<(anykv dump)`) is spooled.
 enum Input {
     Seekable(File),
     Pipe(Box<dyn io::Read>),
 }
 
-/// Stdin as a file when it is one (`< dump.jsonl`), so it needs no spool.
+impl Input {
+    fn of(f: File) -> Self {
+        if f.metadata().is_ok_and(|m| m.is_file()) {
+            Input::Seekable(f)
+        } else {
+            Input::Pipe(Box::new(f))
+        }
+    }
+}
+
+/// Stdin, as a file when it is one (`< dump.jsonl`) so it needs no spool.
 fn stdin() -> Input {
     #[cfg(unix)]
     {
         use std::os::fd::AsFd;
         if let Ok(fd) = io::stdin().as_fd().try_clone_to_owned() {
-            let f = File::from(fd);
-            if f.metadata().is_ok_and(|m| m.is_file()) {
-                return Input::Seekable(f);
-            }
+            return Input::of(File::from(fd));
         }
     }
     Input::Pipe(Box::new(io::stdin()))
