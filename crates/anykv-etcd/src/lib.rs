@@ -80,6 +80,20 @@
 //! so it still gets every event once, in order (or [`Error::Compacted`] if
 //! the history it needs was compacted meanwhile).
 //!
+//! Measured here (release build, etcd 3.4.23 on loopback, a loaded 2-core
+//! VM; `tests/shared_watch.rs`, `ten_thousand_idle_watches_figures`): 10,000
+//! key watches on one handle set up in 0.64 s (100 `watch` calls in flight),
+//! 1.6 KB of client RSS per watch, and, idle for 30 s, 0.7 ms CPU/s in the
+//! client and 4.7 ms CPU/s in etcd (about its own idle baseline). The
+//! previous driver, one gRPC stream and one task per watch, took 26 KB per
+//! watch and sent a progress request per idle watch (issue 13).
+//!
+//! etcd 3.4 answers a progress request with one response for the whole
+//! stream (watch id -1, the current revision), which advances the resume
+//! point of every watch confirmed before the request; it names no watch
+//! when it refuses a create request (permission denied), so answers to
+//! create requests are matched to watches in the order they were sent.
+//!
 //! ## Background tasks
 //!
 //! Each store keeps one timer pending (a heartbeat once per half timeout, at

@@ -298,6 +298,19 @@ mod tests {
     }
 
     #[test]
+    fn watches_per_stream_is_a_positive_url_option() {
+        let c = Config::parse("etcd://h:1").unwrap();
+        let o = EtcdOptions::from_config(&c).unwrap();
+        assert_eq!(o.watches_per_stream, DEFAULT_WATCHES_PER_STREAM);
+        let c = Config::parse("etcd://h:1?watches_per_stream=50").unwrap();
+        assert_eq!(EtcdOptions::from_config(&c).unwrap().watches_per_stream, 50);
+        for bad in ["0", "x"] {
+            let c = Config::parse(&format!("etcd://h:1?watches_per_stream={bad}")).unwrap();
+            assert!(EtcdOptions::from_config(&c).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn user_without_password_is_rejected() {
         let c = Config::parse("etcd://bob@h:1").unwrap();
         assert!(EtcdOptions::from_config(&c).is_err());
