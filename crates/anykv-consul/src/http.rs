@@ -64,9 +64,29 @@ impl Reply {
     }
 }
 
+/// Which share of the handle's connections a request uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// Gets, puts, transactions, sessions, watch baselines: at most half
+    /// of `max_conns - max_watch_conns` at once (see [`shares`]).
+    Ops,
+    /// Watch hubs' blocking queries (and their confirming re-reads): at
+    /// most `max_watch_conns` at once; the watch planner keeps the number
+    /// of hubs within it, so a hub never waits for another.
+    Watch,
+    /// A lock's blocking query (waiting for, or keeping, one lock): one
+    /// connection per lock, outside both shares, so that held locks can
+    /// never starve operations nor be starved by them.
+    Lock,
+}
+
 /// The HTTP side of the driver.
 pub(crate) struct Transport {
     http: reqwest::Client,
+    /// Permits of [`Lane::Ops`] and [`Lane::Watch`]: in-flight requests
+    /// (so connections, which the pool reuses) stay within `max_conns`.
+    ops: tokio::sync::Semaphore,
+    watch: tokio::sync::Semaphore,
     settings: Settings,
     token: Option<HeaderValue>,
     /// The agents of the URL, and the one requests go to now.
@@ -192,6 +212,24 @@ pub(crate) enum TxnOutcome {
     RolledBack(Vec<TxnError>),
 }
 
+/// How `max_conns` is split: requests of watches in flight, other
+/// requests in flight, idle connections kept. Their sum is `max_conns`, so
+/// the connections open to the agent stay within it: a request takes an
+/// idle connection when one is there, and the pool closes idle ones beyond
+/// its share. (hyper may open a connection for a request just before
+/// another request's connection comes back to the pool; the extra one
+/// then counts as idle, and is closed if idle ones are already at their
+/// share.)
+pub(crate) fn shares(settings: &Settings) -> (usize, usize, usize) {
+    let watch = settings.max_watch_conns;
+    let rest = settings.max_conns.saturating_sub(watch).max(1);
+    let ops = rest.div_ceil(2);
+    (watch, ops, rest - ops)
+}
+
+/// Yields after a request, before its permit is released (see `send`).
+const HANDBACK_YIELDS: usize = 3;
+
 /// The largest `/v1/txn` request body Consul accepts by default
 /// (`txn_max_req_len`, 512 KiB).
 pub(crate) const TXN_MAX_BODY: usize = 512 * 1024;
@@ -204,7 +242,10 @@ impl Transport {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(settings.timeout)
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60));
+            .pool_idle_timeout(Duration::from_secs(60))
+            // In-flight requests plus idle connections stay within
+            // `max_conns` (see `shares`): the pool closes extra idle ones.
+            .pool_max_idle_per_host(shares(&settings).2);
         if let Some((path, pem)) = &settings.ca_file {
             let cert = reqwest::Certificate::from_pem(pem).map_err(|e| Error::InvalidArgument {
                 backend: BACKEND,
@@ -229,6 +270,8 @@ impl Transport {
         };
         Ok(Transport {
             http,
+            ops: tokio::sync::Semaphore::new(shares(&settings).1),
+            watch: tokio::sync::Semaphore::new(shares(&settings).0),
             agents: Agents::new(&settings.bases)?,
             settings,
             token,
@@ -245,7 +288,7 @@ impl Transport {
     where
         E: Endpoint + FeaturedEndpoint,
     {
-        self.call_within(operation, endpoint, self.settings.timeout)
+        self.call_within(operation, endpoint, self.settings.timeout, Lane::Ops)
             .await
     }
 
@@ -255,11 +298,12 @@ impl Transport {
         operation: &'static str,
         endpoint: &E,
         deadline: Duration,
+        lane: Lane,
     ) -> Result<Reply>
     where
         E: Endpoint + FeaturedEndpoint,
     {
-        self.send(operation, deadline, |agent| {
+        self.send(operation, deadline, lane, |agent| {
             let mut req = endpoint
                 .request(&agent.base)
                 .map_err(|e| error::internal(format!("{operation}: building the request"), e))?;
@@ -281,6 +325,7 @@ impl Transport {
         operation: &'static str,
         endpoint: &E,
         deadline: Duration,
+        lane: Lane,
     ) -> Result<Reply>
     where
         E: Endpoint + FeaturedEndpoint,
@@ -297,7 +342,7 @@ impl Transport {
             }
             let mut moved = self.agents.moved();
             tokio::select! {
-                reply = self.call_within(operation, endpoint, left) => return reply,
+                reply = self.call_within(operation, endpoint, left, lane) => return reply,
                 // The sender lives as long as `self`: an error cannot happen.
                 _ = moved.changed() => {}
             }
@@ -314,8 +359,40 @@ impl Transport {
         &self,
         operation: &'static str,
         deadline: Duration,
+        lane: Lane,
         build: impl FnOnce(&Agent) -> Result<reqwest::Request>,
     ) -> Result<Reply> {
+        // Waiting for a permit counts against the deadline: a handle whose
+        // share is busy fails like a slow agent, it does not open more.
+        let started = Instant::now();
+        let semaphore = match lane {
+            Lane::Ops => Some(&self.ops),
+            Lane::Watch => Some(&self.watch),
+            Lane::Lock => None,
+        };
+        let _permit = match semaphore {
+            None => None,
+            Some(s) => match tokio::time::timeout(deadline, s.acquire()).await {
+                Ok(Ok(p)) => Some(p),
+                // The semaphores are never closed.
+                Ok(Err(_)) | Err(_) => {
+                    return Err(Error::Timeout {
+                        backend: BACKEND,
+                        operation,
+                        after: deadline,
+                    });
+                }
+            },
+        };
+        let total = deadline;
+        let deadline = deadline.saturating_sub(started.elapsed());
+        if deadline.is_zero() {
+            return Err(Error::Timeout {
+                backend: BACKEND,
+                operation,
+                after: total,
+            });
+        }
         let (index, agent) = self.agents.pick();
         let mut req = build(agent)?;
         *req.timeout_mut() = Some(deadline);
@@ -349,6 +426,15 @@ impl Transport {
         };
         // 5xx/429: no leader, not ready, overloaded: another agent may serve.
         pending.finish(error::classify(status, "") == error::StatusClass::Unavailable);
+        if _permit.is_some() {
+            // hyper hands the connection back to the pool from a task of
+            // its own once the body is done; letting it run before the
+            // permit goes to the next request lets that request reuse the
+            // connection instead of racing it with a new one.
+            for _ in 0..HANDBACK_YIELDS {
+                tokio::task::yield_now().await;
+            }
+        }
         Ok(Reply {
             status,
             index,
@@ -371,7 +457,7 @@ impl Transport {
             });
         }
         let reply = self
-            .send("txn", self.settings.timeout, |agent| {
+            .send("txn", self.settings.timeout, Lane::Ops, |agent| {
                 let mut req = reqwest::Request::new(reqwest::Method::PUT, agent.txn.clone());
                 *req.body_mut() = Some(body.into());
                 Ok(req)
@@ -394,7 +480,7 @@ impl Transport {
     /// `GET /v1/status/leader`: the address of the Raft leader, empty if none.
     pub(crate) async fn leader(&self) -> Result<String> {
         let reply = self
-            .send("probe", self.settings.timeout, |agent| {
+            .send("probe", self.settings.timeout, Lane::Ops, |agent| {
                 Ok(reqwest::Request::new(
                     reqwest::Method::GET,
                     agent.leader.clone(),

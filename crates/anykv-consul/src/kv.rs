@@ -19,7 +19,7 @@ use consulrs::api::{
 use crate::{
     Inner,
     error::{self, BACKEND},
-    http::{TXN_MAX_BODY, TxnOp, TxnOutcome, TxnResults, write_nonce},
+    http::{Lane, TXN_MAX_BODY, TxnOp, TxnOutcome, TxnResults, write_nonce},
     session::{self, SessionKind},
     settings::Consistency,
 };
@@ -41,6 +41,8 @@ pub(crate) struct ReadMode {
     consistency: Option<Consistency>,
     /// A blocking query: from this index, waiting at most this long.
     block: Option<(u64, Duration)>,
+    /// A watch hub's read: in the watches' share of connections.
+    watch: bool,
 }
 
 impl ReadMode {
@@ -48,11 +50,13 @@ impl ReadMode {
     pub(crate) const PLAIN: ReadMode = ReadMode {
         consistency: None,
         block: None,
+        watch: false,
     };
     /// `?consistent`: for reads that feed a decision.
     pub(crate) const CONSISTENT: ReadMode = ReadMode {
         consistency: Some(Consistency::Consistent),
         block: None,
+        watch: false,
     };
 
     /// A blocking query from `index`, waiting at most `wait`, in the
@@ -61,6 +65,25 @@ impl ReadMode {
         ReadMode {
             consistency: None,
             block: Some((index, wait)),
+            watch: false,
+        }
+    }
+
+    /// The same read, made by a watch hub: in the watches' share of
+    /// connections (see [`Lane`]).
+    pub(crate) fn for_watch(self) -> ReadMode {
+        ReadMode {
+            watch: true,
+            ..self
+        }
+    }
+
+    /// The connection share of this read.
+    fn lane(self) -> Lane {
+        match (self.watch, self.block) {
+            (true, _) => Lane::Watch,
+            (false, Some(_)) => Lane::Lock,
+            (false, None) => Lane::Ops,
         }
     }
 
@@ -172,6 +195,23 @@ impl Inner {
         recurse: bool,
         mode: ReadMode,
     ) -> Result<(Vec<KVPair>, u64)> {
+        let (body, index) = self.read_body(path, recurse, mode).await?;
+        let kvs = match body {
+            None => Vec::new(),
+            Some(body) => serde_json::from_slice(&body)
+                .map_err(|e| error::internal("get: unexpected reply from consul", e))?,
+        };
+        Ok((kvs, index))
+    }
+
+    /// [`read_raw`](Self::read_raw) without decoding: the JSON body (`None`
+    /// for 404) and `X-Consul-Index`.
+    pub(crate) async fn read_body(
+        &self,
+        path: &str,
+        recurse: bool,
+        mode: ReadMode,
+    ) -> Result<(Option<Bytes>, u64)> {
         let mut features = Features {
             mode: self.consistency_mode(mode.consistency),
             ..Features::default()
@@ -192,14 +232,20 @@ impl Inner {
             Some((_, wait)) => {
                 // Consul adds up to wait/16 of jitter before answering.
                 let deadline = blocking_deadline(wait, self.http.settings().timeout);
-                self.http.call_blocking("get", &req, deadline).await?
+                self.http
+                    .call_blocking("get", &req, deadline, mode.lane())
+                    .await?
             }
-            None => self.http.call("get", &req).await?,
+            None => {
+                self.http
+                    .call_within("get", &req, self.http.settings().timeout, mode.lane())
+                    .await?
+            }
         };
         let index = reply.index.unwrap_or(0);
         match reply.status {
-            200 => Ok((reply.json("get")?, index)),
-            404 => Ok((Vec::new(), index)),
+            200 => Ok((Some(reply.body), index)),
+            404 => Ok((None, index)),
             _ => Err(reply.error("get")),
         }
     }
@@ -298,6 +344,22 @@ impl Inner {
         };
         let (index, held_by) = last_index(&results).ok_or_else(|| no_entry("put"))?;
         let Some(session) = held_by else {
+            if self.watches.active() {
+                // This handle's watches learn the write even if their shared
+                // query only sees a later state (see watch.rs).
+                let create = results
+                    .results
+                    .as_ref()
+                    .and_then(|r| r.iter().rev().find_map(|r| r.kv.as_ref()))
+                    .map_or(index, |kv| kv.create_index);
+                self.watches.local_put(KvPair {
+                    key: key.clone(),
+                    value: Bytes::copy_from_slice(value),
+                    version: Version::new(index),
+                    create_revision: create,
+                    mod_revision: index,
+                });
+            }
             return Ok(Version::new(index));
         };
         // Detach from the session only if nobody wrote since (else the

@@ -10,7 +10,9 @@
 //! `Debug`, `Display`, logs or errors), `dc` (datacenter), `consistency`
 //! (mode of reads, `consistent` unless set: see [Reads](#reads)), `lock_delay` (see Locks,
 //! default `0s`), `ca_file` (a PEM CA trusted besides the webpki roots, for
-//! `consuls://`; read when the store is opened) and the common options
+//! `consuls://`; read when the store is opened), `max_conns` and
+//! `max_watch_conns` (connections of the handle, default 32 and 16 of them
+//! for watches: see Connections) and the common options
 //! (`timeout`, `retries`, …). An untrusted server certificate fails like
 //! an unreachable agent (`Unavailable`). The driver talks to one agent at a
 //! time (`host:port`, default port 8500, 8501 for `consuls`), which
@@ -77,9 +79,36 @@
 //!   session (`unlock`), so it stays. Sessions of deleted or overwritten keys
 //!   are destroyed in the background.
 //! - **Watch** = blocking queries (`?index=&wait=`, in the `consistency`
-//!   mode) on the key, or on `prefix/` with `?recurse`, diffed into
-//!   `Put`/`Delete` events. Watchers of the same key or prefix in one store
-//!   share one blocking loop. The loop keeps the index of its last answer
+//!   mode), shared: one handle runs at most `max_watch_conns` (default 16)
+//!   of them, whatever the number of watches. A *planner* maps the watched
+//!   targets onto query scopes: each key alone (a key read) and each prefix
+//!   alone (`prefix/?recurse`) while they fit; beyond, it groups them by the
+//!   longest common prefix of their paths (`?recurse` on a string prefix:
+//!   `app/g1` covers `app/g1/…` and `app/g10/…`), splitting the busiest
+//!   scope first (see `watch.rs`), so 2,000 watches on one handle cost 16
+//!   queries. It re-plans when a watch opens (if no running query covers it)
+//!   or closes: a query nobody needs ends at once (its connection with it),
+//!   and watches move to the scopes of the new plan without a gap (each
+//!   stream keeps its state; every hub's index is a Raft index).
+//!   Each answer is *fanned out*: every stream compares the entries of its
+//!   own target (a lookup for a key, a range for a prefix) with what it
+//!   last delivered, by `ModifyIndex`, so a wake that changed nothing for a
+//!   watch costs that watch no request and no event; a key that does not
+//!   exist yet costs nothing more than the shared query (no longer one
+//!   query per key woken by every KV write). The price of sharing: a scope's
+//!   query returns every pair under it on each change (a wide scope under
+//!   heavy writes moves more bytes; only changed values are decoded), and
+//!   writes landing while a shared query is re-sent (one round trip) are
+//!   seen as their result. A handle's *own* puts are never collapsed that
+//!   way for its watches: the hub knows their entries and replays the
+//!   state they made (in revision order) when its answer already shows a
+//!   later one. Writes of other clients follow Converge as before: if
+//!   several land between two answers, only the resulting state is seen.
+//!   Each hub keeps its last 64 answers for its streams; a stream that is
+//!   not read falls out of that window alone (the query never waits for
+//!   it, memory stays bounded) and, when read again, re-syncs to the latest
+//!   answer and emits the differences (Converge), never an error.
+//!   The hub keeps the index of its last answer
 //!   across failures; an answer with a lower index is believed only from a
 //!   `consistent` read: a server just restarted answers from its log replay
 //!   for a moment (partial states with lower indexes), and a lagging server
@@ -91,24 +120,45 @@
 //!   emitted when a state at least as new as the last one shows the key
 //!   gone, and a put only when a key's `ModifyIndex` differs from the one
 //!   the stream last delivered: across a `kill -9` + restart no event is
-//!   invented, duplicated or reordered. Consul keeps no event history, so
+//!   invented, duplicated or reordered. Each stream starts from its own
+//!   `consistent` read of its target, taken before `watch` returns. Consul
+//!   keeps no event history, so
 //!   `watch_history` is [`Converge`](WatchHistory::Converge):
 //!   `Start::After(r)` first emits the keys in range whose
 //!   `ModifyIndex > r` as puts (deletes before the watch started are not
 //!   replayed), then live events. A delete carries the `X-Consul-Index` of
-//!   the answer that showed it; if several writes land between two answers,
-//!   only the resulting state is seen (intermediate values are skipped).
-//!   After a lost connection the loop retries with backoff (at most 2 s
-//!   apart), yields one `Unavailable` item, and converges by itself when the
-//!   agent is back (restarted, or thawed after a freeze); no query outlives
-//!   its wait (60 s, plus Consul's jitter of up to 1/16) plus the timeout.
-//!   `close()` ends every watch with `Cancelled`. Each watched key or
-//!   prefix holds one HTTP connection for its blocking query; Consul limits
-//!   connections per client address (`limits.http_max_conns_per_client`,
-//!   200 by default), which bounds how many distinct targets one host can
-//!   watch. A watch on a single key wakes on every KV write (Consul answers
-//!   key reads with the index of the whole KV table) and then finds nothing
-//!   changed: correct, but busy under heavy unrelated write load.
+//!   the answer that showed it. After a lost connection the query retries
+//!   with backoff (at most 2 s apart), each of its streams yields one
+//!   `Unavailable` item, and converges by itself when the agent is back
+//!   (restarted, or thawed after a freeze); no query outlives its wait
+//!   (60 s, plus Consul's jitter of up to 1/16) plus the timeout.
+//!   `close()` ends every watch with `Cancelled`.
+//! - **Connections**: at most `max_conns` (default 32) requests of one
+//!   handle are in flight at once, hence as many pooled connections: up to
+//!   `max_watch_conns` (default 16) for the watch queries, the rest for
+//!   everything else (gets, puts, transactions, sessions, watch
+//!   baselines), so watches never starve operations nor the reverse; a
+//!   request that waits for a connection longer than its deadline fails
+//!   with `Timeout`. Consul's default `limits.http_max_conns_per_client`
+//!   is 200 per client address: several handles (processes) on one host
+//!   share it. A lock waiting or held adds one connection for its blocking
+//!   query on the record (outside both shares, so that locks and
+//!   operations never wait on each other).
+//! - **Snapshot** = one `/v1/txn`: a `set` of a marker key
+//!   (`__anykv/snapshots/<first segment>`, with a fresh nonce) followed by
+//!   one `get-tree` per prefix. A read-only transaction would honour
+//!   `?consistent`/`?stale` but returns no index at all (no
+//!   `X-Consul-Index`, none in the body; checked on 1.8.7), so the marker
+//!   makes Consul apply the whole transaction at one Raft index — the
+//!   marker's `ModifyIndex`, returned as `Snapshot::revision` — and the
+//!   pairs are exactly the state at it ([`SnapshotMode::Atomic`]); every
+//!   later write has a higher index, so `watch(.., Start::After(revision))`
+//!   reports it. Each snapshot is therefore a Raft write through the
+//!   leader, whatever `consistency=` says, and needs write access to the
+//!   marker key. At most [`MAX_SNAPSHOT_PREFIXES`] prefixes (Consul's 64
+//!   operations, one for the marker): more is `InvalidArgument` (several
+//!   transactions would not be one index). `compact` is unsupported:
+//!   Consul keeps no history.
 //! - **Locks** = a session (`TTL = max(10 s, ttl/2)`, `Behavior=delete`,
 //!   `serfHealth` check, lock-delay from `?lock_delay=`) acquiring the lock
 //!   record `__anykv/locks/<namespace>/<key>` with the `lock` verb of
@@ -198,6 +248,7 @@ mod kv;
 mod lock;
 mod session;
 mod settings;
+mod snapshot;
 mod txn;
 mod watch;
 
@@ -205,8 +256,8 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use anykv_core::{
     Capabilities, Check, Condition, Config, Key, KvPair, LockGuard, LockInfo, LockOptions, Op,
-    Prefix, PutOptions, Result, Revision, Start, Store, Target, Version, WatchHistory, WatchStream,
-    async_trait, registry::Driver,
+    Prefix, PutOptions, Result, Revision, Snapshot, SnapshotMode, Start, Store, Target, Version,
+    WatchHistory, WatchStream, async_trait, registry::Driver,
 };
 use bytes::Bytes;
 
@@ -224,11 +275,16 @@ pub const TTL_GRANULARITY: Duration = Duration::from_secs(20);
 /// Most checks + writes in one `atomic` call: Consul's `/v1/txn` limit.
 pub const MAX_ATOMIC_OPS: usize = 64;
 
+/// Most prefixes in one `snapshot`: one transaction's operations, minus the
+/// index marker (see Snapshot in the crate docs).
+pub const MAX_SNAPSHOT_PREFIXES: usize = MAX_ATOMIC_OPS - 1;
+
 const CAPS: Capabilities = Capabilities::full(MAX_VALUE_SIZE)
     .with_ttl(Some(TTL_GRANULARITY))
     .with_watch(WatchHistory::Converge)
     .with_locks(true, true)
     .with_max_atomic_ops(Some(MAX_ATOMIC_OPS))
+    .with_snapshot(Some(SnapshotMode::Atomic))
     .with_durable(true);
 
 anykv_core::inventory::submit! {
@@ -276,18 +332,19 @@ impl ConsulStore {
     /// `probe`) is the first contact.
     pub fn connect(config: &Config) -> Result<Arc<ConsulStore>> {
         let settings = Settings::from_config(config)?;
+        let watch_conns = settings.max_watch_conns;
         let http = Arc::new(Transport::new(settings)?);
         Ok(Arc::new(ConsulStore {
             inner: Arc::new(Inner {
                 http,
-                watches: watch::Registry::default(),
+                watches: watch::Registry::new(watch_conns),
             }),
         }))
     }
 
-    /// How many blocking-query loops run now: one per watched key or
-    /// prefix, however many streams watch it; a loop ends (and its query
-    /// with it) when its last stream is dropped.
+    /// How many blocking-query loops run now: at most `max_watch_conns`,
+    /// however many streams watch (see Watch in the crate docs); a loop
+    /// ends (and its query with it) when no watch needs its scope.
     pub fn watch_loops(&self) -> usize {
         self.inner.watches.len()
     }
@@ -345,6 +402,10 @@ impl Store for ConsulStore {
 
     async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {
         self.inner.atomic(checks, ops).await
+    }
+
+    async fn snapshot(&self, prefixes: &[Prefix]) -> Result<Snapshot> {
+        self.inner.snapshot(prefixes).await
     }
 
     async fn probe(&self) -> Result<()> {

@@ -1,12 +1,27 @@
 //! The driver's URL options:
-//! `consul[s]://host[:port]/[prefix]?token=…&dc=…&consistency=consistent|default|stale&lock_delay=0s&ca_file=…`.
+//! `consul[s]://host[:port]/[prefix]?token=…&dc=…&consistency=consistent|default|stale&lock_delay=0s&ca_file=…&max_conns=32&max_watch_conns=16`.
 
 use std::{fmt, time::Duration};
 
 use anykv_core::{Config, Result, Secret};
 
 /// Query keys this driver reads (besides the common ones).
-pub(crate) const PARAMS: &[&str] = &["token", "dc", "consistency", "lock_delay", "ca_file"];
+pub(crate) const PARAMS: &[&str] = &[
+    "token",
+    "dc",
+    "consistency",
+    "lock_delay",
+    "ca_file",
+    "max_conns",
+    "max_watch_conns",
+];
+
+/// Default of `max_conns`: concurrent HTTP requests of one handle, well
+/// under Consul's default `limits.http_max_conns_per_client` (200).
+pub(crate) const DEFAULT_MAX_CONNS: usize = 32;
+/// Default of `max_watch_conns`: the share of `max_conns` that watches'
+/// blocking queries may hold.
+pub(crate) const DEFAULT_MAX_WATCH_CONNS: usize = 16;
 
 /// Consul's default HTTP port.
 const HTTP_PORT: u16 = 8500;
@@ -70,6 +85,12 @@ pub(crate) struct Settings {
     /// Per-request deadline (`?timeout=`, default 5 s): bounds connects,
     /// probes and the slack added to blocking queries.
     pub timeout: Duration,
+    /// Concurrent HTTP requests of the handle (`?max_conns=`, default 32),
+    /// watches included; locks' blocking queries come on top (one each).
+    pub max_conns: usize,
+    /// Concurrent blocking queries of watches (`?max_watch_conns=`,
+    /// default 16, below `max_conns`): the rest is reserved for operations.
+    pub max_watch_conns: usize,
 }
 
 impl fmt::Debug for Settings {
@@ -82,6 +103,8 @@ impl fmt::Debug for Settings {
             .field("lock_delay", &self.lock_delay)
             .field("ca_file", &self.ca_file.as_ref().map(|(path, _)| path))
             .field("timeout", &self.timeout)
+            .field("max_conns", &self.max_conns)
+            .field("max_watch_conns", &self.max_watch_conns)
             .finish()
     }
 }
@@ -166,6 +189,27 @@ impl Settings {
             .duration_param("timeout")?
             .filter(|t| !t.is_zero())
             .unwrap_or(Duration::from_secs(5));
+        let count = |name: &str, default: usize| -> Result<usize> {
+            match config.param(name) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=4096).contains(n))
+                    .ok_or_else(|| config.invalid(format!("{name}={v:?}: expected 1 to 4096"))),
+            }
+        };
+        let max_conns = count("max_conns", DEFAULT_MAX_CONNS)?;
+        let max_watch_conns = count(
+            "max_watch_conns",
+            DEFAULT_MAX_WATCH_CONNS.min(max_conns.saturating_sub(1).max(1)),
+        )?;
+        if max_conns < 2 || max_watch_conns >= max_conns {
+            return Err(config.invalid(format!(
+                "max_watch_conns={max_watch_conns} must be below max_conns={max_conns} \
+                 (the rest serves gets, puts and locks)"
+            )));
+        }
         Ok(Settings {
             bases,
             agents,
@@ -175,6 +219,8 @@ impl Settings {
             lock_delay,
             ca_file,
             timeout,
+            max_conns,
+            max_watch_conns,
         })
     }
 }
@@ -208,6 +254,15 @@ mod tests {
             "reads never miss an acknowledged write unless asked to"
         );
         assert_eq!(s.lock_delay, Duration::ZERO);
+        assert_eq!((s.max_conns, s.max_watch_conns), (32, 16));
+        let s = parse("consul://h?max_conns=8&max_watch_conns=3").unwrap();
+        assert_eq!((s.max_conns, s.max_watch_conns), (8, 3));
+        let s = parse("consul://h?max_conns=4").unwrap();
+        assert_eq!(
+            (s.max_conns, s.max_watch_conns),
+            (4, 3),
+            "fits the smaller total"
+        );
         for (v, c) in [
             ("consistent", Consistency::Consistent),
             ("default", Consistency::Default),
@@ -236,6 +291,10 @@ mod tests {
             "consul://h:1?lock_delay=2m",
             "consul://h:1?ca_file=/x.pem",
             "consul://h:1?dc=a/b",
+            "consul://h:1?max_conns=0",
+            "consul://h:1?max_conns=1",
+            "consul://h:1?max_conns=8&max_watch_conns=8",
+            "consul://h:1?max_watch_conns=x",
         ] {
             let e = parse(url).err().unwrap_or_else(|| panic!("{url} accepted"));
             assert_eq!(e.kind(), anykv_core::ErrorKind::InvalidUrl, "{url}: {e}");

@@ -1,12 +1,25 @@
-//! Watches: blocking queries diffed into events.
+//! Watches: shared blocking queries, fanned out and diffed into events.
 //!
-//! One *hub* per watched key or prefix runs the blocking loop (`GET
-//! kv/<key>` or `GET kv/<prefix>/?recurse` with `?index=&wait=`) and
-//! publishes each answer as a snapshot; every watch stream on that target
-//! diffs consecutive snapshots against its own view. So N watchers of one
-//! prefix cost one blocking query, and each stream still starts from its
-//! own consistent baseline read (taken before `watch` returns, so a write
-//! made after `watch` returns is never part of the baseline).
+//! The [`Registry`] holds every open watch (*member*) and the *hubs* that
+//! serve them: one blocking loop each (`GET kv/<key>` or `GET
+//! kv/<prefix>?recurse` with `?index=&wait=`), at most `max_watch_conns`.
+//! [`plan`] decides the hubs' scopes from the members' targets (see its
+//! docs); each member is routed to the hub whose scope covers its target,
+//! and re-routed when the plan changes (a stream takes its place in the new
+//! hub's sequence at once, so nothing published meanwhile is lost).
+//!
+//! A hub's query loop parks the next query as soon as an answer's body has
+//! arrived and hands the body to its publisher task, which decodes it
+//! (reusing the entries whose indexes did not change) and publishes a
+//! snapshot into a ring of [`FAN_OUT_BUFFER`] answers shared by the hub's
+//! streams (plus the latest one, for late joiners and for streams that fall
+//! out of the ring). Every stream diffs consecutive snapshots against its
+//! own view, restricted to its target, so N watchers under one scope cost
+//! one blocking query, and each stream still starts from its own
+//! consistent baseline read (taken before `watch` returns, so a write made
+//! after `watch` returns is never part of the baseline). A handle's own puts
+//! are recorded, so that states a shared query skipped over can be replayed
+//! ([`intermediate`]).
 //!
 //! Index rules (Consul's "Blocking Queries" documentation, and what a
 //! restarted server does): the hub keeps the index of the last answer it
@@ -26,23 +39,32 @@
 //! `consistent` read (or a read at least as new as the last published one)
 //! vouched for: a delete is never invented, and a put never re-emitted.
 //!
-//! A hub ends when its last stream is dropped: its in-flight request is
-//! dropped with it, which closes the connection and ends the query on the
-//! agent. [`Registry::close`] ends every stream with `Cancelled`.
+//! A hub ends when the plan no longer has its scope (its last stream was
+//! dropped, or its streams moved): its task is aborted and its in-flight
+//! request dropped with it, which closes the connection and ends the query
+//! on the agent. [`Registry::close`] ends every stream with `Cancelled`.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use anykv_core::{Error, ErrorKind, Event, Key, KvPair, Result, Start, Target, WatchStream};
+use anykv_core::{
+    Error, ErrorKind, Event, Key, KvPair, Result, Start, Target, Version, WatchStream,
+};
+use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::watch;
+use serde::Deserialize;
+use tokio::sync::{
+    broadcast::error::{RecvError, TryRecvError},
+    watch,
+};
 
 use crate::{
     Inner,
-    error::BACKEND,
+    error::{self, BACKEND},
     kv::{ReadMode, blocking_deadline, entry},
 };
 
@@ -121,8 +143,9 @@ impl Fault {
     }
 }
 
-/// What a hub reads: one key, or everything below a directory.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// What a hub reads: one key, or everything below a directory (`path`
+/// then ends in `/`, or is empty for the root).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Scope {
     path: String,
     recurse: bool,
@@ -141,36 +164,219 @@ impl Scope {
             },
         }
     }
+
+    /// Whether this scope's answers contain everything `other` reads.
+    fn covers(&self, other: &Scope) -> bool {
+        if self.recurse {
+            other.path.starts_with(&self.path)
+        } else {
+            self == other
+        }
+    }
 }
 
-type Channel = watch::Sender<Option<Arc<Snapshot>>>;
+/// How many answers a hub keeps for streams that have not read them yet.
+/// A stream further behind is dropped from the sequence and re-synced to
+/// the latest answer (Converge: it emits the differences).
+const FAN_OUT_BUFFER: usize = 1024;
 
-/// The running hubs of one store, and its close signal.
+/// A hub's output: every answer in order (a ring of [`FAN_OUT_BUFFER`]
+/// shared by all its streams; sending never waits for a reader), and the
+/// latest one, for streams that join or fall behind.
+#[derive(Clone)]
+struct Channel {
+    latest: Arc<watch::Sender<Option<Arc<Snapshot>>>>,
+    all: tokio::sync::broadcast::Sender<Arc<Change>>,
+}
+
+/// One answer as the ring carries it: what changed since the hub's
+/// previous answer, so that the ring costs the size of the changes, not
+/// of the scope.
+#[derive(Debug)]
+struct Change {
+    index: u64,
+    epoch: u64,
+    /// Keys changed since the previous answer: the new entry, or `None`
+    /// for a key gone.
+    changes: Vec<(Key, Option<KvPair>)>,
+    /// The whole state, when no previous answer is there to compare with
+    /// (the first answer, and resets: streams diff against it).
+    full: Option<Entries>,
+    fault: Option<Fault>,
+    outages: u64,
+    last_fault: Option<Fault>,
+}
+
+/// The keys that differ between two states (by `ModifyIndex`).
+fn delta(old: &BTreeMap<Key, KvPair>, new: &BTreeMap<Key, KvPair>) -> Vec<(Key, Option<KvPair>)> {
+    let mut out: Vec<(Key, Option<KvPair>)> = new
+        .iter()
+        .filter(|(k, p)| old.get(*k).map(|o| o.mod_revision) != Some(p.mod_revision))
+        .map(|(k, p)| (k.clone(), Some(p.clone())))
+        .collect();
+    out.extend(
+        old.keys()
+            .filter(|k| !new.contains_key(*k))
+            .map(|k| (k.clone(), None)),
+    );
+    out
+}
+
+impl Channel {
+    fn new() -> Channel {
+        Channel {
+            latest: Arc::new(watch::channel(None).0),
+            all: tokio::sync::broadcast::channel(FAN_OUT_BUFFER).0,
+        }
+    }
+
+    fn send(&self, snapshot: Snapshot) {
+        let previous = self.current();
+        let (changes, full) = match &previous {
+            _ if snapshot.fault.is_some() => (Vec::new(), None),
+            Some(p) if p.epoch == snapshot.epoch && p.index > 0 => {
+                (delta(&p.entries, &snapshot.entries), None)
+            }
+            _ => (Vec::new(), Some(snapshot.entries.clone())),
+        };
+        let change = Change {
+            index: snapshot.index,
+            epoch: snapshot.epoch,
+            changes,
+            full,
+            fault: snapshot.fault.clone(),
+            outages: snapshot.outages,
+            last_fault: snapshot.last_fault.clone(),
+        };
+        self.latest.send_replace(Some(Arc::new(snapshot)));
+        // No stream listening is fine: nobody to tell.
+        let _ = self.all.send(Arc::new(change));
+    }
+
+    fn current(&self) -> Option<Arc<Snapshot>> {
+        self.latest.borrow().clone()
+    }
+}
+
+/// What a stream's route names: the channel of the hub serving it, and a
+/// place in its sequence taken when the planner moved the stream there
+/// (so nothing the hub publishes before the stream looks is lost).
+#[derive(Clone)]
+struct Feed {
+    channel: Channel,
+    seq: Arc<Mutex<Option<tokio::sync::broadcast::Receiver<Arc<Change>>>>>,
+    /// The hub's latest answer when the place was taken (taken first, so
+    /// this is at most as new as the first answer of the sequence).
+    at: Option<Arc<Snapshot>>,
+}
+
+impl Feed {
+    fn of(channel: &Channel) -> Feed {
+        let seq = channel.all.subscribe();
+        Feed {
+            seq: Arc::new(Mutex::new(Some(seq))),
+            at: channel.current(),
+            channel: channel.clone(),
+        }
+    }
+
+    /// The place in the sequence (taken once; a fresh one after that).
+    fn take_seq(&self) -> tokio::sync::broadcast::Receiver<Arc<Change>> {
+        let taken = self.seq.lock().unwrap_or_else(|p| p.into_inner()).take();
+        taken.unwrap_or_else(|| self.channel.all.subscribe())
+    }
+}
+
+/// The running hubs of one store, the watches they serve, and the close
+/// signal.
 pub(crate) struct Registry {
-    hubs: Mutex<HashMap<Scope, Channel>>,
+    state: Mutex<State>,
+    /// This handle's latest puts, for hubs whose query saw only a later
+    /// state of the key (see [`intermediate`]).
+    recent: Recent,
+    /// Whether any hub runs (puts are recorded only then).
+    running: std::sync::atomic::AtomicBool,
+    /// Most hubs at once: the watches' share of connections.
+    limit: usize,
     /// Bumped by `close()`: streams opened before end with `Cancelled`.
     closed: watch::Sender<u64>,
 }
 
-impl Default for Registry {
-    fn default() -> Self {
-        Registry {
-            hubs: Mutex::new(HashMap::new()),
-            closed: watch::channel(0).0,
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    /// Every open watch stream, by id.
+    members: HashMap<u64, Member>,
+    /// The hubs of the current plan.
+    hubs: HashMap<Scope, Hub>,
+}
+
+/// One watch stream, as the planner sees it.
+struct Member {
+    /// What it watches.
+    scope: Scope,
+    /// The hub serving it now.
+    hub: Scope,
+    /// Tells the stream when it moves to another hub.
+    route: watch::Sender<Feed>,
+}
+
+/// A running blocking loop.
+struct Hub {
+    tx: Channel,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // The store is gone: end every stream, then every query.
+        for hub in self.state().hubs.values() {
+            let fault = Fault {
+                kind: ErrorKind::Cancelled,
+                message: "the store was dropped".into(),
+            };
+            let outages = hub.tx.current().map_or(0, |s| s.outages) + 1;
+            publish_fault(&hub.tx, fault, outages);
+            hub.task.abort();
         }
     }
 }
 
 impl Registry {
-    fn hubs(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, Channel>> {
-        // The map is only ever inserted into / removed from: a panic cannot
-        // leave it half-updated, so poisoning is ignored.
-        self.hubs.lock().unwrap_or_else(|p| p.into_inner())
+    /// A registry whose hubs stay within `limit` blocking queries.
+    pub(crate) fn new(limit: usize) -> Registry {
+        Registry {
+            state: Mutex::new(State::default()),
+            recent: Recent::default(),
+            running: std::sync::atomic::AtomicBool::new(false),
+            limit: limit.max(1),
+            closed: watch::channel(0).0,
+        }
     }
 
-    /// Running hubs.
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update leaves the state whole before it can panic (inserts,
+        // removals, channel sends), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether any watch runs.
+    pub(crate) fn active(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records a put this handle made (its committed entry).
+    pub(crate) fn local_put(&self, pair: KvPair) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= RECENT_PUTS {
+            recent.pop_front();
+        }
+        recent.push_back(pair);
+    }
+
+    /// Running hubs (blocking loops).
     pub(crate) fn len(&self) -> usize {
-        self.hubs().len()
+        self.state().hubs.len()
     }
 
     /// Ends every open stream with `Cancelled`.
@@ -178,33 +384,204 @@ impl Registry {
         self.closed.send_modify(|g| *g += 1);
     }
 
-    /// A receiver on the hub for `scope`, starting the hub if needed.
-    fn subscribe(
-        &self,
-        inner: &Arc<Inner>,
-        scope: &Scope,
-    ) -> watch::Receiver<Option<Arc<Snapshot>>> {
-        let mut hubs = self.hubs();
-        if let Some(tx) = hubs.get(scope) {
-            return tx.subscribe();
+    /// Registers a watch of `scope`: its id and the route to its hub.
+    fn join(&self, inner: &Arc<Inner>, scope: Scope) -> (u64, watch::Receiver<Feed>) {
+        let mut state = self.state();
+        let id = state.next_id;
+        state.next_id += 1;
+        // With every query in use, a watch that a running one covers joins
+        // it without a re-plan (which costs O(watches)).
+        if state.hubs.len() >= self.limit
+            && let Some((cover, hub)) = state.hubs.iter().find(|(c, _)| c.covers(&scope))
+        {
+            let (route, rx) = watch::channel(Feed::of(&hub.tx));
+            let hub = cover.clone();
+            state.members.insert(id, Member { scope, hub, route });
+            return (id, rx);
         }
-        let (tx, rx) = watch::channel(None);
-        hubs.insert(scope.clone(), tx.clone());
-        tokio::spawn(run_hub(Arc::downgrade(inner), scope.clone(), tx));
-        rx
+        // A placeholder route, replaced by the plan right below.
+        let (route, rx) = watch::channel(Feed::of(&Channel::new()));
+        state.members.insert(
+            id,
+            Member {
+                scope: scope.clone(),
+                hub: scope,
+                route,
+            },
+        );
+        self.replan(&mut state, inner, Some(id));
+        (id, rx)
     }
 
-    /// Called by a hub whose streams are all gone: unregisters it unless a
-    /// stream subscribed meanwhile (subscription happens under the same lock).
-    fn retire(&self, scope: &Scope, tx: &Channel) -> bool {
-        let mut hubs = self.hubs();
-        if tx.receiver_count() > 0 {
-            return false;
+    /// Unregisters a watch; a hub nobody needs any more stops at once.
+    fn leave(&self, inner: &Arc<Inner>, id: u64) {
+        let mut state = self.state();
+        let Some(gone) = state.members.remove(&id) else {
+            return;
+        };
+        // Re-plan when a query is no longer needed, or when few watches
+        // are left (they may get narrower queries); else the plan stays.
+        let orphaned = !state.members.values().any(|m| m.hub == gone.hub);
+        if orphaned || state.members.len() <= self.limit {
+            self.replan(&mut state, inner, None);
         }
-        if hubs.get(scope).is_some_and(|t| t.same_channel(tx)) {
-            hubs.remove(scope);
+    }
+
+    /// Brings the hubs in line with the plan for the current watches:
+    /// starts the hubs it adds, moves each watch to the hub covering it
+    /// (`fresh` is routed whether or not its hub changed), stops the rest.
+    fn replan(&self, state: &mut State, inner: &Arc<Inner>, fresh: Option<u64>) {
+        let plan = plan(state.members.values().map(|m| &m.scope), self.limit);
+        for scope in &plan {
+            if !state.hubs.contains_key(scope) {
+                let tx = Channel::new();
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    // No runtime (a stream dropped outside one): no hub to
+                    // start; the next join or leave inside one re-plans.
+                    continue;
+                };
+                let task = runtime
+                    .spawn(run_hub(
+                        Arc::downgrade(inner),
+                        scope.clone(),
+                        tx.clone(),
+                        self.recent.clone(),
+                    ))
+                    .abort_handle();
+                state.hubs.insert(scope.clone(), Hub { tx, task });
+            }
         }
-        true
+        for (id, m) in state.members.iter_mut() {
+            let Some(cover) = plan.iter().find(|c| c.covers(&m.scope)) else {
+                continue;
+            };
+            if *cover != m.hub || fresh == Some(*id) {
+                if let Some(hub) = state.hubs.get(cover) {
+                    m.hub = cover.clone();
+                    m.route.send_replace(Feed::of(&hub.tx));
+                }
+            }
+        }
+        self.running.store(
+            !state.members.is_empty(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        state.hubs.retain(|scope, hub| {
+            let keep = plan.contains(scope);
+            if !keep {
+                // Dropping the task drops its in-flight request: the
+                // connection closes and the query ends on the agent.
+                hub.task.abort();
+            }
+            keep
+        });
+    }
+}
+
+/// The scopes to run blocking queries on for watches of `targets`: at most
+/// `limit`, each target covered by one of them.
+///
+/// Consul's `?recurse` reads every key that starts with a string, not only
+/// a directory, so the planner works on a trie of the targets' paths: it
+/// starts from one scope, the longest common prefix of all paths, and
+/// repeatedly splits the scope holding the most targets into one scope per
+/// next character (each the longest common prefix of its targets; a lone
+/// key becomes an exact key read, a lone prefix its own directory), while
+/// the total stays within `limit`. A scope whose prefix is itself a watched
+/// directory is not split (that watch needs the whole directory).
+///
+/// Why split the busiest scope first: a scope's query returns every pair
+/// under it on each change, and writes in quick succession under one scope
+/// can land while its query is being re-sent (one round trip), so that a
+/// watch sees only their result. Spreading targets over as many scopes as
+/// the bound allows keeps answers small and makes it unlikely that two
+/// writes race one query.
+fn plan<'a>(targets: impl Iterator<Item = &'a Scope>, limit: usize) -> Vec<Scope> {
+    let all: Vec<Scope> = targets
+        .cloned()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if all.is_empty() {
+        return Vec::new();
+    }
+    let mut groups = vec![Group::new(all)];
+    loop {
+        let mut order: Vec<usize> = (0..groups.len())
+            .filter(|&i| groups[i].splittable())
+            .collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(groups[i].targets.len()));
+        let mut done = true;
+        for i in order {
+            let parts = groups[i].split();
+            if groups.len() - 1 + parts.len() <= limit.max(1) {
+                groups.swap_remove(i);
+                groups.extend(parts);
+                done = false;
+                break;
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    let mut scopes: Vec<Scope> = groups.iter().map(Group::scope).collect();
+    scopes.sort();
+    scopes
+}
+
+/// Targets that share one scope, and their longest common prefix.
+struct Group {
+    prefix: String,
+    targets: Vec<Scope>,
+}
+
+impl Group {
+    fn new(targets: Vec<Scope>) -> Group {
+        let mut prefix = targets.first().map(|t| t.path.clone()).unwrap_or_default();
+        for t in &targets {
+            let common = prefix
+                .char_indices()
+                .zip(t.path.chars())
+                .find(|((_, a), b)| a != b)
+                .map_or(prefix.len().min(t.path.len()), |((i, _), _)| i);
+            let mut cut = common.min(t.path.len());
+            while !prefix.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            prefix.truncate(cut);
+        }
+        Group { prefix, targets }
+    }
+
+    /// One target alone is read as itself; several, by their prefix.
+    fn scope(&self) -> Scope {
+        match self.targets.as_slice() {
+            [one] => one.clone(),
+            _ => Scope {
+                path: self.prefix.clone(),
+                recurse: true,
+            },
+        }
+    }
+
+    fn splittable(&self) -> bool {
+        self.targets.len() > 1
+            && !self
+                .targets
+                .iter()
+                .any(|t| t.recurse && t.path == self.prefix)
+    }
+
+    /// The targets by the character after the prefix (a key equal to the
+    /// prefix has none: it is a group of its own).
+    fn split(&self) -> Vec<Group> {
+        let mut by_next: BTreeMap<Option<char>, Vec<Scope>> = BTreeMap::new();
+        for t in &self.targets {
+            let next = t.path[self.prefix.len()..].chars().next();
+            by_next.entry(next).or_default().push(t.clone());
+        }
+        by_next.into_values().map(Group::new).collect()
     }
 }
 
@@ -263,36 +640,88 @@ impl Cursor {
     }
 }
 
-/// One answer, decoded: the entries and `X-Consul-Index`.
-type Answer = (BTreeMap<Key, KvPair>, u64);
+/// One answer, undecoded: the JSON body (`None`: 404, nothing there) and
+/// `X-Consul-Index`.
+type Answer = (Option<Bytes>, u64);
 
-fn decode(kvs: Vec<consulrs::api::kv::common::KVPair>, index: u64) -> Result<Answer> {
+/// How many answers may wait for decoding while the query is already
+/// parked again; a full queue pauses the query (never drops an answer).
+const ANSWER_QUEUE: usize = 16;
+
+/// One entry of a KV answer, borrowed from the body: only what a stream
+/// needs (values are decoded only for entries that changed).
+#[derive(Deserialize)]
+struct RawPair<'a> {
+    #[serde(rename = "Key", borrow)]
+    key: Cow<'a, str>,
+    #[serde(rename = "Value", borrow, default)]
+    value: Option<Cow<'a, str>>,
+    #[serde(rename = "CreateIndex")]
+    create_index: u64,
+    #[serde(rename = "ModifyIndex")]
+    modify_index: u64,
+}
+
+/// Decodes an answer, reusing the entries of `prev` whose indexes did not
+/// change: a wide scope answers with every pair below it on each change,
+/// and only the changed ones need their values decoded.
+fn decode(body: Option<&[u8]>, prev: &BTreeMap<Key, KvPair>) -> Result<BTreeMap<Key, KvPair>> {
+    use base64::Engine;
     let mut entries = BTreeMap::new();
-    for kv in kvs {
-        if let Some(e) = entry(kv)? {
-            entries.insert(e.pair.key.clone(), e.pair);
+    let Some(body) = body else {
+        return Ok(entries);
+    };
+    let raw: Vec<RawPair<'_>> = serde_json::from_slice(body)
+        .map_err(|e| error::internal("watch: unexpected reply from consul", e))?;
+    for r in raw {
+        if let Some((k, p)) = prev.get_key_value(r.key.as_ref())
+            && p.mod_revision == r.modify_index
+            && p.create_revision == r.create_index
+        {
+            entries.insert(k.clone(), p.clone());
+            continue;
         }
+        // Names no anykv client could write are skipped, as everywhere.
+        let Some(key) = Key::from_backend(&r.key) else {
+            continue;
+        };
+        let value = match r.value {
+            None => Bytes::new(),
+            Some(b64) => Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64.as_bytes())
+                    .map_err(|e| error::internal(format!("value of {key} is not base64"), e))?,
+            ),
+        };
+        entries.insert(
+            key.clone(),
+            KvPair {
+                key,
+                value,
+                version: Version::new(r.modify_index),
+                create_revision: r.create_index,
+                mod_revision: r.modify_index,
+            },
+        );
     }
-    Ok((entries, index))
+    Ok(entries)
 }
 
 /// One step of the loop: a blocking query from `cursor.ask`, and, if its
 /// answer cannot be trusted, the `consistent` re-read that replaces it.
 /// `Ok(None)`: nothing to publish.
 async fn query(store: &Inner, scope: &Scope, cursor: &mut Cursor) -> Result<Option<Answer>> {
-    let mode = ReadMode::blocking(cursor.ask, BLOCK_WAIT);
+    let mode = ReadMode::blocking(cursor.ask, BLOCK_WAIT).for_watch();
     let slack = store.http.settings().timeout;
     let deadline = blocking_deadline(BLOCK_WAIT, slack);
     // Bound the request ourselves too: a hung agent must not stall the loop.
-    let (kvs, index) =
-        tokio::time::timeout(deadline, store.read_raw(&scope.path, scope.recurse, mode))
-            .await
-            .map_err(|_| Error::Timeout {
-                backend: BACKEND,
-                operation: "watch",
-                after: deadline,
-            })??;
-    let answer = decode(kvs, index)?;
+    let answer = tokio::time::timeout(deadline, store.read_body(&scope.path, scope.recurse, mode))
+        .await
+        .map_err(|_| Error::Timeout {
+            backend: BACKEND,
+            operation: "watch",
+            after: deadline,
+        })??;
     match cursor.on_answer(answer.1, store.is_consistent(mode)) {
         Step::Wait => Ok(None),
         Step::Publish { .. } => Ok(Some(answer)),
@@ -303,10 +732,9 @@ async fn query(store: &Inner, scope: &Scope, cursor: &mut Cursor) -> Result<Opti
                 published = cursor.published,
                 "consul watch: answer older than the last one; confirming with a consistent read"
             );
-            let (kvs, index) = store
-                .read_raw(&scope.path, scope.recurse, ReadMode::CONSISTENT)
+            let confirmed = store
+                .read_body(&scope.path, scope.recurse, ReadMode::CONSISTENT.for_watch())
                 .await?;
-            let confirmed = decode(kvs, index)?;
             match cursor.on_answer(confirmed.1, true) {
                 Step::Wait => Ok(None),
                 Step::Publish { .. } | Step::Confirm => Ok(Some(confirmed)),
@@ -315,8 +743,33 @@ async fn query(store: &Inner, scope: &Scope, cursor: &mut Cursor) -> Result<Opti
     }
 }
 
-/// The blocking loop of one scope.
-async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
+/// What the query loop hands to the hub's publisher, in order.
+enum Msg {
+    Answer {
+        answer: Answer,
+        index: u64,
+        epoch: u64,
+        outages: u64,
+        last_fault: Option<Fault>,
+    },
+    Fault {
+        fault: Fault,
+        outages: u64,
+    },
+}
+
+/// The blocking loop of one scope. Runs until the registry aborts it (no
+/// watch needs its scope any more) or the store is dropped.
+///
+/// The query is parked again as soon as an answer's body has arrived;
+/// decoding and publishing happen in a second task fed in order. So the
+/// time in which the agent holds no query for this scope (and writes in
+/// quick succession could be seen only as their result) is one round
+/// trip, however wide the scope, as for a single-key query.
+async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel, recent: Recent) {
+    let (queue, answers) = tokio::sync::mpsc::channel(ANSWER_QUEUE);
+    // Ends once the queue is drained after this loop ends (abort included).
+    tokio::spawn(publish(answers, tx, scope.clone(), recent));
     let mut cursor = Cursor::default();
     let mut backoff = FIRST_BACKOFF;
     let mut failing = false;
@@ -329,36 +782,32 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
                 kind: ErrorKind::Cancelled,
                 message: "the store was dropped".into(),
             };
-            publish_fault(&tx, fault, outages + 1);
+            let _ = queue
+                .send(Msg::Fault {
+                    fault,
+                    outages: outages + 1,
+                })
+                .await;
             return;
         };
-        let outcome = tokio::select! {
-            _ = tx.closed() => None,
-            r = query(&store, &scope, &mut cursor) => Some(r),
-        };
-        let Some(result) = outcome else {
-            drop(store);
-            if store_retire(&inner, &scope, &tx) {
-                return;
-            }
-            continue;
-        };
-        match result {
+        let result = query(&store, &scope, &mut cursor).await;
+        drop(store);
+        let msg = match result {
             Ok(None) => {
                 backoff = FIRST_BACKOFF;
                 failing = false;
+                None
             }
-            Ok(Some((entries, _))) => {
+            Ok(Some(answer)) => {
                 backoff = FIRST_BACKOFF;
                 failing = false;
-                tx.send_replace(Some(Arc::new(Snapshot {
+                Some(Msg::Answer {
+                    answer,
                     index: cursor.published,
                     epoch: cursor.epoch,
-                    entries: Arc::new(entries),
-                    fault: None,
                     outages,
                     last_fault: last_fault.clone(),
-                })));
+                })
             }
             Err(e) => {
                 let fault = Fault::from_error(&e);
@@ -367,25 +816,140 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel) {
                 } else {
                     backoff
                 };
+                let mut msg = None;
                 if !failing || fault.is_fatal() {
                     tracing::debug!(error = %e, path = %scope.path, "consul watch query failed; retrying");
                     outages += 1;
                     last_fault = Some(fault.clone());
-                    publish_fault(&tx, fault, outages);
+                    msg = Some(Msg::Fault { fault, outages });
                 }
                 failing = true;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
-                drop(store);
                 cursor.on_failure();
-                tokio::select! {
-                    _ = tx.closed() => {
-                        if store_retire(&inner, &scope, &tx) {
-                            return;
+                if let Some(m) = msg.take()
+                    && queue.send(m).await.is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                None
+            }
+        };
+        if let Some(m) = msg
+            && queue.send(m).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// How many of its own puts a handle remembers for its watches.
+const RECENT_PUTS: usize = 4096;
+
+type Recent = Arc<Mutex<VecDeque<KvPair>>>;
+
+/// The states between two answers that this handle's own puts prove.
+///
+/// A shared query can miss states: writes that land while it is being
+/// re-sent are seen only as their result (a put then a delete of one key
+/// shows as nothing new). Puts this handle made are known exactly, though
+/// (key, value, index): for each such put in `scope` with an index between
+/// the previous answer's (`from`) and the new one's that the new answer no
+/// longer shows, this returns a state at the put's index: the previous
+/// state with the new answer's entries up to that index and the put. So
+/// streams see the put, in revision order, before what the new answer
+/// shows after it (deletes keep the new answer's index, as always).
+fn intermediate(
+    recent: &Recent,
+    scope: &Scope,
+    from: u64,
+    prev: &Entries,
+    new: &BTreeMap<Key, KvPair>,
+    to: u64,
+) -> Vec<(u64, Entries)> {
+    let mut missed: Vec<KvPair> = {
+        let recent = recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent
+            .iter()
+            .filter(|p| p.mod_revision > from && p.mod_revision < to)
+            .filter(|p| {
+                scope.covers(&Scope {
+                    path: p.key.as_str().to_owned(),
+                    recurse: false,
+                })
+            })
+            .filter(|p| new.get(&p.key).map(|n| n.mod_revision) != Some(p.mod_revision))
+            .cloned()
+            .collect()
+    };
+    missed.sort_by_key(|p| p.mod_revision);
+    let mut states = Vec::new();
+    let mut state: BTreeMap<Key, KvPair> = (**prev).clone();
+    for put in missed {
+        let at = put.mod_revision;
+        for (k, p) in new.iter().filter(|(_, p)| p.mod_revision <= at) {
+            state.insert(k.clone(), p.clone());
+        }
+        state.insert(put.key.clone(), put);
+        states.push((at, Arc::new(state.clone())));
+    }
+    states
+}
+
+/// The hub's publisher: decodes answers in order and publishes them.
+async fn publish(
+    mut answers: tokio::sync::mpsc::Receiver<Msg>,
+    tx: Channel,
+    scope: Scope,
+    recent: Recent,
+) {
+    let mut entries: Entries = Entries::default();
+    let mut last: Option<(u64, u64)> = None;
+    while let Some(msg) = answers.recv().await {
+        match msg {
+            Msg::Fault { fault, outages } => publish_fault(&tx, fault, outages),
+            Msg::Answer {
+                answer,
+                index,
+                epoch,
+                outages,
+                last_fault,
+            } => match decode(answer.0.as_deref(), &entries) {
+                Ok(decoded) => {
+                    if let Some((from, e)) = last
+                        && e == epoch
+                    {
+                        for (at, state) in
+                            intermediate(&recent, &scope, from, &entries, &decoded, index)
+                        {
+                            tx.send(Snapshot {
+                                index: at,
+                                epoch,
+                                entries: state,
+                                fault: None,
+                                outages,
+                                last_fault: last_fault.clone(),
+                            });
                         }
                     }
-                    _ = tokio::time::sleep(delay) => {}
+                    last = Some((index, epoch));
+                    entries = Arc::new(decoded);
+                    tx.send(Snapshot {
+                        index,
+                        epoch,
+                        entries: entries.clone(),
+                        fault: None,
+                        outages,
+                        last_fault,
+                    });
                 }
-            }
+                Err(e) => {
+                    // A body that is not Consul's JSON: reported like a
+                    // failed query; the next answer replaces it.
+                    let fault = Fault::from_error(&e);
+                    publish_fault(&tx, fault, outages + 1);
+                }
+            },
         }
     }
 }
@@ -399,27 +963,18 @@ pub(crate) fn next_index(previous: u64, answered: u64) -> (u64, bool) {
     (answered.max(1), answered < previous)
 }
 
-fn store_retire(inner: &std::sync::Weak<Inner>, scope: &Scope, tx: &Channel) -> bool {
-    match inner.upgrade() {
-        Some(store) => store.watches.retire(scope, tx),
-        None => true,
-    }
-}
-
 fn publish_fault(tx: &Channel, fault: Fault, outages: u64) {
-    tx.send_modify(|cur| {
-        let (index, epoch, entries) = match cur {
-            Some(s) => (s.index, s.epoch, s.entries.clone()),
-            None => (0, 0, Entries::default()),
-        };
-        *cur = Some(Arc::new(Snapshot {
-            index,
-            epoch,
-            entries,
-            fault: Some(fault.clone()),
-            outages,
-            last_fault: Some(fault),
-        }));
+    let (index, epoch, entries) = match tx.current() {
+        Some(s) => (s.index, s.epoch, s.entries.clone()),
+        None => (0, 0, Entries::default()),
+    };
+    tx.send(Snapshot {
+        index,
+        epoch,
+        entries,
+        fault: Some(fault.clone()),
+        outages,
+        last_fault: Some(fault),
     });
 }
 
@@ -429,11 +984,15 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
     let closed = inner.watches.closed.subscribe();
     // Subscribe first, read second: a snapshot published in between is
     // either older than the baseline (skipped) or newer (diffed).
-    let rx = inner.watches.subscribe(inner, &scope);
-    let (epoch, outages) = rx
-        .borrow()
-        .as_ref()
-        .map_or((0, 0), |s| (s.epoch, s.outages));
+    let (id, mut route) = inner.watches.join(inner, scope.clone());
+    let member = Membership {
+        inner: Arc::downgrade(inner),
+        id,
+    };
+    let route_now = route.borrow_and_update().clone();
+    let seq = route_now.take_seq();
+    let feed = route_now.channel;
+    let (epoch, outages) = feed.current().map_or((0, 0), |s| (s.epoch, s.outages));
     let (kvs, index) = inner
         .read_raw(&scope.path, scope.recurse, ReadMode::CONSISTENT)
         .await?;
@@ -458,11 +1017,14 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
         }));
     }
     let stream = Stream {
-        rx,
+        _member: member,
+        route,
+        feed,
+        seq,
         closed,
         view: View {
             target,
-            entries: Arc::new(view),
+            entries: view,
             index,
             epoch,
         },
@@ -481,7 +1043,8 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
 /// to, the index and epoch of that state.
 struct View {
     target: Target,
-    entries: Entries,
+    /// The entries of the target only.
+    entries: BTreeMap<Key, KvPair>,
     index: u64,
     epoch: u64,
 }
@@ -497,16 +1060,92 @@ impl View {
         // stream already delivered: deletes it reveals carry the higher of
         // the two, so that revisions never go down.
         let events = diff(&self.entries, entries, index.max(self.index), &self.target);
-        self.entries = entries.clone();
+        self.entries = in_target(entries, &self.target)
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect();
         self.index = index;
         self.epoch = epoch;
         events
     }
+
+    /// Like [`advance`](Self::advance), from the changes since the hub's
+    /// previous answer. The view is at least as new as that answer (older
+    /// answers are skipped by index), so keys not among the changes are
+    /// as the view has them.
+    fn advance_by(
+        &mut self,
+        index: u64,
+        epoch: u64,
+        changes: &[(Key, Option<KvPair>)],
+    ) -> Vec<Event> {
+        if epoch == self.epoch && index <= self.index {
+            return Vec::new();
+        }
+        let mut puts = Vec::new();
+        let mut deletes = Vec::new();
+        for (k, new) in changes.iter().filter(|(k, _)| self.target.matches(k)) {
+            match new {
+                Some(p) => {
+                    let old = self.entries.get(k);
+                    if old.map(|o| o.mod_revision) != Some(p.mod_revision) {
+                        puts.push(Event::Put {
+                            kv: p.clone(),
+                            prev: old.cloned(),
+                        });
+                        self.entries.insert(k.clone(), p.clone());
+                    }
+                }
+                None => {
+                    if self.entries.remove(k).is_some() {
+                        deletes.push(Event::Delete {
+                            key: k.clone(),
+                            revision: index.max(self.index),
+                        });
+                    }
+                }
+            }
+        }
+        puts.sort_by_key(Event::revision);
+        puts.extend(deletes);
+        self.index = index;
+        self.epoch = epoch;
+        puts
+    }
+}
+
+/// A stream's registration: dropping the stream leaves the registry at
+/// once, which re-plans (a hub nobody needs stops with its query).
+struct Membership {
+    inner: std::sync::Weak<Inner>,
+    id: u64,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.watches.leave(&inner, self.id);
+        }
+    }
 }
 
 /// One watch stream's state.
+///
+/// Fan-out: a hub publishes its latest answer in a `watch` channel, which
+/// holds one value and never waits for readers. Each stream diffs the
+/// answer it picks up against its own view, restricted to its target
+/// (a lookup for a key, a range for a prefix), so an answer that changes
+/// nothing for it costs no request and no event. A stream that is not read
+/// holds at most its view, one answer and the events of one diff: the hub
+/// never blocks on it, and when it is read again it skips the answers it
+/// missed and emits the differences to the latest (Converge).
 struct Stream {
-    rx: watch::Receiver<Option<Arc<Snapshot>>>,
+    _member: Membership,
+    /// The feed of the hub serving this stream, replaced when the planner
+    /// moves the stream to another hub.
+    route: watch::Receiver<Feed>,
+    feed: Channel,
+    /// This stream's place in the hub's sequence of answers.
+    seq: tokio::sync::broadcast::Receiver<Arc<Change>>,
     closed: watch::Receiver<u64>,
     view: View,
     /// Outages of the hub this stream has reported (or that predate it).
@@ -533,15 +1172,32 @@ impl Stream {
                         message: "the store was closed".into(),
                     }));
                 }
-                changed = self.rx.changed() => match changed {
-                    Ok(()) => self.rx.borrow_and_update().clone(),
-                    Err(_) => {
+                moved = self.route.changed() => {
+                    if moved.is_err() {
                         self.done = true;
-                        return Some(Err(Error::Backend {
-                            backend: BACKEND,
-                            message: "watch loop ended unexpectedly".into(),
-                            source: None,
-                        }));
+                        return Some(Err(ended()));
+                    }
+                    self.drain();
+                    self.switch();
+                    continue;
+                }
+                received = self.seq.recv() => match received {
+                    Ok(c) => {
+                        self.apply_change(&c);
+                        continue;
+                    }
+                    // Fell more than the buffer behind (not read for a
+                    // while): re-sync to the latest answer; the diff emits
+                    // what changed meanwhile.
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::debug!(missed, "consul watch: a slow stream skips to the latest answer");
+                        self.feed.current()
+                    }
+                    // Every sender gone: cannot happen while this stream
+                    // holds its feed, but never spin on it.
+                    Err(RecvError::Closed) => {
+                        self.done = true;
+                        return Some(Err(ended()));
                     }
                 },
             };
@@ -549,6 +1205,69 @@ impl Stream {
                 self.apply(&s);
             }
         }
+    }
+
+    /// Moves to the hub the route names now. The view stays: indexes of
+    /// all hubs are Raft indexes, and a hub's answer at index `i` is the
+    /// state of its scope from `i` until it was read, so an answer not
+    /// above the view's index shows this target as the view has it. Only
+    /// the epoch (a hub's own count of resets) is the new hub's.
+    fn switch(&mut self) {
+        let route = self.route.borrow_and_update().clone();
+        self.seq = route.take_seq();
+        self.feed = route.channel;
+        let (epoch, outages) = route.at.as_ref().map_or((0, 0), |s| (s.epoch, s.outages));
+        self.view.epoch = epoch;
+        self.outages = outages;
+        // The hub's state when the stream moved, then its answers since.
+        if let Some(s) = route.at {
+            self.apply(&s);
+        }
+    }
+
+    /// Applies what the hub this stream leaves published before it stopped
+    /// (the new hub's answers start at its first, full read).
+    fn drain(&mut self) {
+        loop {
+            match self.seq.try_recv() {
+                Ok(c) => self.apply_change(&c),
+                Err(TryRecvError::Lagged(_)) => {
+                    if let Some(s) = self.feed.current() {
+                        self.apply(&s);
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Applies one answer of the ring: its changes, or its whole state.
+    fn apply_change(&mut self, c: &Change) {
+        if c.outages > self.outages {
+            // One error per outage seen, even if it is already over.
+            self.outages = c.outages;
+            if let Some(fault) = c.fault.as_ref().or(c.last_fault.as_ref()) {
+                self.pending.push_back(Err(fault.to_error()));
+            }
+        }
+        if let Some(fault) = &c.fault {
+            if fault.is_fatal() {
+                self.done = true;
+            }
+            return;
+        }
+        let events = match &c.full {
+            Some(full) => self.view.advance(c.index, c.epoch, full),
+            None if c.epoch == self.view.epoch => {
+                self.view.advance_by(c.index, c.epoch, &c.changes)
+            }
+            // A reset this stream did not see the state of: re-sync.
+            None => match self.feed.current() {
+                Some(s) => self.view.advance(s.index, s.epoch, &s.entries),
+                None => Vec::new(),
+            },
+        };
+        self.pending.extend(events.into_iter().map(Ok));
     }
 
     fn apply(&mut self, s: &Snapshot) {
@@ -570,6 +1289,37 @@ impl Stream {
     }
 }
 
+fn ended() -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        message: "watch loop ended unexpectedly".into(),
+        source: None,
+    }
+}
+
+/// The entries of `map` in `target`: a lookup for a key, a range for a
+/// prefix, so that a stream's diff costs what its own target holds, not
+/// what the (possibly much wider) hub scope holds.
+fn in_target<'a>(
+    map: &'a BTreeMap<Key, KvPair>,
+    target: &'a Target,
+) -> Box<dyn Iterator<Item = (&'a Key, &'a KvPair)> + 'a> {
+    match target {
+        Target::Key(k) => Box::new(map.get_key_value(k.as_str()).into_iter()),
+        Target::Prefix(p) => {
+            let dir = p.dir();
+            let from = map.range::<str, _>((
+                std::ops::Bound::Included(dir.as_str()),
+                std::ops::Bound::Unbounded,
+            ));
+            Box::new(
+                from.take_while(move |(k, _)| k.as_str().starts_with(&dir))
+                    .filter(move |(k, _)| target.matches(k)),
+            )
+        }
+    }
+}
+
 /// The events that turn `old` into `new`, in revision order: puts by their
 /// `ModifyIndex`, then deletes at `index` (the answer that showed them).
 fn diff(
@@ -578,21 +1328,17 @@ fn diff(
     index: u64,
     target: &Target,
 ) -> Vec<Event> {
-    let mut puts: Vec<Event> = new
-        .iter()
-        .filter(|(k, p)| {
-            target.matches(k) && old.get(*k).map(|o| o.mod_revision) != Some(p.mod_revision)
-        })
+    let mut puts: Vec<Event> = in_target(new, target)
+        .filter(|(k, p)| old.get(*k).map(|o| o.mod_revision) != Some(p.mod_revision))
         .map(|(k, p)| Event::Put {
             kv: p.clone(),
             prev: old.get(k).cloned(),
         })
         .collect();
     puts.sort_by_key(Event::revision);
-    let deletes = old
-        .keys()
-        .filter(|k| target.matches(k) && !new.contains_key(*k))
-        .map(|k| Event::Delete {
+    let deletes = in_target(old, target)
+        .filter(|(k, _)| !new.contains_key(*k))
+        .map(|(k, _)| Event::Delete {
             key: k.clone(),
             revision: index,
         });
@@ -636,6 +1382,68 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(diff(&new, &new, 12, &all).is_empty());
+    }
+
+    fn key(path: &str) -> Scope {
+        Scope {
+            path: path.into(),
+            recurse: false,
+        }
+    }
+
+    fn dir(path: &str) -> Scope {
+        Scope {
+            path: path.into(),
+            recurse: true,
+        }
+    }
+
+    #[test]
+    fn the_plan_keeps_targets_alone_when_they_fit() {
+        let t = [key("a/b"), dir("a/b/"), key("a/c/d"), dir("x/"), key("x/y")];
+        let p = plan(t.iter(), 10);
+        assert_eq!(p, [key("a/b"), dir("a/b/"), key("a/c/d"), dir("x/")]);
+        assert!(p.iter().any(|c| c.covers(&key("x/y"))));
+        assert!(
+            !dir("a/").covers(&key("a")),
+            "a key is not below its namesake"
+        );
+        assert!(dir("").covers(&key("a")));
+    }
+
+    #[test]
+    fn the_plan_fits_the_bound_whatever_n() {
+        for n in [17usize, 100, 2_000] {
+            let t: Vec<Scope> = (0..n)
+                .map(|i| key(&format!("ns/w/g{}/k{i}", i % 50)))
+                .chain([key("ns/top"), dir("other/deep/er/")])
+                .collect();
+            let p = plan(t.iter(), 16);
+            assert!(p.len() <= 16, "{n}: {p:?}");
+            assert!(p.len() >= 10, "{n}: uses the bound: {p:?}");
+            for s in &t {
+                assert_eq!(
+                    p.iter().filter(|c| c.covers(s)).count(),
+                    1,
+                    "{s:?} covered once by {p:?}"
+                );
+            }
+        }
+        let t: Vec<Scope> = (0..50).map(|i| key(&format!("t{i}"))).collect();
+        let p = plan(t.iter(), 16);
+        assert!(p.len() <= 16 && t.iter().all(|s| p.iter().any(|c| c.covers(s))));
+        assert_eq!(plan(t.iter(), 1), [dir("t")], "one query for all");
+        assert!(plan([].iter(), 16).is_empty());
+        // A watched directory covers what is below it, and is not split.
+        let t = [dir("a/"), key("a/x"), key("a/y"), key("b")];
+        assert_eq!(plan(t.iter(), 16), [dir("a/"), key("b")]);
+        // Multi-byte names split at character boundaries.
+        let t = [key("ü/a"), key("ü/b"), key("üx")];
+        let p = plan(t.iter(), 2);
+        assert!(
+            p.len() <= 2 && t.iter().all(|s| p.iter().any(|c| c.covers(s))),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -704,7 +1512,7 @@ mod tests {
         };
         let mut view = View {
             target: Target::Prefix(Prefix::root()),
-            entries: state(start),
+            entries: (*state(start)).clone(),
             index: at,
             epoch: 0,
         };

@@ -1,0 +1,338 @@
+//! Coalesced watches (issue 13): many watches on one handle share a bounded
+//! number of blocking queries, and connections stay within the bound.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anykv_consul as _; // links the driver so `open` finds it
+use anykv_core::{Condition, Event, Key, Prefix, PutOptions, Start, Store, Target, WatchStream};
+use futures::StreamExt;
+use tokio::time::{Instant, timeout};
+
+/// The next event, with what was expected for the message.
+async fn next(w: &mut WatchStream, what: &str) -> Event {
+    match timeout(Duration::from_secs(20), w.next()).await {
+        Ok(Some(Ok(e))) => e,
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+/// The conformance suite's 500-watch scenario, kept here with messages that
+/// say what arrived: every key watch sees its put, then its delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_watches_see_every_write_in_order() {
+    let Some(url) = common::url("ANYKV_TEST_CONSUL") else {
+        return;
+    };
+    let ns = common::unique("many");
+    let kv = common::open(&url, &ns, "timeout=5s").await;
+    const KEYS: usize = 450;
+    const GROUPS: usize = 50;
+    let name = |i: usize| format!("wm/g{}/k{i}", i % GROUPS);
+    for i in (0..KEYS).step_by(2) {
+        kv.put(
+            &Key::new(name(i)).unwrap(),
+            "0".into(),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut watches = Vec::new();
+    for i in 0..KEYS {
+        watches.push(
+            kv.watch(Target::Key(Key::new(name(i)).unwrap()), Start::Now)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut groups = Vec::new();
+    for g in 0..GROUPS {
+        groups.push(
+            kv.watch(
+                Target::Prefix(Prefix::new(format!("wm/g{g}")).unwrap()),
+                Start::Now,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writer = kv.clone();
+    let writes = tokio::spawn(async move {
+        for i in 0..KEYS {
+            let k = Key::new(name(i)).unwrap();
+            writer
+                .put(&k, format!("v{i}").into(), PutOptions::default())
+                .await
+                .unwrap();
+            if i % 3 == 0 {
+                writer.delete(&k, Condition::Always).await.unwrap();
+            }
+        }
+    });
+    let checks = watches.into_iter().enumerate().map(|(i, mut w)| async move {
+        let e = next(&mut w, "put").await;
+        let want = format!("v{i}");
+        assert!(
+            matches!(&e, Event::Put { kv, .. } if kv.key.as_str() == name(i) && kv.value == want.as_bytes()),
+            "key {i}: expected its put, got {e:?}"
+        );
+        if i % 3 == 0 {
+            let d = next(&mut w, "delete").await;
+            assert!(matches!(&d, Event::Delete { .. }), "key {i}: {d:?}");
+        }
+    });
+    futures::future::join_all(checks).await;
+    // Each group watch: its keys' puts and deletes, in revision order.
+    let groups = groups.into_iter().enumerate().map(|(g, mut w)| async move {
+        let mine: Vec<usize> = (0..KEYS).filter(|i| i % GROUPS == g).collect();
+        let want = mine.len() + mine.iter().filter(|i| *i % 3 == 0).count();
+        let mut seen = Vec::new();
+        for _ in 0..want {
+            let e = next(&mut w, "group").await;
+            seen.push((
+                e.key().to_string(),
+                e.revision(),
+                matches!(e, Event::Put { .. }),
+            ));
+            let n = seen.len();
+            assert!(
+                n < 2 || seen[n - 1].1 > seen[n - 2].1,
+                "group {g} out of order: {seen:?}"
+            );
+        }
+    });
+    futures::future::join_all(groups).await;
+    writes.await.unwrap();
+    kv.delete_prefix(&Prefix::root()).await.unwrap();
+}
+
+/// Sockets of this process connected to `port` on 127.0.0.1 (from
+/// /proc/net/tcp: established connections whose remote port is `port`; the
+/// agent is private to the test, so every one is ours).
+fn sockets_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() > 3
+                && cols[3] == "01"
+                && cols[2]
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                    == Some(port)
+        })
+        .count()
+}
+
+/// Issue 13: 2,000 key watches on one handle (half on keys that exist, half
+/// on keys that do not yet), against an agent with Consul's DEFAULT limits
+/// (200 connections per client address), with puts on every key while they
+/// run: every watch gets its events, nothing is refused, and the handle's
+/// sockets to the agent stay within its bound (32).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_thousand_watches_under_default_limits() {
+    let Some(bin) = common::url("ANYKV_CONSUL_BIN") else {
+        return;
+    };
+    let agent = common::PrivateAgent::start(&bin).await;
+    let port: u16 = agent.url.rsplit(':').next().unwrap().parse().unwrap();
+    let kv = common::open(&agent.url, "big", "timeout=10s").await;
+    const N: usize = 2_000;
+    let name = |i: usize| format!("w/{}/k{i:04}", i % 20);
+    for i in (0..N).step_by(2) {
+        kv.put(
+            &Key::new(name(i)).unwrap(),
+            "0".into(),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampling = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(sockets_to(port), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let opened = Instant::now();
+    let watches = futures::future::join_all((0..N).map(|i| {
+        let kv = kv.clone();
+        async move {
+            kv.watch(Target::Key(Key::new(name(i)).unwrap()), Start::Now)
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    let opened = opened.elapsed();
+    // Every watch reports when it saw the version its key was last put with.
+    let seen: Arc<Mutex<HashMap<usize, (u64, Instant)>>> = Arc::default();
+    let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let readers: Vec<_> = watches
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut w)| {
+            let (seen, errors) = (seen.clone(), errors.clone());
+            tokio::spawn(async move {
+                while let Some(item) = w.next().await {
+                    match item {
+                        Ok(Event::Put { kv, .. }) => {
+                            seen.lock()
+                                .unwrap()
+                                .insert(i, (kv.version.get(), Instant::now()));
+                        }
+                        Ok(other) => panic!("key {i}: unexpected {other:?}"),
+                        Err(e) => {
+                            eprintln!("key {i}: {e}");
+                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    // Two rounds of puts on every key, 8 writers at once.
+    let acked: Arc<Mutex<HashMap<usize, (u64, Instant)>>> = Arc::default();
+    let writing = Instant::now();
+    for _round in 0..2 {
+        futures::future::join_all((0..8).map(|w| {
+            let (kv, acked) = (kv.clone(), acked.clone());
+            async move {
+                for i in (w..N).step_by(8) {
+                    let v = kv
+                        .put(
+                            &Key::new(name(i)).unwrap(),
+                            "x".into(),
+                            PutOptions::default(),
+                        )
+                        .await
+                        .unwrap();
+                    acked.lock().unwrap().insert(i, (v.get(), Instant::now()));
+                }
+            }
+        }))
+        .await;
+    }
+    let writing = writing.elapsed();
+    let acked = acked.lock().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = {
+            let seen = seen.lock().unwrap();
+            acked
+                .iter()
+                .filter(|(i, (v, _))| seen.get(i).is_some_and(|(s, _)| s >= v))
+                .count()
+        };
+        if done == N {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {N} watches saw their key's last put"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut delays: Vec<Duration> = {
+        let seen = seen.lock().unwrap();
+        acked
+            .iter()
+            .map(|(i, (_, at))| seen[i].1.saturating_duration_since(*at))
+            .collect()
+    };
+    delays.sort();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "{N} watches opened in {opened:?}; {} puts in {writing:?}; last-put delivery p50 {:?} p99 {:?} max {:?}; peak sockets to the agent {peak}",
+        2 * N,
+        delays[N / 2],
+        delays[N * 99 / 100],
+        delays[N - 1],
+    );
+    assert_eq!(
+        errors.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "no watch error"
+    );
+    assert!(peak <= 32, "{peak} sockets to the agent, bound 32");
+    sampling.abort();
+    for r in readers {
+        r.abort();
+    }
+}
+
+/// A watch nobody reads does not delay another watch served by the same
+/// query, and when read again it converges to the latest state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_not_read_does_not_delay_the_others() {
+    let Some(url) = common::url("ANYKV_TEST_CONSUL") else {
+        return;
+    };
+    let ns = common::unique("slow");
+    // One query for both keys.
+    let kv = common::open(&url, &ns, "max_conns=4&max_watch_conns=1").await;
+    let (a, b) = (Key::new("s/a").unwrap(), Key::new("s/b").unwrap());
+    let mut stalled = kv.watch(Target::Key(a.clone()), Start::Now).await.unwrap();
+    let mut live = kv.watch(Target::Key(b.clone()), Start::Now).await.unwrap();
+    let mut delays = Vec::new();
+    let mut last_a = 0;
+    for i in 0..1_300 {
+        // More answers for the stalled watch's key than the hub keeps (1,024).
+        last_a = kv
+            .put(&a, format!("{i}").into(), PutOptions::default())
+            .await
+            .unwrap()
+            .get();
+        if i % 50 == 0 {
+            let v = kv
+                .put(&b, format!("{i}").into(), PutOptions::default())
+                .await
+                .unwrap();
+            let at = Instant::now();
+            let e = next(&mut live, "live watch").await;
+            assert_eq!(e.revision(), v.get());
+            delays.push(at.elapsed());
+        }
+    }
+    delays.sort();
+    let worst = delays[delays.len() - 1];
+    println!(
+        "live watch beside a stalled one: p50 {:?}, max {worst:?}",
+        delays[delays.len() / 2]
+    );
+    assert!(
+        worst < Duration::from_secs(2),
+        "the live watch waited {worst:?}"
+    );
+    // The stalled watch, read at last: events in order, ending at the
+    // latest put (it skipped what it fell behind on).
+    let (mut last, mut events) = (0, 0);
+    while last < last_a {
+        let e = next(&mut stalled, "stalled watch").await;
+        assert!(e.revision() > last, "in order");
+        last = e.revision();
+        events += 1;
+    }
+    assert_eq!(last, last_a);
+    assert!(
+        events < 1_300,
+        "fell out of the hub's window and re-synced: {events} events for 1,300 puts"
+    );
+    println!("stalled watch re-synced: {events} events for 1,300 puts");
+    kv.delete_prefix(&Prefix::root()).await.unwrap();
+}
