@@ -158,6 +158,13 @@ struct WatchArgs {
     /// Also write the markdown to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also write every case (spec and result) as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// What code is measured, for the header (default: the HEAD commit of
+    /// the current directory's repository).
+    #[arg(long)]
+    label: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -300,6 +307,10 @@ fn watch(args: WatchArgs) -> Result<()> {
     if let Some(path) = &args.out {
         std::fs::write(path, &out).with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 
@@ -438,7 +449,13 @@ fn header(args: &WatchArgs) -> String {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default()
     };
-    let commit = git(&["log", "-1", "--format=%h %s"]);
+    let code = match &args.label {
+        Some(label) => label.clone(),
+        None => format!(
+            "HEAD `{}` (plus uncommitted work of the tree)",
+            git(&["log", "-1", "--format=%h %s"])
+        ),
+    };
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
@@ -449,7 +466,7 @@ fn header(args: &WatchArgs) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!(
         "# anykv watch bench\n\n\
-         Run {date}, HEAD `{commit}` (plus uncommitted work of the tree), release build. \
+         Run {date}; code: {code}; release build. \
          {cpus} CPUs, load average at the end {}.\n\n\
          Parameters: N = {:?}, one put per watched key at {} puts/s for at most {} s, \
          idle window {} s, drain {} s, setup concurrency {}, {} no-watch puts, \
