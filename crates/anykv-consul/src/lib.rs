@@ -104,10 +104,16 @@
 //!   state they made (in revision order) when its answer already shows a
 //!   later one. Writes of other clients follow Converge as before: if
 //!   several land between two answers, only the resulting state is seen.
-//!   Each hub keeps its last 64 answers for its streams; a stream that is
-//!   not read falls out of that window alone (the query never waits for
-//!   it, memory stays bounded) and, when read again, re-syncs to the latest
-//!   answer and emits the differences (Converge), never an error.
+//!   Each hub keeps its last 1,024 answers for its streams, as the changes
+//!   each made (so the window costs the size of the changes, not of the
+//!   scope); a stream that is not read falls out of that window alone (the
+//!   query never waits for it, memory stays bounded) and, when read again,
+//!   re-syncs to the latest answer and emits the differences (Converge),
+//!   never an error. Measured (debug build, one handle, agent with default
+//!   limits): 2,000 key watches, half on absent keys, 4,000 puts from the
+//!   same handle: all delivered, no error, at most 32 sockets to the agent,
+//!   last-put delivery p50 ≈ 0.1 s, p99 0.4–0.9 s; a watch read beside one
+//!   that is never read: p50 < 1 ms, max < 30 ms.
 //!   The hub keeps the index of its last answer
 //!   across failures; an answer with a lower index is believed only from a
 //!   `consistent` read: a server just restarted answers from its log replay

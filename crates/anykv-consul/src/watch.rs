@@ -455,11 +455,11 @@ impl Registry {
             let Some(cover) = plan.iter().find(|c| c.covers(&m.scope)) else {
                 continue;
             };
-            if *cover != m.hub || fresh == Some(*id) {
-                if let Some(hub) = state.hubs.get(cover) {
-                    m.hub = cover.clone();
-                    m.route.send_replace(Feed::of(&hub.tx));
-                }
+            if (*cover != m.hub || fresh == Some(*id))
+                && let Some(hub) = state.hubs.get(cover)
+            {
+                m.hub = cover.clone();
+                m.route.send_replace(Feed::of(&hub.tx));
             }
         }
         self.running.store(

@@ -43,7 +43,7 @@ async fn two_prefixes_at_one_index_under_concurrent_writers() {
                 // Alternate prefixes; a few keys each, rewritten often.
                 let name = format!(
                     "{}/k{}",
-                    if i % 2 == 0 { "a" } else { "b" },
+                    if i.is_multiple_of(2) { "a" } else { "b" },
                     (w * 7 + i) % 10
                 );
                 let key = Key::new(name.clone()).unwrap();
