@@ -1304,76 +1304,90 @@ mod tests {
 }
 
 #[cfg(test)]
-mod bench_baseline {
+mod bench {
     use super::*;
-    use crate::types::KvPair;
-    use std::collections::HashMap;
+    use crate::layers::{chaos::ChaosLayer, fail_fast::FailFastLayer};
 
-    struct Mem(Mutex<HashMap<String, Bytes>>);
-    const CAPS: Capabilities = Capabilities::full(1 << 20);
+    /// A pass-through user layer: the cost of one extra layer.
+    struct Noop;
 
     #[async_trait]
-    impl Store for Mem {
-        fn backend(&self) -> &'static str {
-            "bench"
-        }
-        fn capabilities(&self) -> &Capabilities {
-            &CAPS
-        }
-        async fn get(&self, k: &Key) -> Result<Option<KvPair>> {
-            let m = self.0.lock().unwrap();
-            Ok(m.get(k.as_str()).map(|v| KvPair {
-                key: k.clone(),
-                value: v.clone(),
-                version: Version::new(1),
-                create_revision: 1,
-                mod_revision: 1,
-            }))
-        }
-        async fn put(&self, k: &Key, v: Bytes, _: PutOptions) -> Result<Version> {
-            self.0.lock().unwrap().insert(k.as_str().to_owned(), v);
-            Ok(Version::new(1))
-        }
-        async fn delete(&self, _: &Key, _: Condition) -> Result<bool> {
-            Ok(false)
-        }
-        async fn list(&self, _: &Prefix) -> Result<Vec<KvPair>> {
-            Ok(vec![])
-        }
-        async fn delete_prefix(&self, _: &Prefix) -> Result<u64> {
-            Ok(0)
-        }
-        async fn probe(&self) -> Result<()> {
-            Ok(())
+    impl Layer for Noop {
+        async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
+            next.run(req).await
         }
     }
 
+    /// ns/op of get and put on the layers' test store, raw and through
+    /// several stacks. `cargo test -p anykv-core --release --all-features
+    /// --lib stack_overhead -- --ignored --nocapture`
     #[tokio::test(flavor = "current_thread")]
     #[ignore = "timing; run with --release --ignored --nocapture"]
     async fn stack_overhead() {
-        let raw: Arc<dyn Store> = Arc::new(Mem(Mutex::default()));
-        let kv = Kv::new(raw.clone(), LayerConfig::default());
+        let raw: Arc<dyn Store> = crate::layers::test_store::TestStore::new();
         let key = Key::new("a/b").unwrap();
-        raw.put(&kv.namespace().join(&key), "v".into(), Default::default())
-            .await
-            .unwrap();
-        const N: u32 = 1_000_000;
-        for (name, s) in [("raw", &raw), ("kv", &(Arc::new(kv) as Arc<dyn Store>))] {
-            let t = std::time::Instant::now();
-            for _ in 0..N {
-                std::hint::black_box(s.get(&key).await.unwrap());
+        raw.put(&key, "v".into(), Default::default()).await.unwrap();
+        let mut stacks: Vec<(&str, Arc<dyn Store>)> = vec![
+            ("raw driver", raw.clone()),
+            (
+                "default stack",
+                Arc::new(Kv::new(raw.clone(), LayerConfig::default())),
+            ),
+            ("no standard layers", {
+                let mut b = Kv::builder_for(raw.clone());
+                for s in StandardLayer::ORDER {
+                    b = b.without(s);
+                }
+                Arc::new(b.build())
+            }),
+            (
+                "default + noop layer",
+                Arc::new(Kv::builder_for(raw.clone()).layer(Noop).build()),
+            ),
+            (
+                "default + chaos (no faults)",
+                Arc::new(
+                    Kv::builder_for(raw.clone())
+                        .layer_below(ChaosLayer::new(1))
+                        .build(),
+                ),
+            ),
+            (
+                "default + fail-fast",
+                Arc::new(
+                    Kv::builder_for(raw.clone())
+                        .layer(FailFastLayer::new())
+                        .build(),
+                ),
+            ),
+        ];
+        #[cfg(feature = "metrics")]
+        stacks.push((
+            "default + metrics (no recorder)",
+            Arc::new(
+                Kv::builder_for(raw.clone())
+                    .layer(crate::layers::metrics::MetricsLayer)
+                    .build(),
+            ),
+        ));
+        const N: u32 = 500_000;
+        for round in 0..2 {
+            for (name, s) in &mut stacks {
+                let t = std::time::Instant::now();
+                for _ in 0..N {
+                    std::hint::black_box(s.get(&key).await.unwrap());
+                }
+                let get = t.elapsed().as_nanos() as f64 / f64::from(N);
+                let t = std::time::Instant::now();
+                for _ in 0..N {
+                    let v = Bytes::from_static(b"v");
+                    std::hint::black_box(s.put(&key, v, Default::default()).await.unwrap());
+                }
+                let put = t.elapsed().as_nanos() as f64 / f64::from(N);
+                if round == 1 {
+                    println!("BENCH {name:32} get {get:6.0} ns/op   put {put:6.0} ns/op");
+                }
             }
-            let get = t.elapsed().as_nanos() as f64 / N as f64;
-            let t = std::time::Instant::now();
-            for _ in 0..N {
-                std::hint::black_box(
-                    s.put(&key, Bytes::from_static(b"v"), Default::default())
-                        .await
-                        .unwrap(),
-                );
-            }
-            let put = t.elapsed().as_nanos() as f64 / N as f64;
-            println!("BENCH {name}: get {get:.0} ns/op, put {put:.0} ns/op");
         }
     }
 }

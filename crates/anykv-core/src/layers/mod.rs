@@ -15,7 +15,7 @@ pub mod namespace;
 pub mod request;
 pub mod retry;
 #[cfg(test)]
-mod test_store;
+pub(crate) mod test_store;
 pub mod timeout;
 pub mod trace;
 pub(crate) mod unopened;
