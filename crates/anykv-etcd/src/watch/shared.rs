@@ -11,8 +11,9 @@
 //! progress request; etcd answers it with a single response for the whole
 //! stream (watch id -1, the store revision in its header), and no answer
 //! within the timeout counts as a broken stream. That answer also advances
-//! the resume point of every watch created before the request (a watch
-//! still catching up on old history is never quiet for that long).
+//! the resume point of every watch confirmed before the request, except
+//! one still catching up on old history (etcd 3.4 answers with the current
+//! revision even then: see [`Watch::behind`]).
 //!
 //! The task never waits for a consumer (see [`super::slot`]): requests go
 //! out through a forwarding task, responses are sorted into per-watch
@@ -92,6 +93,12 @@ struct Watch {
     last: u64,
     /// `Start::Now` not yet confirmed: create without a start revision.
     now: bool,
+    /// The store revision when etcd confirmed a watch that had history to
+    /// catch up on (0: none, or caught up since). etcd 3.4 answers a progress
+    /// request with the current revision even while such a watch is still
+    /// being sent old events, so that answer must not advance its resume
+    /// point until an event or a notification of its own shows it caught up.
+    behind: u64,
     /// Events at or below this revision were delivered before a re-create.
     floor: u64,
     phase: Phase,
@@ -364,6 +371,7 @@ impl Task {
                     range,
                     last: after.unwrap_or(0),
                     now: after.is_none(),
+                    behind: 0,
                     floor: after.unwrap_or(0),
                     phase: Phase::Creating,
                     fragments: Vec::new(),
@@ -464,6 +472,7 @@ impl Task {
                 for w in self.watches.values_mut() {
                     if let Phase::Active { since } = w.phase
                         && since < asked_at
+                        && (w.behind == 0 || w.last > w.behind)
                         && w.fragments.is_empty()
                     {
                         w.last = w.last.max(header);
@@ -501,6 +510,9 @@ impl Task {
                 w.last = header;
                 w.floor = header;
             }
+            // etcd serves a watch from a revision it already has as
+            // "unsynced" until it has sent the history.
+            w.behind = if w.last >= header { 0 } else { header };
             w.phase = Phase::Active { since: tick };
             if let Some(reply) = w.reply.take() {
                 let _ = reply.send(Ok(()));
@@ -635,8 +647,10 @@ async fn forward_requests(mut sender: WatchRequestSender, mut queue: mpsc::Unbou
 /// that was) and the watch is to be detached.
 fn deliver(w: &mut Watch, header: u64, events: Vec<PbEvent>) -> bool {
     if events.is_empty() {
-        // A progress notification: every event up to `header` was sent.
+        // A progress notification: every event up to `header` was sent
+        // (etcd notifies watches that have caught up only).
         w.last = w.last.max(header);
+        w.behind = 0;
         return true;
     }
     let mut s = w.slot.lock();
@@ -710,6 +724,7 @@ mod tests {
             },
             last,
             now: false,
+            behind: 0,
             floor: last,
             phase: Phase::Active { since: 0 },
             fragments: Vec::new(),
@@ -754,6 +769,14 @@ mod tests {
         assert!(deliver(&mut w, 43, events(vec![(7, kv("x", 43))])));
         assert_eq!(w.last, 43);
         assert!(drain(&w).is_empty());
+    }
+
+    #[test]
+    fn a_notification_of_its_own_shows_a_watch_caught_up() {
+        let mut w = watch(50);
+        w.behind = 100;
+        assert!(deliver(&mut w, 120, Vec::new()));
+        assert_eq!((w.last, w.behind), (120, 0));
     }
 
     #[test]
