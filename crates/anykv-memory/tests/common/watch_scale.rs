@@ -26,6 +26,9 @@ pub struct Figures {
     pub p99: Duration,
     pub max: Duration,
     pub events: usize,
+    /// p99 of the puts' own latency (issue to acknowledgement): the floor
+    /// under the event delay, since an event is sent once its put commits.
+    pub put_p99: Duration,
 }
 
 fn rss_bytes() -> u64 {
@@ -108,14 +111,18 @@ pub async fn measure(store: Arc<dyn Store>, watches: usize, rate: u32, run: Dura
         let sent = t0.elapsed().as_micros().to_string();
         // Issued at the rate, whatever each put's latency.
         writes.push(tokio::spawn(async move {
+            let began = Instant::now();
             s.put(&key, sent.into(), PutOptions::default())
                 .await
                 .unwrap();
+            began.elapsed()
         }));
     }
+    let mut put_latency = Vec::with_capacity(puts);
     for w in writes {
-        w.await.unwrap();
+        put_latency.push(w.await.unwrap());
     }
+    put_latency.sort_unstable();
     let mut delays = Vec::with_capacity(puts);
     let mut kept = Vec::with_capacity(watches);
     for r in readers {
@@ -135,6 +142,7 @@ pub async fn measure(store: Arc<dyn Store>, watches: usize, rate: u32, run: Dura
         p99: at(0.99),
         max: *delays.last().unwrap(),
         events: delays.len(),
+        put_p99: put_latency[(put_latency.len() * 99 / 100).min(put_latency.len() - 1)],
     };
     drop(kept);
     figures
