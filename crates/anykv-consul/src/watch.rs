@@ -1447,6 +1447,54 @@ mod tests {
     }
 
     #[test]
+    fn own_puts_a_shared_answer_skipped_are_replayed_in_order() {
+        // Answer at 10: a=5. Then this handle put b at 12 and c at 13, and
+        // someone deleted b (14) and wrote a (15): the next answer (15)
+        // shows a=15, c=13, no b.
+        let scope = Scope {
+            path: String::new(),
+            recurse: true,
+        };
+        let recent: Recent = Arc::default();
+        for (k, rev) in [("b", 12), ("c", 13), ("z", 9)] {
+            recent.lock().unwrap().push_back(pair(k, "own", rev).1);
+        }
+        let prev = state(&[("a", 5)]);
+        let new: BTreeMap<_, _> = [pair("a", "v", 15), pair("c", "own", 13)].into();
+        let mids = intermediate(&recent, &scope, 10, &prev, &new, 15);
+        assert_eq!(mids.len(), 1, "c is in the answer; z predates it");
+        assert_eq!(mids[0].0, 12);
+        // A prefix stream and a key stream over the sequence 10 → 12 → 15.
+        for target in [
+            Target::Prefix(Prefix::root()),
+            Target::Key(Key::new("b").unwrap()),
+        ] {
+            let mut view = View {
+                entries: in_target(&prev, &target)
+                    .map(|(k, p)| (k.clone(), p.clone()))
+                    .collect(),
+                target,
+                index: 10,
+                epoch: 0,
+            };
+            let mut events = view.advance_by(12, 0, &delta(&prev, &mids[0].1));
+            events.extend(view.advance_by(15, 0, &delta(&mids[0].1, &new)));
+            let revs: Vec<u64> = events.iter().map(Event::revision).collect();
+            assert!(revs.windows(2).all(|w| w[0] <= w[1]), "{events:?}");
+            assert!(
+                matches!(&events[0], Event::Put { kv, .. } if kv.key.as_str() == "b"),
+                "{events:?}"
+            );
+            assert!(
+                events.iter().any(
+                    |e| matches!(e, Event::Delete { key, revision: 15 } if key.as_str() == "b")
+                ),
+                "{events:?}"
+            );
+        }
+    }
+
+    #[test]
     fn index_rules() {
         assert_eq!(next_index(10, 12), (12, false), "moved forward");
         assert_eq!(next_index(10, 10), (10, false), "wait ran out");

@@ -336,3 +336,50 @@ async fn a_watch_not_read_does_not_delay_the_others() {
     println!("stalled watch re-synced: {events} events for 1,300 puts");
     kv.delete_prefix(&Prefix::root()).await.unwrap();
 }
+
+/// Many watches on a handle allowed 4 watch connections: at most 4 loops,
+/// whatever N, each watch served; closing them all ends every loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loops_stay_within_the_bound_and_end_with_their_watches() {
+    let Some(url) = common::url("ANYKV_TEST_CONSUL") else {
+        return;
+    };
+    let ns = common::unique("bound");
+    let store = anykv_consul::ConsulStore::connect(
+        &anykv_core::Config::parse(&format!("{url}?max_conns=8&max_watch_conns=4")).unwrap(),
+    )
+    .unwrap();
+    let mut watches = Vec::new();
+    for i in 0..100 {
+        let target = if i % 10 == 0 {
+            Target::Prefix(Prefix::new(format!("{ns}/p{i}")).unwrap())
+        } else {
+            Target::Key(Key::new(format!("{ns}/k{}/x{i}", i % 7)).unwrap())
+        };
+        watches.push(store.watch(target, Start::Now).await.unwrap());
+        assert!(store.watch_loops() <= 4, "{} loops", store.watch_loops());
+    }
+    let k = Key::new(format!("{ns}/k3/x3")).unwrap();
+    let v = store
+        .put(&k, "1".into(), PutOptions::default())
+        .await
+        .unwrap();
+    match timeout(Duration::from_secs(10), watches[3].next()).await {
+        Ok(Some(Ok(Event::Put { kv, .. }))) => assert_eq!(kv.version, v),
+        other => panic!("{other:?}"),
+    }
+    drop(watches);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.watch_loops() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "loops left: {}",
+            store.watch_loops()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store
+        .delete_prefix(&Prefix::new(ns).unwrap())
+        .await
+        .unwrap();
+}
