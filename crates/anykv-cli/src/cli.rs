@@ -22,11 +22,15 @@ Exit codes:
        that `restore` refuses (the message names the line)
   3    condition failed: --if-absent on an existing key, --if-version mismatch
   4    backend unreachable: unavailable, timed out, or reports data loss
-  5    lock: not acquired within --wait, or lost while the command ran
-  126  lock: the command could not be executed
-  127  lock: the command was not found
-  `anykv lock` otherwise exits with the command's own code (128+N if it was
-  killed by signal N).
+  5    lock: not acquired within --wait, or lost while the command ran;
+       elect: not leader within --wait, or leadership lost while the command
+       ran; register: the session was lost while the command ran
+  126  lock, elect, register: the command could not be executed
+  127  lock, elect, register: the command was not found
+  `lock`, `elect` and `register` otherwise exit with the command's own code
+  (128+N if it was killed by signal N). `leader` exits 1 when there is no
+  leader. `elect` and `register` need a backend with sessions (`anykv
+  drivers`); elsewhere they exit 2.
 
 Errors are one line on stderr; data goes to stdout, values raw so they pipe.";
 
@@ -39,8 +43,8 @@ The store is chosen by URL: --url, else the ANYKV_URL environment variable,
 else redb://anykv.redb (a file in the current directory, created if missing).
 Examples: redb://data/app.redb, redb:///abs/path.redb, memory://,
 etcd://127.0.0.1:2379/app, consul://127.0.0.1:8500/app, zk://127.0.0.1:2181/app
-(network schemes need a build with the matching cargo feature; `anykv drivers`
-lists what this build has). Common URL options: ?prefix=NS&timeout=5s&retries=2.
+(`anykv drivers` lists the drivers of this build: all five unless it was
+built without some). Common URL options: ?prefix=NS&timeout=5s&retries=2.
 
 Keys are UTF-8, 1..=1024 bytes, `/`-separated segments, no leading or trailing
 `/`, no empty, `.` or `..` segment, no control characters, and not under the
@@ -79,7 +83,12 @@ pub struct Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print a key's value, raw, to stdout (exit 1 and "not found: KEY" if absent)
+    /// Print a key's value to stdout (exit 1 and "not found: KEY" if absent)
+    #[command(after_long_help = "\
+The value is written as is. When stdout is a terminal and the value does not
+end with a newline, one is added so that the prompt starts on its own line;
+piped or redirected (`anykv get k > file`, `$(anykv get k)`), the output is
+exactly the value's bytes.")]
     Get(GetArgs),
     /// Write a key from an argument, a file or stdin; prints the new version
     #[command(after_long_help = "\
@@ -157,6 +166,18 @@ number of keys copied is printed to stdout.
 Example:
   anykv copy redb://backup.redb etcd://127.0.0.1:2379/app --prefix config")]
     Copy(CopyArgs),
+    /// Run a command while this process leads an election; it sees the term in ANYKV_TERM
+    #[command(after_long_help = ELECT_HELP)]
+    Elect(ElectArgs),
+    /// Print an election's leader (value and term), or follow it with --watch
+    #[command(after_long_help = LEADER_HELP)]
+    Leader(LeaderArgs),
+    /// Keep an ephemeral key while a command runs (service registration, presence)
+    #[command(after_long_help = REGISTER_HELP)]
+    Register(RegisterArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(after_long_help = COMPLETIONS_HELP)]
+    Completions(CompletionsArgs),
     /// Write every key (or those below --prefix) as JSON lines, at one revision where the backend can
     #[command(after_long_help = DUMP_HELP)]
     Dump(DumpArgs),
@@ -164,6 +185,61 @@ Example:
     #[command(after_long_help = RESTORE_HELP)]
     Restore(RestoreArgs),
 }
+
+const ELECT_HELP: &str = "\
+Joins the election NAME as a candidate with --value (default: anykv pid N)
+and waits for its turn: candidates lead in the order they joined. Once this
+process leads, COMMAND runs with ANYKV_TERM set to the leader's term (it
+grows with every new leader of NAME: hand it to what you protect so it can
+refuse an older leader) and ANYKV_LEADER_KEY to this candidate's key. The
+candidate's session is renewed in the background from the moment it joins,
+waiting included; if the process dies or freezes, leadership passes to the
+next candidate about --ttl later.
+
+When COMMAND exits, anykv resigns and exits with its code. If leadership is
+lost while it runs (session expired or lost), COMMAND is killed (SIGKILL)
+and anykv exits 5. --wait gives up (exit 5) if this process is not leading
+by then. Signals, process groups and terminals are handled as by `anykv
+lock` (see `anykv lock --help`).
+
+Needs a backend with sessions (`anykv drivers`): across processes on etcd,
+Consul and ZooKeeper; within one process on redb and memory.
+
+Example:
+  anykv --url etcd://127.0.0.1:2379/app elect scheduler --value \"$(hostname)\" -- ./scheduler";
+
+const LEADER_HELP: &str = "\
+Output: VALUE<TAB>TERM (the value escaped as in `list`, not cut), or exit 1
+with \"no leader: NAME\" on stderr. --json prints {term, key, value |
+value_hex} (encoded as in `list --json`), or null (exit 1).
+
+--watch prints the leader at once, then one line per change (a new leader,
+a new value, no leader: the line `no leader` or null), until Ctrl-C or
+SIGTERM (exit 0).
+
+Example:
+  anykv --url etcd://127.0.0.1:2379/app leader scheduler --watch";
+
+const REGISTER_HELP: &str = "\
+Opens a session (renewed in the background, with --ttl), writes KEY = VALUE
+under it, and runs COMMAND with ANYKV_SESSION_ID set. The key is an ordinary
+key for everyone else (get, list, watch see it) but ephemeral: it is
+deleted when COMMAND exits (anykv closes the session and exits with its
+code), and also when anykv dies or freezes, about --ttl later.
+--if-absent refuses (exit 3) a key that already exists: a reservation.
+
+If the session is lost while COMMAND runs, COMMAND is killed (SIGKILL) and
+anykv exits 5. Signals and process groups are handled as by `anykv lock`.
+Needs a backend with sessions (`anykv drivers`).
+
+Example:
+  anykv --url zk://127.0.0.1:2181/app register instances/$(hostname) 10.0.0.7:8080 -- ./server";
+
+const COMPLETIONS_HELP: &str = "\
+Prints the script to stdout. To install it:
+  bash: anykv completions bash > ~/.local/share/bash-completion/completions/anykv
+  zsh:  anykv completions zsh > \"${fpath[1]}/_anykv\"   (a directory in $fpath)
+  fish: anykv completions fish > ~/.config/fish/completions/anykv.fish";
 
 const DUMP_HELP: &str = "\
 Output (stdout, or --file): JSON lines. The first is a header:
@@ -324,6 +400,76 @@ pub struct LockArgs {
         value_parser = clap::value_parser!(OsString)
     )]
     pub command: Vec<OsString>,
+}
+
+/// `anykv elect`
+#[derive(Debug, Args)]
+pub struct ElectArgs {
+    /// The election's name (candidates are keys one level below it)
+    pub name: String,
+    /// The value this process leads with, shown by `anykv leader` (default: anykv pid N)
+    #[arg(long, value_name = "VALUE")]
+    pub value: Option<String>,
+    /// Session TTL: if anykv dies or freezes, leadership passes on after this
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Give up (exit 5) if not leading within this long (default: wait forever)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub wait: Option<Duration>,
+    /// The command and its arguments, after `--`
+    #[arg(
+        last = true,
+        required = true,
+        num_args = 1..,
+        value_name = "COMMAND",
+        value_parser = clap::value_parser!(OsString)
+    )]
+    pub command: Vec<OsString>,
+}
+
+/// `anykv leader`
+#[derive(Debug, Args)]
+pub struct LeaderArgs {
+    /// The election's name
+    pub name: String,
+    /// Print every change until Ctrl-C
+    #[arg(long)]
+    pub watch: bool,
+    /// Print JSON: {term, key, value | value_hex}, or null
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `anykv register`
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// The ephemeral key
+    pub key: String,
+    /// Its value
+    pub value: String,
+    /// Session TTL: if anykv dies or freezes, the key goes after this
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Fail with exit 3 if the key exists
+    #[arg(long)]
+    pub if_absent: bool,
+    /// The command and its arguments, after `--`
+    #[arg(
+        last = true,
+        required = true,
+        num_args = 1..,
+        value_name = "COMMAND",
+        value_parser = clap::value_parser!(OsString)
+    )]
+    pub command: Vec<OsString>,
+}
+
+/// `anykv completions`
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `anykv drivers`

@@ -3,7 +3,11 @@
 //! a bad key or an unreadable file fails with exit 2 before any connection
 //! (and before a redb file is created); then the plan runs against the store.
 
-use std::{io::Read, path::PathBuf, time::Instant};
+use std::{
+    io::{IsTerminal, Read},
+    path::PathBuf,
+    time::Instant,
+};
 
 use anykv::{
     Condition, Key, Kv, Prefix, PutOptions, Start, Store, Target, Version, config::redact,
@@ -12,7 +16,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::{
+    child::CommandLine,
+    cli::Cli,
     cli::{Command, DEFAULT_URL, PutArgs},
+    coord::{self, ElectPlan, RegisterPlan},
     copy, dump, exit,
     exit::Failure,
     lock::{self, LockPlan},
@@ -100,6 +107,21 @@ pub enum Plan {
     },
     /// `restore`, its input checked
     Restore(RestorePlan),
+    /// `elect`
+    Elect(ElectPlan),
+    /// `leader`
+    Leader {
+        /// The election.
+        name: Key,
+        /// Follow changes.
+        watch: bool,
+        /// JSON output.
+        json: bool,
+    },
+    /// `register`
+    Register(RegisterPlan),
+    /// `completions`
+    Completions(clap_complete::Shell),
 }
 
 /// Checks arguments and reads the value to write; never touches a store.
@@ -201,7 +223,43 @@ pub fn plan(command: Command) -> Result<Plan, Failure> {
             file: a.file,
         },
         Command::Restore(a) => Plan::Restore(restore::check(a.file, a.prefix, a.clean)?),
+        Command::Elect(a) => {
+            positive_ttl(a.ttl)?;
+            Plan::Elect(ElectPlan {
+                name: key(a.name)?,
+                value: Bytes::from(
+                    a.value
+                        .unwrap_or_else(|| format!("anykv pid {}", std::process::id())),
+                ),
+                ttl: a.ttl,
+                wait: a.wait,
+                command: CommandLine::new(a.command),
+            })
+        }
+        Command::Leader(a) => Plan::Leader {
+            name: key(a.name)?,
+            watch: a.watch,
+            json: a.json,
+        },
+        Command::Register(a) => {
+            positive_ttl(a.ttl)?;
+            Plan::Register(RegisterPlan {
+                key: key(a.key)?,
+                value: Bytes::from(a.value),
+                ttl: a.ttl,
+                if_absent: a.if_absent,
+                command: CommandLine::new(a.command),
+            })
+        }
+        Command::Completions(a) => Plan::Completions(a.shell),
     })
+}
+
+fn positive_ttl(ttl: std::time::Duration) -> Result<(), Failure> {
+    if ttl.is_zero() {
+        return Err(Failure::usage("--ttl must be positive"));
+    }
+    Ok(())
 }
 
 fn key(s: String) -> Result<Key, Failure> {
@@ -249,6 +307,7 @@ pub async fn run(url: Option<String>, plan: Plan) -> Result<u8, Failure> {
     let url = url.unwrap_or_else(|| DEFAULT_URL.to_owned());
     match plan {
         Plan::Drivers { json } => drivers(json),
+        Plan::Completions(shell) => completions(shell),
         Plan::Copy { src, dst, prefix } => copy::run(&src, &dst, &prefix).await,
         Plan::Health => health(&url).await,
         plan => {
@@ -275,6 +334,9 @@ async fn on_store(kv: &Kv, plan: Plan) -> Result<u8, Failure> {
                 output::println(&output::to_json(&output::JsonPair::new(&kv)))?;
             } else {
                 output::write_raw(&kv.value)?;
+                if output::newline_after(&kv.value, std::io::stdout().is_terminal()) {
+                    output::write_raw(b"\n")?;
+                }
             }
         }
         Plan::Put { key, value, opts } => {
@@ -314,7 +376,10 @@ async fn on_store(kv: &Kv, plan: Plan) -> Result<u8, Failure> {
         Plan::Lock(plan) => return lock::run(kv, plan).await,
         Plan::Dump { prefix, file } => return dump::run(kv, &prefix, file).await,
         Plan::Restore(plan) => return restore::run(kv, plan).await,
-        Plan::Health | Plan::Drivers { .. } | Plan::Copy { .. } => {
+        Plan::Elect(plan) => return coord::elect(kv, plan).await,
+        Plan::Leader { name, watch, json } => return coord::leader(kv, &name, watch, json).await,
+        Plan::Register(plan) => return coord::register(kv, plan).await,
+        Plan::Health | Plan::Drivers { .. } | Plan::Copy { .. } | Plan::Completions(_) => {
             return Err(Failure::usage(
                 "internal: command does not use the --url store",
             ));
@@ -404,5 +469,14 @@ fn drivers(json: bool) -> Result<u8, Failure> {
             output::capabilities_line(&(d.capabilities)())
         ))?;
     }
+    Ok(exit::OK)
+}
+
+/// `completions SHELL`: the script on stdout.
+fn completions(shell: clap_complete::Shell) -> Result<u8, Failure> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "anykv", &mut script);
+    output::write_raw(&script)?;
     Ok(exit::OK)
 }

@@ -9,8 +9,10 @@
 //! tokio runtime. Every failure is a [`exit::Failure`]: one line on stderr
 //! and an exit code from the table.
 
+mod child;
 mod cli;
 mod commands;
+mod coord;
 mod copy;
 mod dump;
 mod dumpfile;

@@ -232,8 +232,13 @@ pub fn capabilities_line(c: &Capabilities) -> String {
         Some(mode) => format!("{} snapshot", snapshot_mode(mode)),
         None => "no snapshot".to_owned(),
     };
+    let sessions = match (c.sessions, c.cross_process_sessions) {
+        (None, _) => "no sessions",
+        (Some(_), false) => "in-process sessions",
+        (Some(_), true) => "cross-process sessions",
+    };
     format!(
-        "max value {}, {ttl}, {watch}, {locks}, {atomic}, {durable}, {snapshot}",
+        "max value {}, {ttl}, {watch}, {locks}, {atomic}, {durable}, {snapshot}, {sessions}",
         size(c.max_value_size)
     )
 }
@@ -280,6 +285,10 @@ struct JsonCapabilities {
     durable: bool,
     /// `"atomic"`, `"verified"` or null (no snapshot: `dump` is not consistent).
     snapshot: Option<&'static str>,
+    /// Null: no sessions (`elect` and `register` are refused); otherwise
+    /// how late past its TTL a dead session's keys may go.
+    sessions_granularity_ms: Option<u128>,
+    cross_process_sessions: bool,
 }
 
 impl JsonDriver {
@@ -303,6 +312,8 @@ impl JsonDriver {
                 max_atomic_ops: c.max_atomic_ops,
                 durable: c.durable,
                 snapshot: c.snapshot.map(snapshot_mode),
+                sessions_granularity_ms: c.sessions.map(|g| g.as_millis()),
+                cross_process_sessions: c.cross_process_sessions,
             },
         }
     }
@@ -317,6 +328,13 @@ pub fn println(line: &str) -> io::Result<()> {
     out.flush()
 }
 
+/// Whether `get` adds a newline after `value`: only for a terminal (so the
+/// prompt starts on its own line), never when piped or redirected (the
+/// output is then exactly the value), and not after a value that ends with one.
+pub fn newline_after(value: &[u8], stdout_is_terminal: bool) -> bool {
+    stdout_is_terminal && !value.ends_with(b"\n")
+}
+
 /// Writes raw bytes to stdout (no newline added).
 pub fn write_raw(bytes: &[u8]) -> io::Result<()> {
     let mut out = io::stdout().lock();
@@ -327,6 +345,15 @@ pub fn write_raw(bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn get_adds_a_newline_only_on_a_terminal() {
+        assert!(newline_after(b"v", true));
+        assert!(newline_after(b"", true));
+        assert!(!newline_after(b"v\n", true));
+        assert!(!newline_after(b"v", false));
+        assert!(!newline_after(b"", false));
+    }
 
     #[test]
     fn escapes_are_one_line_and_mark_bad_bytes() {

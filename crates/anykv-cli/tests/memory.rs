@@ -176,7 +176,22 @@ fn drivers_lists_every_enabled_driver() {
 #[test]
 fn every_command_has_help() {
     for cmd in [
-        "get", "put", "del", "list", "keys", "watch", "lock", "health", "drivers", "copy",
+        "get",
+        "put",
+        "del",
+        "list",
+        "keys",
+        "watch",
+        "lock",
+        "health",
+        "drivers",
+        "copy",
+        "dump",
+        "restore",
+        "elect",
+        "leader",
+        "register",
+        "completions",
     ] {
         let mut c = bin();
         c.args([cmd, "--help"]);
@@ -266,4 +281,22 @@ fn lock_forwards_sigterm_to_the_command() {
 #[test]
 fn lock_forwards_ctrl_c_to_a_command_in_its_own_group() {
     lock_forwards("-INT", "INT");
+}
+
+#[test]
+fn completions_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F _anykv"),
+        ("zsh", "#compdef anykv"),
+        ("fish", "complete -c anykv"),
+    ] {
+        let text = anykv(MEM, &["completions", shell]).ok();
+        assert!(text.contains(marker), "{shell}: {text}");
+        // Every command is offered.
+        for cmd in ["get", "elect", "leader", "register", "dump", "completions"] {
+            assert!(text.contains(cmd), "{shell} lacks {cmd}");
+        }
+    }
+    let out = anykv(MEM, &["completions", "tcsh"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
 }
