@@ -67,7 +67,7 @@ pub struct EtcdOptions {
     pub timeout: Duration,
     /// Most watches multiplexed on one gRPC watch stream (URL option
     /// `watches_per_stream`, default
-    /// [`DEFAULT_WATCHES_PER_STREAM`](crate::DEFAULT_WATCHES_PER_STREAM));
+    /// [`DEFAULT_WATCHES_PER_STREAM`]);
     /// more watches open more streams.
     pub watches_per_stream: usize,
 }
