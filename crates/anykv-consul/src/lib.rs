@@ -112,7 +112,7 @@
 //!   never an error. Measured (debug build, one handle, agent with default
 //!   limits): 2,000 key watches, half on absent keys, 4,000 puts from the
 //!   same handle: all delivered, no error, at most 32 sockets to the agent,
-//!   last-put delivery p50 ≈ 0.1 s, p99 0.4–0.9 s; a watch read beside one
+//!   last-put delivery p50 ≈ 0.1 s, p99 0.4–1.5 s; a watch read beside one
 //!   that is never read: p50 < 1 ms, max < 30 ms.
 //!   The hub keeps the index of its last answer
 //!   across failures; an answer with a lower index is believed only from a
