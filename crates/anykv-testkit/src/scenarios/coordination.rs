@@ -223,7 +223,7 @@ pub async fn election_five_candidates(cx: Ctx) {
     distinct.dedup();
     assert_eq!(distinct, terms, "observe saw every leader");
     assert!(
-        seen.iter().flatten().any(|l| l.value == Bytes::from("c0'")),
+        seen.iter().flatten().any(|l| l.value == "c0'"),
         "observe saw the proclaimed value"
     );
 }
