@@ -100,10 +100,13 @@
 //!   over the ones below it, so registrations never overlap and one server
 //!   watch serves many anykv watches, fanned out locally by path. Each
 //!   watch is its view of its range and a bounded queue (no task, channel
-//!   or timer of its own; about 1 KB for a key watch, zookeeper-client's
-//!   share included). Watches started together are set up together:
-//!   registrations pipelined, one `sync`, ranges read in pipelined
-//!   multi-reads. ZooKeeper 3.8 notifications carry no data and no zxid,
+//!   or timer of its own): measured 1.6 KB of RSS per watch with 10,000
+//!   watches of their own server watch each, zookeeper-client's share
+//!   included (`tests/watch_cost.rs`). Watches started together are set up
+//!   together: registrations, one `sync` and the reads sent back to back
+//!   (one round trip per batch, plus one per level of a prefix); 10,000
+//!   watches started at once took 1.9 s on a loaded 2-core VM, started one
+//!   after another (a round trip each) 11.7 s. ZooKeeper 3.8 notifications carry no data and no zxid,
 //!   so the hub reads each notified path once for all watches on it (a
 //!   delete needs no read) and emits each watch's differences from what it
 //!   delivered before, in revision order: a put when every earlier change

@@ -66,7 +66,7 @@ async fn snapshots_of_two_prefixes_never_show_a_multi_half_applied() {
                     Op::Put(key(&format!("a/w{w}")), v.clone().into()),
                     Op::Put(key(&format!("b/deep/w{w}")), v.clone().into()),
                 ];
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     ops.push(Op::Put(key(&format!("a/t{w}/x")), v.clone().into()));
                     ops.push(Op::Put(key(&format!("b/t{w}")), v.into()));
                 } else if n > 1 {
