@@ -112,6 +112,7 @@ fn real_main() -> Result<()> {
             }
             if cargo_args.is_empty() && servers.is_empty() {
                 check_conformance(&reports)?;
+                install_check()?;
                 chaos(&[], &["--ci".to_owned()])?;
             }
             println!("xtask: all tests passed against real servers");
@@ -429,4 +430,108 @@ fn bench_watch(ctx: &Ctx, backends: &[String], args: &[String]) -> Result<()> {
     drop(clusters);
     drop(started);
     out
+}
+
+/// Issue 12's clean-clone check: `cargo install --path crates/anykv-cli`
+/// from a fresh clone of HEAD, with no PROTOC and no `protoc` on PATH,
+/// yields an `anykv` whose `drivers` lists all five. The clone sits at a
+/// fixed path under target/install-check and builds there, so registry
+/// crates are reused from one run to the next (only the workspace's own
+/// crates rebuild) and the main target dir is untouched.
+fn install_check() -> Result<()> {
+    let work = workspace_root()?.join("target/install-check");
+    // Both beside cargo's own directories in the check's target dir.
+    let clone = work.join("clone");
+    let root = work.join("root");
+    for dir in [&clone, &root] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    step(
+        "install check: git clone HEAD",
+        Command::new("git")
+            .args(["clone", "--quiet"])
+            .arg(workspace_root()?)
+            .arg(&clone),
+    )?;
+    let started = std::time::Instant::now();
+    step(
+        "install check: cargo install --path crates/anykv-cli (no protoc)",
+        Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                "--locked",
+                "--path",
+                "crates/anykv-cli",
+                "--root",
+            ])
+            .arg(&root)
+            .current_dir(&clone)
+            // `cargo xtask` itself runs with PROTOC (from .cargo/config.toml
+            // or set_protoc): the check must not inherit it.
+            .env_remove("PROTOC")
+            .env("PATH", path_without_protoc(&work.join("path"))?)
+            .env("CARGO_TARGET_DIR", &work),
+    )?;
+    let out = Command::new(root.join("bin/anykv"))
+        .arg("drivers")
+        .output()
+        .context("running the installed anykv")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = text
+        .lines()
+        // Driver lines start with the name; capability lines are indented.
+        .filter(|l| !l.starts_with(char::is_whitespace))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let missing: Vec<&str> = ["memory", "redb", "etcd", "consul", "zookeeper"]
+        .into_iter()
+        .filter(|n| !names.contains(n))
+        .collect();
+    if !out.status.success() || !missing.is_empty() {
+        bail!("installed anykv lacks drivers {missing:?}: {text}");
+    }
+    println!(
+        "xtask: install check: all five drivers, built in {:.0?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// PATH with no `protoc` on it: unchanged when none of its directories
+/// has one, otherwise a directory of links to everything on PATH but protoc
+/// (dropping a whole directory such as /usr/bin would drop the linker too).
+fn path_without_protoc(farm: &Path) -> Result<std::ffi::OsString> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = env::split_paths(&path).collect();
+    if !dirs.iter().any(|d| d.join("protoc").exists()) {
+        return Ok(path);
+    }
+    #[cfg(unix)]
+    {
+        if farm.exists() {
+            std::fs::remove_dir_all(farm)?;
+        }
+        std::fs::create_dir_all(farm)?;
+        for dir in &dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let link = farm.join(&name);
+                if name.to_string_lossy().starts_with("protoc") || link.symlink_metadata().is_ok() {
+                    continue;
+                }
+                std::os::unix::fs::symlink(entry.path(), link)?;
+            }
+        }
+        Ok(farm.as_os_str().to_owned())
+    }
+    #[cfg(not(unix))]
+    bail!(
+        "a protoc is on PATH ({}); the install check needs it hidden",
+        farm.display()
+    )
 }
