@@ -69,6 +69,15 @@
 //! Raw cases run key targets (ZooKeeper also prefix targets) and go
 //! through the same phases with a raw writer.
 //!
+//! ## Results
+//!
+//! `results/before.md` (drivers before the watch rewrites of issue 13) and
+//! `results/after.md` (with the rewrites that had landed), each with its
+//! `.json`. To measure another commit's drivers on the same kind of
+//! servers: build `anykv-bench` from a `git archive` of that commit (plus
+//! this crate) and run `ANYKV_BENCH_BIN=/path/to/anykv-bench cargo xtask
+//! bench watch -- --label "…"`.
+//!
 //! ## Reading the numbers
 //!
 //! The machine is a shared 2-core VM: wall times are noisy, so setup and
