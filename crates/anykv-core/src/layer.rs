@@ -46,7 +46,7 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{StreamExt, stream::BoxStream};
+use futures::{StreamExt, future::BoxFuture, stream::BoxStream};
 use tokio::task::JoinHandle;
 
 use crate::{
@@ -93,18 +93,23 @@ pub struct Next<'a> {
 
 impl<'a> Next<'a> {
     /// Runs `req` through the layers below, then the driver.
-    pub async fn run(self, req: Request) -> Result<Response> {
+    ///
+    /// Returns the next layer's boxed future as is (no wrapper future per
+    /// layer: each layer's own future stays small).
+    pub fn run(self, req: Request) -> BoxFuture<'a, Result<Response>> {
         match self.layers.split_first() {
             Some((layer, rest)) => {
                 let next = Next {
                     layers: rest,
                     ctx: self.ctx,
                 };
-                layer.call(req, next).await
+                layer.call(req, next)
             }
             // A scoped view shares the driver and must not close it.
-            None if matches!(req, Request::Close) && !self.ctx.owns_driver => Ok(Response::Close),
-            None => req.run_on(&*self.ctx.driver).await,
+            None if matches!(req, Request::Close) && !self.ctx.owns_driver => {
+                Box::pin(std::future::ready(Ok(Response::Close)))
+            }
+            None => Box::pin(req.run_on(&*self.ctx.driver)),
         }
     }
 

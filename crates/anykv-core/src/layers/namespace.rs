@@ -100,6 +100,11 @@ impl SessionBackend for NsSession {
     }
 }
 
+/// Whether a key of the root namespace lies under the reserved root.
+fn reserved(key: &str) -> bool {
+    key.split('/').next() == Some(RESERVED_ROOT)
+}
+
 /// Sorted prefixes with every prefix covered by another dropped, so a driver
 /// never reads a key twice.
 fn disjoint(mut prefixes: Vec<Prefix>) -> Vec<Prefix> {
@@ -113,7 +118,25 @@ fn disjoint(mut prefixes: Vec<Prefix>) -> Vec<Prefix> {
 #[async_trait]
 impl Layer for NamespaceLayer {
     async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
-        let ns = Ns(next.context().config().namespace.clone());
+        let namespace = &next.context().config().namespace;
+        if namespace.is_root() {
+            // The hot path: nothing to map for single-key reads and writes
+            // but hiding the reserved root.
+            match req {
+                Request::Get { key } if !reserved(key.as_str()) => {
+                    return next.run(Request::Get { key }).await;
+                }
+                req @ (Request::Put { .. } | Request::Delete { .. } | Request::Exists { .. }) => {
+                    return next.run(req).await;
+                }
+                req => {
+                    let ns = Ns(Prefix::root());
+                    let out = ns.call(req, next).await;
+                    return out.map_err(|e| ns.error(e));
+                }
+            }
+        }
+        let ns = Ns(namespace.clone());
         let out = ns.call(req, next).await;
         out.map_err(|e| ns.error(e))
     }
