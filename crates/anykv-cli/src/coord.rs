@@ -250,3 +250,267 @@ mod tests {
         assert_eq!(leader_line(None, true), "null");
     }
 }
+
+/// The commands end to end on an in-process store: a memory store with
+/// sessions supplied by a test layer (ephemeral keys written through a
+/// second handle on the same named store, deleted on close), so `elect`
+/// and `register` run whether or not a driver has sessions yet.
+#[cfg(all(test, unix, feature = "memory"))]
+mod in_process {
+    use std::sync::{Arc, Mutex};
+
+    use anykv::{
+        LostNotifier, Next, Request, Response, Session, SessionBackend, async_trait, lost_pair,
+    };
+
+    use super::*;
+
+    /// Sessions for a memory store; `lose_all` ends them as an expired
+    /// lease would.
+    #[derive(Default)]
+    struct TestSessions {
+        store: Mutex<Option<Kv>>,
+        live: Arc<Mutex<Vec<LostNotifier>>>,
+    }
+
+    struct TestSession {
+        store: Kv,
+        id: String,
+        keys: Mutex<Vec<Key>>,
+        notifier: LostNotifier,
+    }
+
+    #[async_trait]
+    impl SessionBackend for TestSession {
+        fn id(&self) -> String {
+            self.id.clone()
+        }
+
+        async fn put(
+            &self,
+            key: &Key,
+            value: Bytes,
+            condition: Condition,
+        ) -> anykv::Result<Version> {
+            let v = self
+                .store
+                .put(
+                    key,
+                    value,
+                    anykv::PutOptions {
+                        condition,
+                        ttl: None,
+                    },
+                )
+                .await?;
+            self.keys.lock().expect("poisoned").push(key.clone());
+            Ok(v)
+        }
+
+        async fn close(&self) -> anykv::Result<()> {
+            let keys = std::mem::take(&mut *self.keys.lock().expect("poisoned"));
+            for key in keys {
+                self.store.delete(&key, Condition::Always).await?;
+            }
+            self.notifier.notify();
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl anykv::Layer for TestSessions {
+        async fn call(&self, req: Request, next: Next<'_>) -> anykv::Result<Response> {
+            let Request::Session { opts } = req else {
+                return next.run(req).await;
+            };
+            let store = self.store.lock().expect("poisoned").clone().expect("store");
+            let (notifier, lost) = lost_pair();
+            self.live.lock().expect("poisoned").push(notifier.clone());
+            let backend = TestSession {
+                store,
+                id: format!("test-{}", self.live.lock().expect("poisoned").len()),
+                keys: Mutex::new(Vec::new()),
+                notifier,
+            };
+            Ok(Response::Session(Session::new(
+                Arc::new(backend),
+                lost,
+                opts.ttl,
+            )))
+        }
+    }
+
+    use anykv::Version;
+
+    /// A Kv with sessions, and the notifiers of its sessions.
+    async fn store(name: &str) -> (Kv, Arc<Mutex<Vec<LostNotifier>>>) {
+        let url = format!("memory://{name}");
+        let layer = TestSessions::default();
+        *layer.store.lock().expect("poisoned") = Some(anykv::open(&url).await.expect("open"));
+        let live = layer.live.clone();
+        let kv = anykv::builder(&url)
+            .layer(layer)
+            .open()
+            .await
+            .expect("open");
+        (kv, live)
+    }
+
+    fn sh(script: &str) -> CommandLine {
+        CommandLine::new(vec!["sh".into(), "-c".into(), script.into()])
+    }
+
+    async fn until<F: std::future::Future<Output = bool>>(mut f: impl FnMut() -> F) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !f().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition never met"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn elect_runs_the_command_as_leader_and_resigns() {
+        let (kv, _) = store("cli-elect-1").await;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let name = Key::new("leaders/a").unwrap();
+        let plan = ElectPlan {
+            name: name.clone(),
+            value: Bytes::from_static(b"me"),
+            ttl: Duration::from_secs(5),
+            wait: None,
+            command: sh(&format!(
+                r#"echo "$ANYKV_TERM $ANYKV_LEADER_KEY" > {}; exit 7"#,
+                out.display()
+            )),
+        };
+        assert_eq!(elect(&kv, plan).await.unwrap(), 7);
+        let text = std::fs::read_to_string(&out).unwrap();
+        let (term, key) = text.trim().split_once(' ').unwrap();
+        assert!(term.parse::<u64>().unwrap() > 0, "{text}");
+        assert!(key.starts_with("leaders/a/"), "{text}");
+        // Resigned: no leader, no candidate key left.
+        assert_eq!(kv.election(&name).leader().await.unwrap(), None);
+        assert!(kv.list(&name.as_prefix()).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn elect_kills_the_command_when_leadership_is_lost() {
+        let (kv, _) = store("cli-elect-2").await;
+        let name = Key::new("leaders/b").unwrap();
+        let plan = ElectPlan {
+            name: name.clone(),
+            value: Bytes::from_static(b"me"),
+            ttl: Duration::from_secs(5),
+            wait: None,
+            command: sh("exec sleep 60"),
+        };
+        let task = tokio::spawn({
+            let kv = kv.clone();
+            async move { elect(&kv, plan).await }
+        });
+        let election = kv.election(&name);
+        until(|| async { election.leader().await.unwrap().is_some() }).await;
+        let leader = election.leader().await.unwrap().unwrap();
+        assert_eq!(&leader.value[..], b"me");
+        let started = std::time::Instant::now();
+        kv.delete(&leader.key, Condition::Always).await.unwrap();
+        let failure = task.await.unwrap().unwrap_err();
+        assert_eq!(failure.code, exit::LOCK, "{failure}");
+        assert!(failure.to_string().contains("leadership lost"), "{failure}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_candidate_waits_and_wait_runs_out() {
+        let (kv, _) = store("cli-elect-3").await;
+        let name = Key::new("leaders/c").unwrap();
+        let election = kv.election(&name);
+        let first = election
+            .campaign(Bytes::from_static(b"first"), CampaignOptions::default())
+            .await
+            .unwrap();
+        let plan = ElectPlan {
+            name: name.clone(),
+            value: Bytes::from_static(b"second"),
+            ttl: Duration::from_secs(5),
+            wait: Some(Duration::from_millis(300)),
+            command: sh("exit 0"),
+        };
+        let failure = elect(&kv, plan).await.unwrap_err();
+        assert_eq!(failure.code, exit::LOCK, "{failure}");
+        assert!(failure.to_string().contains("leader: first"), "{failure}");
+        first.resign().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn register_keeps_the_key_while_the_command_runs() {
+        let (kv, live) = store("cli-register").await;
+        let key = Key::new("instances/a").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let go = dir.path().join("go");
+        let plan = RegisterPlan {
+            key: key.clone(),
+            value: Bytes::from_static(b"10.0.0.7:80"),
+            ttl: Duration::from_secs(5),
+            if_absent: true,
+            command: sh(&format!(
+                r#"test -n "$ANYKV_SESSION_ID" || exit 9; while [ ! -e {} ]; do sleep 0.05; done; exit 3"#,
+                go.display()
+            )),
+        };
+        let task = tokio::spawn({
+            let kv = kv.clone();
+            async move { register(&kv, plan).await }
+        });
+        until(|| async { kv.get(&key).await.unwrap().is_some() }).await;
+        assert_eq!(
+            &kv.get(&key).await.unwrap().unwrap().value[..],
+            b"10.0.0.7:80"
+        );
+        std::fs::write(&go, b"").unwrap();
+        assert_eq!(task.await.unwrap().unwrap(), 3);
+        assert_eq!(kv.get(&key).await.unwrap(), None, "closed with the session");
+
+        // Session lost while the command runs: killed, exit 5.
+        let plan = RegisterPlan {
+            key: key.clone(),
+            value: Bytes::from_static(b"x"),
+            ttl: Duration::from_secs(5),
+            if_absent: false,
+            command: sh("exec sleep 60"),
+        };
+        let task = tokio::spawn({
+            let kv = kv.clone();
+            async move { register(&kv, plan).await }
+        });
+        until(|| async { kv.get(&key).await.unwrap().is_some() }).await;
+        for n in live.lock().expect("poisoned").iter() {
+            n.notify();
+        }
+        let failure = task.await.unwrap().unwrap_err();
+        assert_eq!(failure.code, exit::LOCK, "{failure}");
+        assert!(failure.to_string().contains("session lost"), "{failure}");
+
+        // --if-absent on an existing key: exit 3, nothing run.
+        kv.put(
+            &key,
+            Bytes::from_static(b"taken"),
+            anykv::PutOptions::default(),
+        )
+        .await
+        .unwrap();
+        let plan = RegisterPlan {
+            key: key.clone(),
+            value: Bytes::from_static(b"mine"),
+            ttl: Duration::from_secs(5),
+            if_absent: true,
+            command: sh("exit 0"),
+        };
+        assert_eq!(register(&kv, plan).await.unwrap_err().code, exit::CONDITION);
+        assert_eq!(&kv.get(&key).await.unwrap().unwrap().value[..], b"taken");
+    }
+}
