@@ -34,7 +34,7 @@
 //! and fail-fast.
 //!
 //! ```
-//! use anykv::{StandardLayer, layers::{chaos::ChaosLayer, fail_fast::FailFastLayer}};
+//! use anykv::{StandardLayer, StoreExt, layers::{chaos::ChaosLayer, fail_fast::FailFastLayer}};
 //!
 //! # #[tokio::main] async fn main() -> anykv::Result<()> {
 //! let chaos = ChaosLayer::new(7);
