@@ -76,7 +76,10 @@ pub(crate) enum Lane {
     Watch,
     /// A lock's blocking query (waiting for, or keeping, one lock): one
     /// connection per lock, outside both shares, so that held locks can
-    /// never starve operations nor be starved by them.
+    /// never starve operations nor be starved by them. Session renewals
+    /// (of locks, TTL keys' and anykv sessions) and the reads that confirm
+    /// a session is gone go here too: brief requests every third of a
+    /// TTL that must not wait behind a busy handle's operations.
     Lock,
 }
 

@@ -385,18 +385,53 @@ impl Inner {
         cond: Condition,
         ttl: Duration,
     ) -> Result<Version> {
-        let k = key.as_str();
         let guard = self.create_session(SessionKind::Ttl, ttl).await?;
-        let sid = guard.id().to_owned();
+        let version = self.put_held(key, value, cond, guard.id()).await?;
+        guard.keep();
+        Ok(version)
+    }
+
+    /// A put of an anykv session's ephemeral key (`session` is its id).
+    /// `LockLost` once the session is gone.
+    pub(crate) async fn put_in_session(
+        &self,
+        key: &Key,
+        value: Bytes,
+        cond: Condition,
+        session: &str,
+    ) -> Result<Version> {
+        if let Condition::IfVersion(v) = cond
+            && v.get() == 0
+        {
+            return Err(self.condition_error(key, cond).await);
+        }
+        if fits_txn(key.as_str(), value.len()) {
+            self.put_held(key, &value, cond, session).await
+        } else {
+            self.put_large_held(key, value, cond, Some(session)).await
+        }
+    }
+
+    /// `[condition…, lock]` with `sid`; a key held by another session
+    /// moves to `sid` in one transaction. A `lock` refused on a free key
+    /// (no lock-delay runs for anykv's sessions) means `sid` is gone:
+    /// confirmed by a `consistent` read of the session, it is `LockLost`.
+    async fn put_held(
+        &self,
+        key: &Key,
+        value: &[u8],
+        cond: Condition,
+        sid: &str,
+    ) -> Result<Version> {
+        let k = key.as_str();
         for _ in 0..WRITE_ATTEMPTS {
             let cond_ops = condition_ops(k, cond);
             let n_cond = cond_ops.len();
             let mut ops = cond_ops;
-            ops.push(TxnOp::new("lock", k).value(value).session(&sid));
+            ops.push(TxnOp::new("lock", k).value(value).session(sid));
             let errors = match self.http.txn(&ops).await? {
                 TxnOutcome::Committed(r) => {
                     let (index, _) = last_index(&r).ok_or_else(|| no_entry("put"))?;
-                    guard.keep();
                     return Ok(Version::new(index));
                 }
                 TxnOutcome::RolledBack(errors) => errors,
@@ -404,24 +439,32 @@ impl Inner {
             if errors.iter().any(|e| e.op_index < n_cond) {
                 return Err(self.condition_error(key, cond).await);
             }
-            // The lock op failed: the key is held by another session (or a
-            // lock-delay is running). Look, and move it over.
-            let Some(cur) = self.read_entry(k, ReadMode::CONSISTENT).await? else {
+            // The lock op failed: the key is held by another session, a
+            // lock-delay is running, or our session is gone. Look, and
+            // move it over.
+            let cur = self.read_entry(k, ReadMode::CONSISTENT).await?;
+            let held_by = cur.as_ref().and_then(|c| c.session.clone());
+            if held_by.is_none() && session::info(&self.http, sid).await?.is_none() {
+                return Err(Error::LockLost {
+                    backend: BACKEND,
+                    key: key.to_string(),
+                });
+            }
+            let Some(cur) = cur else {
                 continue; // gone meanwhile: try again from the start
             };
             condition::check(BACKEND, key, cond, Some(cur.pair.version))?;
-            let Some(old) = cur.session else {
+            let Some(old) = held_by else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
             let swap = [
                 TxnOp::new("check-index", k).index(cur.pair.mod_revision),
                 TxnOp::new("unlock", k).session(&old),
-                TxnOp::new("lock", k).value(value).session(&sid),
+                TxnOp::new("lock", k).value(value).session(sid),
             ];
             if let TxnOutcome::Committed(r) = self.http.txn(&swap).await? {
                 let (index, _) = last_index(&r).ok_or_else(|| no_entry("put"))?;
-                guard.keep();
                 self.forget_ttl_session(old);
                 return Ok(Version::new(index));
             }
@@ -433,34 +476,51 @@ impl Inner {
     /// conditions, `?acquire=` for a TTL), then a consistent read for the
     /// version.
     async fn put_large(&self, key: &Key, value: Bytes, opts: PutOptions) -> Result<Version> {
-        let k = key.as_str();
-        let session = match opts.ttl {
-            Some(ttl) => Some(self.create_session(SessionKind::Ttl, ttl).await?),
-            None => None,
+        let Some(ttl) = opts.ttl else {
+            return self.put_large_held(key, value, opts.condition, None).await;
         };
+        let guard = self.create_session(SessionKind::Ttl, ttl).await?;
+        let version = self
+            .put_large_held(key, value, opts.condition, Some(guard.id()))
+            .await?;
+        guard.keep();
+        Ok(version)
+    }
+
+    /// [`put_large`](Self::put_large), the key acquired by `session` if any.
+    async fn put_large_held(
+        &self,
+        key: &Key,
+        value: Bytes,
+        cond: Condition,
+        session: Option<&str>,
+    ) -> Result<Version> {
+        let k = key.as_str();
         for _ in 0..WRITE_ATTEMPTS {
             let cur = self.read_entry(k, ReadMode::CONSISTENT).await?;
-            condition::check(
-                BACKEND,
-                key,
-                opts.condition,
-                cur.as_ref().map(|e| e.pair.version),
-            )?;
+            condition::check(BACKEND, key, cond, cur.as_ref().map(|e| e.pair.version))?;
             let held_by = cur.as_ref().and_then(|e| e.session.clone());
             // A key held by a session is released first (`?release=` also
             // writes the value), so that the key no longer expires with it.
             let nonce = write_nonce();
             if let Some(old) = &held_by
+                && Some(old.as_str()) != session
                 && !self
                     .set_raw(k, &value, nonce, SetMode::Release(old))
                     .await?
             {
                 continue;
             }
-            let written = match &session {
+            let written = match session {
                 Some(s) => {
-                    self.set_raw(k, &value, nonce, SetMode::Acquire(s.id()))
-                        .await?
+                    let ok = self.set_raw(k, &value, nonce, SetMode::Acquire(s)).await?;
+                    if !ok && session::info(&self.http, s).await?.is_none() {
+                        return Err(Error::LockLost {
+                            backend: BACKEND,
+                            key: key.to_string(),
+                        });
+                    }
+                    ok
                 }
                 None if held_by.is_some() => true, // the release wrote it
                 None => {
@@ -471,11 +531,10 @@ impl Inner {
             if !written {
                 continue;
             }
-            if let Some(old) = held_by {
+            if let Some(old) = held_by
+                && Some(old.as_str()) != session
+            {
                 self.forget_ttl_session(old);
-            }
-            if let Some(s) = session {
-                s.keep();
             }
             let after = self.read_entry(k, ReadMode::CONSISTENT).await?;
             return Ok(match after {

@@ -149,7 +149,8 @@
 //!   is 200 per client address: several handles (processes) on one host
 //!   share it. A lock waiting or held adds one connection for its blocking
 //!   query on the record (outside both shares, so that locks and
-//!   operations never wait on each other).
+//!   operations never wait on each other); session renewals (every third
+//!   of a TTL, a few milliseconds each) also go outside both shares.
 //! - **Snapshot** = one `/v1/txn`: a `set` of a marker key
 //!   (`__anykv/snapshots/<first segment>`, with a fresh nonce) followed by
 //!   one `get-tree` per prefix. A read-only transaction would honour
@@ -200,6 +201,37 @@
 //!   would make `lock` slow for everyone. Set `?lock_delay=15s` to get
 //!   Consul's behaviour back (a lock then cannot be re-taken for that long
 //!   after its session is invalidated — not after a normal release).
+//! - **Sessions** (`Store::session`) = a Consul session named
+//!   `anykv-session` with `TTL` = the session's TTL in whole seconds
+//!   (rounded up, at least Consul's 10 s, at most its 24 h: longer is
+//!   `InvalidArgument`; `Session::ttl()` reports the TTL used),
+//!   `Behavior=delete`, `LockDelay=0s` (a dead leader's election key can be
+//!   taken again at once) and no health checks (only the TTL and `close`
+//!   end it). **Ephemeral keys** are keys the session acquires:
+//!   `Session::put` is one `/v1/txn` `[condition…, lock]` (the conditions
+//!   as for `put`, so `AlreadyExists` / `NotFound` / `Conflict` are exact),
+//!   and the version is the `lock`'s `ModifyIndex`, as for every write. A
+//!   key held by another session (a TTL key, another session's key) moves
+//!   to this one in one transaction (`unlock` + `lock`). Values too big for
+//!   a transaction use `PUT ?acquire=` as above. A put on an ended session
+//!   is `LockLost`: a `lock` refused on a free key is checked with a
+//!   `consistent` read of the session. The session is renewed in the
+//!   background by the lock code's loop (every third of the TTL, sooner
+//!   with backoff after a failure); `lost()` fires when the session is
+//!   closed, when a renewal answered "unknown session" *and* a
+//!   `consistent` read of the session finds nothing (destroyed or expired;
+//!   a restarted server replaying its log says "unknown" for a live
+//!   session), or when no renewal succeeded for a whole TTL (Consul deletes
+//!   the keys only after 2 × TTL, so the holder hears first). Transient
+//!   errors shorter than the TTL never fire it. `close` (and drop) fire
+//!   `lost()` and `PUT /v1/session/destroy/<id>`, which deletes the keys; a
+//!   failed destroy is retried in the background for up to 2 × TTL. A
+//!   process that dies leaves its keys to Consul: gone between TTL and
+//!   2 × TTL after its last renewal, hence [`SESSION_GRANULARITY`] = 10 s
+//!   at the minimum TTL, `t` at a TTL of `t`. Renewals (of sessions, locks
+//!   and TTL keys) and the reads confirming a session is gone use their
+//!   own connections, outside `max_conns`' shares (see Connections), so
+//!   busy operations or watches never make a session expire.
 //! - **atomic** = one `/v1/txn`: `get` (exists), `check-not-exists` (absent),
 //!   `check-index` (version), and for a value check a `consistent` read whose
 //!   `ModifyIndex` becomes a `check-index`; writes are `set` and `delete`. At
@@ -248,6 +280,7 @@
 //! ```
 
 mod agents;
+mod ephemeral;
 mod error;
 mod http;
 mod kv;
@@ -262,8 +295,8 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use anykv_core::{
     Capabilities, Check, Condition, Config, Key, KvPair, LockGuard, LockInfo, LockOptions, Op,
-    Prefix, PutOptions, Result, Revision, Snapshot, SnapshotMode, Start, Store, Target, Version,
-    WatchHistory, WatchStream, async_trait, registry::Driver,
+    Prefix, PutOptions, Result, Revision, Session, SessionOptions, Snapshot, SnapshotMode, Start,
+    Store, Target, Version, WatchHistory, WatchStream, async_trait, registry::Driver,
 };
 use bytes::Bytes;
 
@@ -278,6 +311,13 @@ pub const MAX_VALUE_SIZE: usize = 512 * 1024;
 /// of their TTL.
 pub const TTL_GRANULARITY: Duration = Duration::from_secs(20);
 
+/// How long past its TTL a dead session's keys may survive, at Consul's
+/// shortest session TTL (10 s): Consul deletes them 2 × TTL after the last
+/// renewal (its documented bound; in practice exactly then). It grows with
+/// the TTL: a session of TTL `t` loses its keys between `t` and `2t` after
+/// its last renewal. See Sessions in the crate docs.
+pub const SESSION_GRANULARITY: Duration = Duration::from_secs(10);
+
 /// Most checks + writes in one `atomic` call: Consul's `/v1/txn` limit.
 pub const MAX_ATOMIC_OPS: usize = 64;
 
@@ -289,6 +329,7 @@ const CAPS: Capabilities = Capabilities::full(MAX_VALUE_SIZE)
     .with_ttl(Some(TTL_GRANULARITY))
     .with_watch(WatchHistory::Converge)
     .with_locks(true, true)
+    .with_sessions(Some(SESSION_GRANULARITY), true)
     .with_max_atomic_ops(Some(MAX_ATOMIC_OPS))
     .with_snapshot(Some(SnapshotMode::Atomic))
     .with_durable(true);
@@ -404,6 +445,10 @@ impl Store for ConsulStore {
 
     async fn lock_holder(&self, key: &Key) -> Result<Option<LockInfo>> {
         lock::holder(&self.inner, key).await
+    }
+
+    async fn session(&self, opts: SessionOptions) -> Result<Session> {
+        ephemeral::start(&self.inner, opts).await
     }
 
     async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {

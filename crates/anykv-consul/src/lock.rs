@@ -42,8 +42,8 @@ const BLOCK_WAIT: Duration = Duration::from_secs(30);
 const DELAY_POLL: Duration = Duration::from_millis(200);
 /// First retry delay of a failed renewal, follow query or release; doubles
 /// up to [`MAX_RETRY`].
-const FIRST_RETRY: Duration = Duration::from_millis(100);
-const MAX_RETRY: Duration = Duration::from_secs(2);
+pub(crate) const FIRST_RETRY: Duration = Duration::from_millis(100);
+pub(crate) const MAX_RETRY: Duration = Duration::from_secs(2);
 
 pub(crate) async fn try_lock(
     inner: &Arc<Inner>,
@@ -203,10 +203,10 @@ pub(crate) enum Renewal {
     /// Consul renewed the session.
     Renewed,
     /// Consul answered that it does not know the session, and a
-    /// `consistent` read of the record confirmed it no longer names it.
+    /// `consistent` read of the [`Witness`] confirmed it.
     Gone,
-    /// Consul answered that it does not know the session, but the record
-    /// still names it on a `consistent` read (or could not be read): a
+    /// Consul answered that it does not know the session, but a
+    /// `consistent` read of the [`Witness`] still shows it (or failed): a
     /// server replaying its log after a restart answers that way.
     Unconfirmed,
     /// No answer (agent down, frozen, no leader).
@@ -225,7 +225,7 @@ pub(crate) fn renewal_verdict(
 ) -> Option<&'static str> {
     match renewal {
         Renewal::Renewed => None,
-        Renewal::Gone => Some("the session is gone and the record no longer names it"),
+        Renewal::Gone => Some("the session is gone (confirmed by a consistent read)"),
         Renewal::Unconfirmed | Renewal::Failed if since_renewal >= session_ttl => {
             Some("no renewal succeeded for a whole session TTL")
         }
@@ -241,26 +241,44 @@ async fn record_names(inner: &Inner, key: &Key, session: &str) -> Result<bool> {
     Ok(entry.is_some_and(|e| e.session.as_deref() == Some(session)))
 }
 
+/// What confirms that a session Consul calls unknown is really gone.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Witness<'a> {
+    /// A lock: the record no longer names the session.
+    Record(&'a Key),
+    /// An anykv session: a `consistent` read of the session finds nothing.
+    Session,
+}
+
+impl Witness<'_> {
+    /// Whether the session still looks alive to the witness.
+    async fn alive(self, inner: &Inner, session: &str) -> Result<bool> {
+        match self {
+            Witness::Record(key) => record_names(inner, key, session).await,
+            Witness::Session => Ok(session::info(&inner.http, session).await?.is_some()),
+        }
+    }
+}
+
 /// One renewal, bounded by the timeout, classified.
-async fn renew_once(inner: &Inner, key: &Key, session: &str) -> Renewal {
+async fn renew_once(inner: &Inner, witness: Witness<'_>, session: &str) -> Renewal {
     let timeout = inner.http.settings().timeout;
     match tokio::time::timeout(timeout, session::renew(&inner.http, session)).await {
         Ok(Ok(true)) => Renewal::Renewed,
-        Ok(Ok(false)) => {
-            match tokio::time::timeout(timeout, record_names(inner, key, session)).await {
-                Ok(Ok(false)) => Renewal::Gone,
-                Ok(Ok(true)) | Ok(Err(_)) | Err(_) => Renewal::Unconfirmed,
-            }
-        }
+        Ok(Ok(false)) => match tokio::time::timeout(timeout, witness.alive(inner, session)).await {
+            Ok(Ok(false)) => Renewal::Gone,
+            Ok(Ok(true)) | Ok(Err(_)) | Err(_) => Renewal::Unconfirmed,
+        },
         Ok(Err(_)) | Err(_) => Renewal::Failed,
     }
 }
 
 /// Renews the session every third of its TTL, and sooner (with backoff)
-/// after a failed attempt; returns why the lock must be reported lost.
-async fn renew_loop(
+/// after a failed attempt; returns why the session (and what it holds)
+/// must be reported lost.
+pub(crate) async fn renew_loop(
     inner: &Inner,
-    key: &Key,
+    witness: Witness<'_>,
     session: &str,
     session_ttl: Duration,
 ) -> &'static str {
@@ -270,7 +288,7 @@ async fn renew_loop(
     let mut retry = FIRST_RETRY;
     loop {
         tokio::time::sleep(delay).await;
-        let renewal = renew_once(inner, key, session).await;
+        let renewal = renew_once(inner, witness, session).await;
         if renewal == Renewal::Renewed {
             last_ok = Instant::now();
         }
@@ -281,7 +299,7 @@ async fn renew_loop(
             delay = every;
             retry = FIRST_RETRY;
         } else {
-            tracing::debug!(%key, ?renewal, "consul lock session renewal failed; retrying");
+            tracing::debug!(session, ?renewal, "consul session renewal failed; retrying");
             delay = retry.min(every);
             retry = (retry * 2).min(MAX_RETRY);
         }
@@ -332,7 +350,7 @@ async fn keeper(
 ) {
     tokio::select! {
         _ = stop => {}
-        reason = renew_loop(&inner, &key, &session, session_ttl) => {
+        reason = renew_loop(&inner, Witness::Record(&key), &session, session_ttl) => {
             tracing::debug!(%key, reason, "consul lock lost");
             notifier.notify();
         }
