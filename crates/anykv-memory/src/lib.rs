@@ -41,6 +41,7 @@
 
 mod hub;
 mod lock;
+mod session;
 mod state;
 mod watch;
 
@@ -52,8 +53,8 @@ use std::{
 
 use anykv_core::{
     Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo, LockOptions,
-    Op, Prefix, PutOptions, Result, Revision, Snapshot, SnapshotMode, Start, Store, Target,
-    Version, WatchStream, async_trait, registry::Driver, store::condition,
+    Op, Prefix, PutOptions, Result, Revision, Session, SessionOptions, Snapshot, SnapshotMode,
+    Start, Store, Target, Version, WatchStream, async_trait, registry::Driver, store::condition,
 };
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -72,7 +73,10 @@ pub const DEFAULT_HISTORY: usize = 10_000;
 const CAPS: Capabilities = Capabilities::full(MAX_VALUE_SIZE)
     .with_ttl(Some(Duration::from_millis(100)))
     .with_snapshot(Some(SnapshotMode::Atomic))
-    .with_compact(true);
+    .with_compact(true)
+    // In-process sessions; a session past its deadline is ended by the next
+    // sweep (or the next operation), hence the sweep interval.
+    .with_sessions(Some(SWEEP_EVERY), false);
 
 anykv_core::inventory::submit! {
     Driver {
@@ -91,6 +95,7 @@ pub(crate) struct Shared {
     locks: Mutex<lock::Locks>,
     released: lock::Released,
     pub(crate) hub: Arc<hub::Hub>,
+    renewals: session::Renewals,
 }
 
 /// The locked state; releasing it routes the events written meanwhile to
@@ -158,6 +163,7 @@ impl MemoryStore {
             locks: Mutex::new(lock::Locks::default()),
             released: lock::Released::default(),
             hub: Arc::default(),
+            renewals: session::Renewals::default(),
         }))
     }
 
@@ -316,6 +322,39 @@ impl Store for MemoryStore {
     async fn probe(&self) -> Result<()> {
         Ok(())
     }
+
+    async fn session(&self, opts: SessionOptions) -> Result<Session> {
+        let ttl = session::effective_ttl(opts.ttl);
+        let id = self.shared.lock().begin_session(ttl, Instant::now());
+        Ok(session::start(
+            self.shared.clone(),
+            BACKEND,
+            id,
+            ttl,
+            &self.shared.renewals,
+        ))
+    }
+}
+
+#[async_trait]
+impl session::Ledger for Shared {
+    async fn renew(&self, id: u64, ttl: Option<Duration>) -> Result<bool> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        st.expire(now);
+        Ok(st.renew_session(id, ttl, now))
+    }
+
+    async fn put(&self, id: u64, key: &Key, value: Bytes, condition: Condition) -> Result<Version> {
+        let mut st = self.lock();
+        st.expire(Instant::now());
+        st.session_put(id, key, value, condition)
+    }
+
+    async fn end(&self, id: u64) -> Result<()> {
+        self.lock().end_session(id);
+        Ok(())
+    }
 }
 
 impl MemoryStore {
@@ -328,5 +367,12 @@ impl MemoryStore {
     /// stream removes it at once).
     pub fn watch_count(&self) -> usize {
         self.shared.hub.len()
+    }
+
+    /// Test hook: stops (or resumes) the renewal of every session of the
+    /// store, so that they expire as if their process had frozen.
+    #[doc(hidden)]
+    pub fn pause_session_renewals(&self, paused: bool) {
+        self.shared.renewals.pause(paused);
     }
 }

@@ -1,7 +1,10 @@
 //! The data of one in-memory store: keys, revisions, the event log and TTLs.
 //! Everything here runs under the store's mutex.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    time::Duration,
+};
 
 use anykv_core::{Error, Event, Key, KvPair, Prefix, Result, Revision, Version};
 use bytes::Bytes;
@@ -18,8 +21,17 @@ struct Entry {
     expires: Option<Instant>,
 }
 
+/// A live session: its deadline and its ephemeral keys, each with the
+/// revision of its session write (see `session.rs`).
+struct SessionRec {
+    deadline: Instant,
+    keys: HashMap<Key, Revision>,
+}
+
 pub(crate) struct State {
     data: BTreeMap<Key, Entry>,
+    sessions: BTreeMap<u64, SessionRec>,
+    next_session: u64,
     expiries: BTreeSet<(Instant, Key)>,
     revision: Revision,
     /// Every event, in revision order, up to `log_capacity` of them.
@@ -37,6 +49,8 @@ impl State {
     pub(crate) fn new(log_capacity: usize) -> State {
         State {
             data: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            next_session: 0,
             expiries: BTreeSet::new(),
             revision: 0,
             log: VecDeque::new(),
@@ -60,8 +74,20 @@ impl State {
         }
     }
 
-    /// Removes every key whose TTL has run out, each as its own revision.
+    /// Removes every key whose TTL has run out, each as its own revision,
+    /// and ends every session whose deadline passed.
     pub(crate) fn expire(&mut self, now: Instant) {
+        if !self.sessions.is_empty() {
+            let due: Vec<u64> = self
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in due {
+                self.end_session(id);
+            }
+        }
         while let Some((at, key)) = self.expiries.first().cloned() {
             if at > now {
                 break;
@@ -140,6 +166,76 @@ impl State {
                 true
             }
         }
+    }
+
+    /// Records a new session alive until `now + ttl`.
+    pub(crate) fn begin_session(&mut self, ttl: Duration, now: Instant) -> u64 {
+        self.next_session += 1;
+        let id = self.next_session;
+        self.sessions.insert(
+            id,
+            SessionRec {
+                deadline: now + ttl,
+                keys: HashMap::new(),
+            },
+        );
+        id
+    }
+
+    /// Pushes a live session's deadline (`None`: only checks it); false if
+    /// it is gone. Call `expire` first.
+    pub(crate) fn renew_session(&mut self, id: u64, ttl: Option<Duration>, now: Instant) -> bool {
+        match self.sessions.get_mut(&id) {
+            None => false,
+            Some(s) => {
+                if let Some(ttl) = ttl {
+                    s.deadline = now + ttl;
+                }
+                true
+            }
+        }
+    }
+
+    /// An ephemeral put under a live session (call `expire` first).
+    pub(crate) fn session_put(
+        &mut self,
+        id: u64,
+        key: &Key,
+        value: Bytes,
+        cond: anykv_core::Condition,
+    ) -> Result<Version> {
+        if !self.sessions.contains_key(&id) {
+            return Err(crate::session::lost_error(BACKEND, key));
+        }
+        anykv_core::store::condition::check(BACKEND, key, cond, self.version(key))?;
+        let rev = self.next_revision();
+        let v = self.write(key, value, None);
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.keys.insert(key.clone(), rev);
+        }
+        Ok(v)
+    }
+
+    /// Ends a session: its keys still as it wrote them are deleted in one
+    /// revision. False if it was already gone.
+    pub(crate) fn end_session(&mut self, id: u64) -> bool {
+        let Some(s) = self.sessions.remove(&id) else {
+            return false;
+        };
+        let mut doomed: Vec<Key> = s
+            .keys
+            .into_iter()
+            .filter(|(k, rev)| self.data.get(k).is_some_and(|e| e.mod_revision == *rev))
+            .map(|(k, _)| k)
+            .collect();
+        if !doomed.is_empty() {
+            doomed.sort();
+            self.next_revision();
+            for k in &doomed {
+                self.remove(k);
+            }
+        }
+        true
     }
 
     pub(crate) fn keys_below(&self, prefix: &Prefix) -> Vec<Key> {
