@@ -105,8 +105,10 @@
 //!   included (`tests/watch_cost.rs`). Watches started together are set up
 //!   together: registrations, one `sync` and the reads sent back to back
 //!   (one round trip per batch, plus one per level of a prefix); 10,000
-//!   watches started at once took 1.9 s on a loaded 2-core VM, started one
-//!   after another (a round trip each) 11.7 s. ZooKeeper 3.8 notifications carry no data and no zxid,
+//!   key watches started at once took 0.58 s on a loaded 2-core VM, started
+//!   one after another (a round trip each) 11.7 s. At 500 puts/s the event
+//!   followed the put's acknowledgement by 0.22 ms at p50, 13 ms at p99
+//!   (the puts themselves: 1.0 ms p50, 40 ms p99 on that machine). ZooKeeper 3.8 notifications carry no data and no zxid,
 //!   so the hub reads each notified path once for all watches on it (a
 //!   delete needs no read) and emits each watch's differences from what it
 //!   delivered before, in revision order: a put when every earlier change

@@ -56,7 +56,8 @@ async fn control_thousand_watches() {
         .unwrap();
 }
 
-/// 10,000 key watches set up concurrently (pipelined), then 500 puts/s
+/// 10,000 key watches (`WATCHES=n` to change) set up concurrently
+/// (pipelined), then 500 puts/s
 /// from another handle: put latency, and the delay from a put's
 /// acknowledgement to its event (what the driver adds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,14 +75,18 @@ async fn concurrent_setup_and_delay_after_the_ack() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    const WATCHES: usize = 10_000;
-    const PUTS: usize = 5_000;
+    let count: usize = std::env::var("WATCHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    // One put per key, at most 5,000.
+    let puts_n = count.min(5_000);
     let ns = common::unique("watch-cost-ack");
     // Bare drivers (keys not namespaced: under a top-level znode of its own).
     let (store, _) = common::open_driver(&url, &ns, "").await;
     let (writer, _) = common::open_driver(&url, &ns, "").await;
     let top = ns.replace('/', "-");
-    let keys: Vec<Key> = (0..WATCHES)
+    let keys: Vec<Key> = (0..count)
         .map(|i| Key::new(format!("{top}/k{:02}/{i}", i % 50)).unwrap())
         .collect();
     let started = Instant::now();
@@ -97,8 +102,8 @@ async fn concurrent_setup_and_delay_after_the_ack() {
         let acked = acked.clone();
         tokio::spawn(async move {
             let mut all = futures::stream::select_all(watches);
-            let mut delays = Vec::with_capacity(PUTS);
-            while delays.len() < PUTS {
+            let mut delays = Vec::with_capacity(puts_n);
+            while delays.len() < puts_n {
                 let e = match tokio::time::timeout(Duration::from_secs(30), all.next()).await {
                     Ok(Some(Ok(e))) => e,
                     other => panic!("after {} events: {other:?}", delays.len()),
@@ -114,8 +119,8 @@ async fn concurrent_setup_and_delay_after_the_ack() {
         })
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1) / 500);
-    let mut puts = Vec::with_capacity(PUTS);
-    for k in keys.iter().take(PUTS) {
+    let mut puts = Vec::with_capacity(puts_n);
+    for k in keys.iter().take(puts_n) {
         tick.tick().await;
         let (writer, acked, k) = (writer.clone(), acked.clone(), k.clone());
         puts.push(tokio::spawn(async move {
@@ -128,7 +133,7 @@ async fn concurrent_setup_and_delay_after_the_ack() {
             t.elapsed()
         }));
     }
-    let mut put_latency = Vec::with_capacity(PUTS);
+    let mut put_latency = Vec::with_capacity(puts_n);
     for p in puts {
         put_latency.push(p.await.unwrap());
     }
@@ -137,7 +142,7 @@ async fn concurrent_setup_and_delay_after_the_ack() {
     put_latency.sort();
     let q = |v: &[Duration], q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
     println!(
-        "zookeeper, {WATCHES} key watches set up concurrently in {setup:?}; put latency p50 {:?} p99 {:?}; \
+        "zookeeper, {count} key watches set up concurrently in {setup:?}; put latency p50 {:?} p99 {:?}; \
          ack → event p50 {:?} p99 {:?} max {:?}",
         q(&put_latency, 0.5),
         q(&put_latency, 0.99),

@@ -2,7 +2,7 @@
 //! docs of `watch` for the protocol).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -525,11 +525,14 @@ impl Hub {
         let client = &session.client;
         let epoch = self.epoch;
         // Registrations, deduplicated.
+        // (A key needed under a recursive watch needed in the same batch is
+        // merged into it once both are registered.)
         let mut needed: Vec<ServerKey> = Vec::new();
+        let mut asked: HashSet<ServerKey> = HashSet::new();
         for (range, _, _) in &adds {
             if self.servers.covering(range).is_none() {
                 let own = servers::own_key(range);
-                if !needed.contains(&own) && !needed.iter().any(|k| covers(k, range)) {
+                if asked.insert(own.clone()) {
                     needed.push(own);
                 }
             }
@@ -1033,14 +1036,6 @@ fn again(e: &Error) -> Error {
             source: None,
         },
     }
-}
-
-/// True when server watch `key` serves `range`.
-fn covers(key: &ServerKey, range: &Range) -> bool {
-    if *key == servers::own_key(range) || (key.1 && key.0 == range.path()) {
-        return true;
-    }
-    key.1 && Range::Below(key.0.clone()).contains(range.path())
 }
 
 /// Reads paths with multi-reads of 64, all sent at once (pipelined on the
