@@ -14,8 +14,11 @@
 //!   server said anything;
 //! - a few etcd messages have a more precise anykv kind than their code:
 //!   compaction (`OutOfRange`) is [`Error::Compacted`], bad credentials
-//!   (`InvalidArgument` in etcd 3.4) are [`Error::Unauthenticated`], and
-//!   "too many requests" (`ResourceExhausted`) is a retryable `Unavailable`.
+//!   (`InvalidArgument` in etcd 3.4) are [`Error::Unauthenticated`],
+//!   "too many requests" (`ResourceExhausted`) is a retryable `Unavailable`,
+//!   and "requested lease not found" (`NotFound`, a put attached to a lease
+//!   that is gone) is [`Error::LockLost`]: the session or lock it belonged to
+//!   ended.
 
 use std::time::Duration;
 
@@ -135,6 +138,13 @@ pub(crate) fn map_status(status: Status, ctx: Ctx<'_>) -> Error {
             backend: BACKEND,
             message: described,
         },
+        // A put attached to a lease that was revoked or expired (a session's
+        // or lock's): what it belonged to is gone, which is not the key's
+        // absence.
+        Code::NotFound if msg.contains("lease not found") => Error::LockLost {
+            backend: BACKEND,
+            key: key(),
+        },
         Code::NotFound => Error::NotFound {
             backend: BACKEND,
             key: key(),
@@ -247,7 +257,7 @@ mod tests {
             (
                 Code::NotFound,
                 "etcdserver: requested lease not found",
-                ErrorKind::NotFound,
+                ErrorKind::LockLost,
                 false,
             ),
             (

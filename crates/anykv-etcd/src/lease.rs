@@ -1,4 +1,4 @@
-//! Leases: TTL keys and lock sessions.
+//! Leases: TTL keys, and the kept-alive leases of locks and sessions.
 //!
 //! etcd expires keys through leases only. Leases count whole seconds and the
 //! server raises any TTL below its minimum (1.5 × election timeout, 2 s with
@@ -7,10 +7,14 @@
 
 use std::time::Duration;
 
-use anykv_core::Result;
+use anykv_core::{LostNotifier, LostSignal, Result, lost_pair};
 use etcd_client::LeaseClient;
+use tokio::{task::JoinHandle, time::Instant};
 
-use crate::{conn::Conn, error::Ctx};
+use crate::{
+    conn::{Conn, after},
+    error::Ctx,
+};
 
 /// How late a TTL key may disappear. etcd raises any lease TTL below its
 /// minimum (1.5 × election timeout rounded up: 2 s with the defaults) to that
@@ -70,6 +74,133 @@ pub(crate) fn revoke_in_background(client: LeaseClient, id: i64, timeout: Durati
                 tracing::debug!(error = %e, lease = id, "etcd: revoking an unused lease failed; it will expire");
             }
         });
+    }
+}
+
+/// A lease kept alive by a task (a lock's or a session's), revoked when
+/// dropped unless revoked before.
+pub(crate) struct KeptLease {
+    client: LeaseClient,
+    pub lease: Lease,
+    timeout: Duration,
+    renew: JoinHandle<()>,
+    notifier: Option<LostNotifier>,
+    /// Fires when the lease is gone: revoked, expired, or not renewed in time.
+    pub lost: LostSignal,
+}
+
+impl KeptLease {
+    /// Starts renewing `lease` in the background.
+    pub fn start(client: LeaseClient, lease: Lease, timeout: Duration) -> KeptLease {
+        let (notifier, lost) = lost_pair();
+        let renew = tokio::spawn(keep_alive(client.clone(), lease, timeout, notifier.clone()));
+        KeptLease {
+            client,
+            lease,
+            timeout,
+            renew,
+            notifier: Some(notifier),
+            lost,
+        }
+    }
+
+    /// Stops renewing, notifies `lost`, and revokes the lease (deleting its
+    /// keys). If that fails it is tried again in the background: a lock
+    /// record left behind would hold the queue until its lease expires.
+    pub async fn revoke(mut self) -> Result<()> {
+        self.stop();
+        let revoked = revoke(self.client.clone(), self.lease.id, self.timeout).await;
+        if revoked.is_err() {
+            revoke_in_background(self.client.clone(), self.lease.id, self.timeout);
+        }
+        revoked
+    }
+
+    fn stop(&mut self) {
+        self.renew.abort();
+        if let Some(n) = self.notifier.take() {
+            n.notify();
+        }
+    }
+}
+
+impl Drop for KeptLease {
+    fn drop(&mut self) {
+        if self.notifier.is_some() {
+            // Dropped without `revoke` (a cancelled lock call, a dropped
+            // session): revoke in the background; the lease would expire anyway.
+            self.stop();
+            revoke_in_background(self.client.clone(), self.lease.id, self.timeout);
+        }
+    }
+}
+
+/// Renews `lease` every third of its TTL. Notifies `lost` and ends when etcd
+/// says the lease is gone, or when no renewal succeeded before the lease
+/// would have run out on the server (counted from when the last successful
+/// renewal was *sent*, so the client never believes it longer than etcd).
+async fn keep_alive(mut client: LeaseClient, lease: Lease, timeout: Duration, lost: LostNotifier) {
+    let every = (lease.ttl / 3).max(Duration::from_millis(100));
+    let retry = Duration::from_millis(200).min(every);
+    let mut expires = after(Instant::now(), lease.ttl);
+    let mut stream = None;
+    let mut wait = every;
+    loop {
+        tokio::time::sleep(wait).await;
+        let sent = Instant::now();
+        if sent >= expires {
+            break;
+        }
+        let bound = timeout.min(expires - sent);
+        match tokio::time::timeout(bound, renew(&mut client, &mut stream, lease)).await {
+            Ok(Ok(ttl)) if ttl > 0 => {
+                expires = after(sent, Duration::from_secs(u64::try_from(ttl).unwrap_or(0)));
+                wait = every;
+            }
+            // Expired or revoked on the server.
+            Ok(Ok(_)) => break,
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(msg))) if msg.contains("not found") => {
+                break;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, lease = lease.id, "etcd: lease renewal failed; retrying");
+                stream = None;
+                wait = retry;
+            }
+            Err(_) => {
+                stream = None;
+                wait = retry;
+            }
+        }
+    }
+    tracing::debug!(lease = lease.id, "etcd: lease lost");
+    lost.notify();
+}
+
+type KeepAlive = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// One renewal; returns the TTL etcd granted (0 or less: the lease is gone).
+async fn renew(
+    client: &mut LeaseClient,
+    stream: &mut Option<KeepAlive>,
+    lease: Lease,
+) -> Result<i64, etcd_client::Error> {
+    match stream.as_mut() {
+        Some((keeper, responses)) => {
+            keeper.keep_alive().await?;
+            match responses.message().await? {
+                Some(r) => Ok(r.ttl()),
+                None => Err(etcd_client::Error::LeaseKeepAliveError(
+                    "keep-alive stream closed".into(),
+                )),
+            }
+        }
+        None => {
+            // Opening the stream renews once: etcd-client reads the first
+            // answer and fails with "lease not found" if the lease is gone.
+            *stream = Some(client.keep_alive(lease.id).await?);
+            Ok(i64::try_from(lease.ttl.as_secs()).unwrap_or(i64::MAX))
+        }
     }
 }
 

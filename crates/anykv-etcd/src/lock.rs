@@ -19,19 +19,18 @@
 use std::time::Duration;
 
 use anykv_core::{
-    Error, Key, LockGuard, LockInfo, LockOptions, LockRelease, LostNotifier, LostSignal, Result,
-    async_trait, lost_pair,
+    Error, Key, LockGuard, LockInfo, LockOptions, LockRelease, LostSignal, Result, async_trait,
 };
 use etcd_client::{
-    Compare, CompareOp, GetOptions, LeaseClient, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    WatchOptions, proto::PbKeyValue, proto::PbTxnOpResponse,
+    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
+    proto::PbKeyValue, proto::PbTxnOpResponse,
 };
-use tokio::{task::JoinHandle, time::Instant};
+use tokio::time::Instant;
 
 use crate::{
-    conn::{Conn, after},
+    conn::Conn,
     error::{self, BACKEND, Ctx},
-    lease::{self, Lease},
+    lease::{self, KeptLease},
     range::{Range, rev},
     txn::{exec, header_rev},
 };
@@ -68,7 +67,7 @@ pub(crate) async fn acquire(
     let started = Instant::now();
     let clients = conn.clients().await?;
     let lease = lease::grant(conn, opts.ttl, "lock").await?;
-    let session = Session::start(clients.lease.clone(), lease, conn.timeout());
+    let session = KeptLease::start(clients.lease.clone(), lease, conn.timeout());
     let mine = format!("{lock}/{:x}", lease.id);
     let owner = opts.owner.clone().unwrap_or_default();
 
@@ -270,138 +269,13 @@ fn lock_lost(lock: &Key) -> Error {
     }
 }
 
-/// A lease kept alive by a task, revoked when dropped unless released.
-struct Session {
-    client: LeaseClient,
-    lease: Lease,
-    timeout: Duration,
-    renew: JoinHandle<()>,
-    notifier: Option<LostNotifier>,
-    lost: LostSignal,
-}
-
-impl Session {
-    fn start(client: LeaseClient, lease: Lease, timeout: Duration) -> Session {
-        let (notifier, lost) = lost_pair();
-        let renew = tokio::spawn(keep_alive(client.clone(), lease, timeout, notifier.clone()));
-        Session {
-            client,
-            lease,
-            timeout,
-            renew,
-            notifier: Some(notifier),
-            lost,
-        }
-    }
-
-    /// Stops renewing, marks the lock lost for its holder, and revokes the
-    /// lease (deleting the record). If that fails it is tried again in the
-    /// background: a record left behind would hold the queue until its
-    /// lease expires.
-    async fn revoke(mut self) -> Result<()> {
-        self.stop();
-        let revoked = lease::revoke(self.client.clone(), self.lease.id, self.timeout).await;
-        if revoked.is_err() {
-            lease::revoke_in_background(self.client.clone(), self.lease.id, self.timeout);
-        }
-        revoked
-    }
-
-    fn stop(&mut self) {
-        self.renew.abort();
-        if let Some(n) = self.notifier.take() {
-            n.notify();
-        }
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        if self.notifier.is_some() {
-            // Dropped without `revoke` (a cancelled lock call): give the
-            // place up in the background; the lease would expire anyway.
-            self.stop();
-            lease::revoke_in_background(self.client.clone(), self.lease.id, self.timeout);
-        }
-    }
-}
-
 /// The guard's release handle.
-struct Release(Session);
+struct Release(KeptLease);
 
 #[async_trait]
 impl LockRelease for Release {
     async fn release(self: Box<Self>) -> Result<()> {
         self.0.revoke().await
-    }
-}
-
-/// Renews `lease` every third of its TTL. Notifies `lost` and ends when etcd
-/// says the lease is gone, or when no renewal succeeded before the lease
-/// would have run out on the server (counted from when the last successful
-/// renewal was *sent*, so the client never believes it longer than etcd).
-async fn keep_alive(mut client: LeaseClient, lease: Lease, timeout: Duration, lost: LostNotifier) {
-    let every = (lease.ttl / 3).max(Duration::from_millis(100));
-    let retry = Duration::from_millis(200).min(every);
-    let mut expires = after(Instant::now(), lease.ttl);
-    let mut stream = None;
-    let mut wait = every;
-    loop {
-        tokio::time::sleep(wait).await;
-        let sent = Instant::now();
-        if sent >= expires {
-            break;
-        }
-        let bound = timeout.min(expires - sent);
-        match tokio::time::timeout(bound, renew(&mut client, &mut stream, lease)).await {
-            Ok(Ok(ttl)) if ttl > 0 => {
-                expires = after(sent, Duration::from_secs(u64::try_from(ttl).unwrap_or(0)));
-                wait = every;
-            }
-            // Expired or revoked on the server.
-            Ok(Ok(_)) => break,
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(msg))) if msg.contains("not found") => {
-                break;
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, lease = lease.id, "etcd lock: renewal failed; retrying");
-                stream = None;
-                wait = retry;
-            }
-            Err(_) => {
-                stream = None;
-                wait = retry;
-            }
-        }
-    }
-    tracing::debug!(lease = lease.id, "etcd lock: lease lost");
-    lost.notify();
-}
-
-type KeepAlive = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
-
-/// One renewal; returns the TTL etcd granted (0 or less: the lease is gone).
-async fn renew(
-    client: &mut LeaseClient,
-    stream: &mut Option<KeepAlive>,
-    lease: Lease,
-) -> Result<i64, etcd_client::Error> {
-    match stream.as_mut() {
-        Some((keeper, responses)) => {
-            keeper.keep_alive().await?;
-            match responses.message().await? {
-                Some(r) => Ok(r.ttl()),
-                None => Err(etcd_client::Error::LeaseKeepAliveError(
-                    "keep-alive stream closed".into(),
-                )),
-            }
-        }
-        None => {
-            // Opening the stream renews once: etcd-client reads the first
-            // answer and fails with "lease not found" if the lease is gone.
-            *stream = Some(client.keep_alive(lease.id).await?);
-            Ok(i64::try_from(lease.ttl.as_secs()).unwrap_or(i64::MAX))
-        }
     }
 }
 

@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use anykv_core::{
-    Condition, Error, ErrorKind, Event, Key, LockOptions, Prefix, PutOptions, Start, Store, Target,
-    Version,
+    Condition, Error, ErrorKind, Event, Key, LockOptions, Prefix, PutOptions, SessionOptions,
+    Start, Store, Target, Version,
 };
 use anykv_etcd as _;
 use etcd_client::{GetOptions, PutOptions as RawPut};
@@ -584,4 +584,123 @@ async fn a_revision_over_the_request_limit_arrives_whole_and_once() {
         other => panic!("no duplicate delete expected: {other:?}"),
     }
     let _ = kv.delete_prefix(&Prefix::root()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_is_a_lease_and_lost_when_it_is_revoked_from_outside() {
+    let Some((ns, kv, mut raw)) = setup("session").await else {
+        return;
+    };
+    // Below etcd's minimum: the session reports the TTL etcd granted.
+    let s = kv
+        .session(SessionOptions::with_ttl(Duration::from_millis(100)))
+        .await
+        .unwrap();
+    assert_eq!(s.ttl(), Duration::from_secs(2), "etcd's minimum lease TTL");
+    let v = s
+        .put(&key("eph"), "here".into(), Condition::IfAbsent)
+        .await
+        .unwrap();
+    let e = s
+        .put(&key("eph"), "again".into(), Condition::IfAbsent)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+    let got = raw.get(format!("{ns}/eph"), None).await.unwrap();
+    let pair = &got.kvs()[0];
+    assert_eq!(
+        v.get(),
+        pair.mod_revision() as u64,
+        "version = mod_revision"
+    );
+    let lease = pair.lease();
+    assert_eq!(
+        s.id(),
+        format!("{lease:x}"),
+        "the key is on the session's lease"
+    );
+    // Renewed: still there after twice the TTL.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!s.is_lost());
+    assert!(kv.get(&key("eph")).await.unwrap().is_some());
+    // An operator revokes the lease: lost() fires at the next renewal (a
+    // third of the TTL) and the key went with the lease.
+    raw.lease_revoke(lease).await.unwrap();
+    timeout(Duration::from_secs(3), s.lost())
+        .await
+        .expect("lost() did not fire after the lease was revoked");
+    assert!(kv.get(&key("eph")).await.unwrap().is_none());
+    let e = s
+        .put(&key("eph2"), "late".into(), Condition::Always)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::LockLost);
+    assert!(kv.get(&key("eph2")).await.unwrap().is_none());
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_on_a_lease_etcd_no_longer_has_is_lock_lost() {
+    let Some((ns, kv, mut raw)) = setup("sessionrace").await else {
+        return;
+    };
+    let s = kv
+        .session(SessionOptions::with_ttl(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    // Revoked behind the renewal task's back, before it notices: etcd
+    // refuses the put itself, for every condition.
+    raw.lease_revoke(i64::from_str_radix(s.id(), 16).unwrap())
+        .await
+        .unwrap();
+    for c in [Condition::Always, Condition::IfAbsent] {
+        let e = s.put(&key("k"), "v".into(), c).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::LockLost, "{c:?}: {e}");
+    }
+    assert!(
+        raw.get(format!("{ns}/k"), None)
+            .await
+            .unwrap()
+            .kvs()
+            .is_empty()
+    );
+    s.close().await.unwrap();
+}
+
+/// How late etcd deletes the keys of a lease nobody renews (a session whose
+/// process was killed): the declared session granularity must cover it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_keys_expire_after_a_kill_figures() {
+    let Some((ns, kv, mut raw)) = setup("sessionkill").await else {
+        return;
+    };
+    let declared = kv.capabilities().sessions.expect("sessions declared");
+    let mut late = Vec::new();
+    for (i, ttl) in [2i64, 3, 2].into_iter().enumerate() {
+        let name = format!("dead{i}");
+        let mut w = kv.watch(Target::Key(key(&name)), Start::Now).await.unwrap();
+        // A session whose process died right after a renewal: the lease
+        // runs its full TTL from the grant.
+        let sent = Instant::now();
+        let lease = raw.lease_grant(ttl, None).await.unwrap().id();
+        raw.put(
+            format!("{ns}/{name}"),
+            "x",
+            Some(RawPut::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+        let ttl = Duration::from_secs(ttl as u64);
+        loop {
+            match timeout(ttl + declared + Duration::from_secs(2), w.next()).await {
+                Ok(Some(Ok(Event::Delete { .. }))) => break,
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no delete within TTL + granularity: {other:?}"),
+            }
+        }
+        let past = sent.elapsed().saturating_sub(ttl);
+        assert!(past <= declared, "deleted {past:?} past the TTL");
+        late.push(past);
+    }
+    println!("FIGURES etcd session keys deleted past the TTL: {late:?} (declared {declared:?})");
 }
