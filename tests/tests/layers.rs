@@ -21,7 +21,7 @@ struct Recorder(Arc<Mutex<Vec<OpKind>>>);
 #[async_trait]
 impl Layer for Recorder {
     async fn call(&self, req: Request, next: Next<'_>) -> anykv::Result<Response> {
-        self.0.lock().unwrap().push(req.kind());
+        self.0.lock().expect("test").push(req.kind());
         next.run(req).await
     }
 }
@@ -29,8 +29,8 @@ impl Layer for Recorder {
 /// Calls the `Store` method of `kind`. The match has no wildcard: a new
 /// `OpKind` does not compile until it is called here.
 async fn call(kv: &anykv::Kv, kind: OpKind) -> anykv::Result<()> {
-    let k = Key::new("rec/a").unwrap();
-    let p = Prefix::new("rec").unwrap();
+    let k = Key::new("rec/a").expect("test");
+    let p = Prefix::new("rec").expect("test");
     match kind {
         OpKind::Get => kv.get(&k).await.map(drop),
         OpKind::Put => kv
@@ -87,7 +87,7 @@ async fn call(kv: &anykv::Kv, kind: OpKind) -> anykv::Result<()> {
 fn fresh(url: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
+        .expect("test")
         .as_nanos();
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}prefix=layers-{}-{nanos}", std::process::id())
@@ -116,7 +116,7 @@ async fn a_layer_sees_every_operation(url: &str) {
     }
     let mut want = vec![OpKind::Put];
     want.extend(OpKind::ALL);
-    assert_eq!(*rec.0.lock().unwrap(), want, "{backend}");
+    assert_eq!(*rec.0.lock().expect("test"), want, "{backend}");
 }
 
 #[test]
@@ -129,7 +129,7 @@ fn every_store_method_has_a_request() {
     let methods: Vec<&str> = body[..end]
         .split("async fn ")
         .skip(1)
-        .map(|s| s.split('(').next().unwrap().trim())
+        .map(|s| s.split('(').next().expect("test").trim())
         .collect();
     let names: Vec<&str> = OpKind::ALL.iter().map(|k| k.name()).collect();
     assert_eq!(methods, names, "Store methods vs OpKind::ALL");
@@ -176,7 +176,7 @@ struct Count(Arc<Mutex<u32>>);
 #[async_trait]
 impl Layer for Count {
     async fn call(&self, req: Request, next: Next<'_>) -> anykv::Result<Response> {
-        *self.0.lock().unwrap() += 1;
+        *self.0.lock().expect("test") += 1;
         next.run(req).await
     }
 }
@@ -192,9 +192,9 @@ async fn standard_layers_can_be_dropped_and_replaced() {
         .layer_below(chaos)
         .open()
         .await
-        .unwrap();
-    kv.value("a").await.unwrap_err();
-    assert_eq!(*attempts.0.lock().unwrap(), 3, "the default policy");
+        .expect("test");
+    kv.value("a").await.expect_err("test");
+    assert_eq!(*attempts.0.lock().expect("test"), 3, "the default policy");
 
     // Retry dropped: once.
     let attempts = Count::default();
@@ -206,9 +206,9 @@ async fn standard_layers_can_be_dropped_and_replaced() {
         .layer_below(chaos)
         .open()
         .await
-        .unwrap();
-    kv.value("a").await.unwrap_err();
-    assert_eq!(*attempts.0.lock().unwrap(), 1, "no retry layer");
+        .expect("test");
+    kv.value("a").await.expect_err("test");
+    assert_eq!(*attempts.0.lock().expect("test"), 1, "no retry layer");
 
     // Retry replaced by a counting pass-through.
     let replaced = Count::default();
@@ -216,10 +216,10 @@ async fn standard_layers_can_be_dropped_and_replaced() {
         .replace(StandardLayer::Retry, replaced.clone())
         .open()
         .await
-        .unwrap();
-    kv.set("a", "1").await.unwrap();
+        .expect("test");
+    kv.set("a", "1").await.expect("test");
     assert_eq!(
-        *replaced.0.lock().unwrap(),
+        *replaced.0.lock().expect("test"),
         1,
         "the replacement is in place"
     );
@@ -229,30 +229,35 @@ async fn standard_layers_can_be_dropped_and_replaced() {
 async fn any_store_can_be_wrapped() {
     // A driver opened on its own (here: through the registry, unlayered
     // by hand would do the same) wrapped in a stack of our choosing.
-    let inner = anykv::open(&fresh("memory://layers-wrap")).await.unwrap();
+    let inner = anykv::open(&fresh("memory://layers-wrap"))
+        .await
+        .expect("test");
     let rec = Recorder::default();
     let kv = anykv::Kv::builder_for(Arc::new(inner))
         .layer(rec.clone())
         .build();
-    kv.set("x", "1").await.unwrap();
-    assert_eq!(kv.value("x").await.unwrap().as_deref(), Some(&b"1"[..]));
-    assert_eq!(*rec.0.lock().unwrap(), [OpKind::Put, OpKind::Get]);
+    kv.set("x", "1").await.expect("test");
+    assert_eq!(
+        kv.value("x").await.expect("test").as_deref(),
+        Some(&b"1"[..])
+    );
+    assert_eq!(*rec.0.lock().expect("test"), [OpKind::Put, OpKind::Get]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn chaos_by_url() {
     let kv = anykv::open(&fresh("memory://layers-chaos?chaos=true&chaos_seed=3"))
         .await
-        .unwrap();
+        .expect("test");
     let switch = kv.layer::<ChaosLayer>().expect("set by URL").handle();
-    kv.set("a", "1").await.unwrap();
+    kv.set("a", "1").await.expect("test");
     switch.set_unreachable(true);
-    let e = kv.value("a").await.unwrap_err();
+    let e = kv.value("a").await.expect_err("test");
     assert!(e.never_reached_server(), "{e}");
     assert!(!kv.liveness().is_alive());
     switch.set_unreachable(false);
-    kv.probe().await.unwrap();
+    kv.probe().await.expect("test");
     assert!(kv.liveness().is_alive());
     let bad = anykv::open("memory://layers-chaos?chaos_error_rate=7").await;
-    assert_eq!(bad.unwrap_err().kind(), ErrorKind::InvalidUrl);
+    assert_eq!(bad.expect_err("test").kind(), ErrorKind::InvalidUrl);
 }
