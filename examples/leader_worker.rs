@@ -104,6 +104,15 @@ pub async fn run(url: &str, settings: Settings) -> anyhow::Result<Outcome> {
         bail!("{} has neither sessions nor locks", kv.backend());
     };
     println!("{}: leadership by {mode:?}", kv.backend());
+    // A finished job from an earlier run: start a new one. (Only when it is
+    // complete, so that workers in other processes joining late are safe.)
+    if let (progress, Some(version)) = read_progress(&kv).await?
+        && progress.done >= settings.units
+    {
+        let _ = kv
+            .delete(&Key::new(PROGRESS)?, Condition::IfVersion(version))
+            .await;
+    }
 
     let workers: Vec<_> = (0..settings.workers)
         .map(|i| tokio::spawn(worker(kv.clone(), format!("worker-{i}"), mode, settings)))

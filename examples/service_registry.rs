@@ -96,6 +96,9 @@ impl Registration {
                 session
                     .put(&key, addr.to_owned().into(), Condition::IfAbsent)
                     .await?;
+                // A real instance would also watch `session.lost()` (its
+                // lease expired during a partition) and stop serving or
+                // register again; the key is gone for clients by then.
                 Ok(Registration::Session(session))
             }
             Mode::Ttl => {
@@ -195,7 +198,10 @@ pub async fn run(url: &str, instances: usize, ttl: Duration) -> anyhow::Result<O
                 leaving.leave(&kv).await?;
                 println!("web-0 left");
                 crashing.crash();
-                println!("web-1 crashed; it stays listed until its {ttl:?} TTL runs out");
+                match mode {
+                    Mode::Session => println!("web-1 crashed; its session ends, its key goes"),
+                    Mode::Ttl => println!("web-1 crashed; listed until its {ttl:?} TTL runs out"),
+                }
             }
             removed = true;
         }
