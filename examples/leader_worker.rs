@@ -95,6 +95,11 @@ pub async fn run(url: &str, settings: Settings) -> anyhow::Result<Outcome> {
     let kv = anykv::open(url)
         .await
         .with_context(|| format!("opening {url}"))?;
+    run_on(kv, settings).await
+}
+
+/// [`run`] on an open store.
+pub async fn run_on(kv: Kv, settings: Settings) -> anyhow::Result<Outcome> {
     let caps = kv.capabilities();
     let mode = if caps.sessions.is_some() {
         Mode::Election

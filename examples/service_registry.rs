@@ -153,12 +153,17 @@ async fn refresh(kv: Kv, key: Key, addr: String, ttl: Duration) {
 /// Registers `instances` instances at `url`, removes two, and returns what
 /// the client saw.
 pub async fn run(url: &str, instances: usize, ttl: Duration) -> anyhow::Result<Outcome> {
-    if instances < 2 {
-        bail!("the demo needs at least 2 instances");
-    }
     let kv = anykv::open(url)
         .await
         .with_context(|| format!("opening {url}"))?;
+    run_on(kv, instances, ttl).await
+}
+
+/// [`run`] on an open store.
+pub async fn run_on(kv: Kv, instances: usize, ttl: Duration) -> anyhow::Result<Outcome> {
+    if instances < 2 {
+        bail!("the demo needs at least 2 instances");
+    }
     let caps = kv.capabilities();
     let mode = if caps.sessions.is_some() {
         Mode::Session

@@ -81,6 +81,105 @@ async fn leader_worker_does_all_the_work_under_increasing_tokens() {
     assert!(out.tokens.windows(2).all(|w| w[0] < w[1]), "{out:?}");
 }
 
+/// A store without sessions: another store's operations, with sessions
+/// left out of its capabilities, for the examples' fallback modes (a
+/// backend whose driver has no sessions yet).
+struct NoSessions {
+    inner: anykv::Kv,
+    caps: anykv::Capabilities,
+}
+
+impl NoSessions {
+    async fn open(url: &str) -> anykv::Kv {
+        let inner = anykv::open(url).await.expect("opens");
+        let caps = inner.capabilities().clone().with_sessions(None, false);
+        anykv::Kv::builder_for(std::sync::Arc::new(NoSessions { inner, caps })).build()
+    }
+}
+
+#[anykv::async_trait]
+impl Store for NoSessions {
+    fn backend(&self) -> &'static str {
+        "no-sessions"
+    }
+    fn capabilities(&self) -> &anykv::Capabilities {
+        &self.caps
+    }
+    async fn get(&self, key: &anykv::Key) -> anykv::Result<Option<anykv::KvPair>> {
+        self.inner.get(key).await
+    }
+    async fn put(
+        &self,
+        key: &anykv::Key,
+        value: anykv::Bytes,
+        opts: anykv::PutOptions,
+    ) -> anykv::Result<anykv::Version> {
+        self.inner.put(key, value, opts).await
+    }
+    async fn delete(&self, key: &anykv::Key, condition: anykv::Condition) -> anykv::Result<bool> {
+        self.inner.delete(key, condition).await
+    }
+    async fn list(&self, prefix: &Prefix) -> anykv::Result<Vec<anykv::KvPair>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete_prefix(&self, prefix: &Prefix) -> anykv::Result<u64> {
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn watch(
+        &self,
+        target: anykv::Target,
+        start: anykv::Start,
+    ) -> anykv::Result<anykv::WatchStream> {
+        self.inner.watch(target, start).await
+    }
+    async fn lock(
+        &self,
+        key: &anykv::Key,
+        opts: anykv::LockOptions,
+    ) -> anykv::Result<anykv::LockGuard> {
+        self.inner.lock(key, opts).await
+    }
+    async fn snapshot(&self, prefixes: &[Prefix]) -> anykv::Result<anykv::Snapshot> {
+        self.inner.snapshot(prefixes).await
+    }
+    async fn probe(&self) -> anykv::Result<()> {
+        self.inner.probe().await
+    }
+}
+
+#[tokio::test]
+async fn leader_worker_falls_back_to_a_fenced_lock_without_sessions() {
+    let kv = NoSessions::open("memory://test-leader-worker-lock").await;
+    let settings = leader_worker::Settings {
+        workers: 3,
+        units: 7,
+        per_term: 2,
+    };
+    let out = timeout(Duration::from_secs(60), leader_worker::run_on(kv, settings))
+        .await
+        .expect("bounded")
+        .expect("runs");
+    assert_eq!(out.mode, leader_worker::Mode::Lock);
+    assert_eq!(out.done, 7);
+    assert!(out.tokens.len() >= 4, "{out:?}");
+    assert!(out.tokens.windows(2).all(|w| w[0] < w[1]), "{out:?}");
+}
+
+#[tokio::test]
+async fn service_registry_falls_back_to_ttl_keys_without_sessions() {
+    let kv = NoSessions::open("memory://test-service-registry-ttl").await;
+    let out = timeout(
+        Duration::from_secs(30),
+        service_registry::run_on(kv, 3, Duration::from_millis(600)),
+    )
+    .await
+    .expect("bounded")
+    .expect("runs");
+    assert_eq!(out.mode, service_registry::Mode::Ttl);
+    assert_eq!(out.most, 3, "{out:?}");
+    assert_eq!(out.remaining, vec!["web-2".to_owned()], "{out:?}");
+}
+
 #[tokio::test]
 async fn service_registry_sees_instances_join_leave_and_crash() {
     let out = timeout(
