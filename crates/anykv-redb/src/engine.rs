@@ -46,7 +46,17 @@ pub(crate) const EVENTS: TableDefinition<'static, u64, &'static [u8]> =
 pub(crate) const META: TableDefinition<'static, &'static str, u64> =
     TableDefinition::new("anykv_meta");
 
+/// Session id → deadline (Unix ms): the live sessions (see `session.rs`).
+pub(crate) const SESSIONS: TableDefinition<'static, u64, u64> =
+    TableDefinition::new("anykv_sessions");
+/// (session id, key) → revision of the session's write of the key: its
+/// ephemeral keys, deleted when it ends if still at that revision.
+pub(crate) const SESSION_KEYS: TableDefinition<'static, (u64, &'static str), u64> =
+    TableDefinition::new("anykv_session_keys");
+
 pub(crate) const META_FORMAT: &str = "format";
+/// The last session id handed out.
+pub(crate) const META_SESSION_SEQ: &str = "session_seq";
 /// The revision of the last `compact` (absent: never compacted by hand).
 pub(crate) const META_COMPACTED: &str = "compacted";
 /// Bumped on any incompatible change of the layout above. The store
@@ -138,6 +148,8 @@ pub(crate) struct Engine {
     /// The watches, fed by the writer after each commit.
     pub(crate) hub: Arc<Hub>,
     pub(crate) locks: LockTable,
+    /// The test hook that stops session renewals.
+    pub(crate) renewals: crate::session::Renewals,
     handles: AtomicUsize,
     closed: AtomicBool,
 }
@@ -252,6 +264,7 @@ impl Engine {
             committed,
             hub,
             locks: LockTable::default(),
+            renewals: Default::default(),
             handles: AtomicUsize::new(1),
             closed: AtomicBool::new(false),
         })

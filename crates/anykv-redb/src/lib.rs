@@ -89,6 +89,9 @@ mod error;
 #[path = "../../anykv-memory/src/hub.rs"]
 mod hub;
 mod lock;
+// Shared with anykv-memory, like `hub`.
+#[path = "../../anykv-memory/src/session.rs"]
+mod session;
 mod watch;
 mod writer;
 
@@ -102,8 +105,9 @@ use std::{
 
 use anykv_core::{
     Bytes, Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo,
-    LockOptions, Op, PairStream, Prefix, PutOptions, Result, Revision, Snapshot, SnapshotMode,
-    Start, Store, Target, Version, WatchHistory, WatchStream, async_trait, registry::Driver,
+    LockOptions, Op, PairStream, Prefix, PutOptions, Result, Revision, Session, SessionOptions,
+    Snapshot, SnapshotMode, Start, Store, Target, Version, WatchHistory, WatchStream, async_trait,
+    registry::Driver,
 };
 use futures::{StreamExt, future::BoxFuture};
 
@@ -136,6 +140,9 @@ pub fn capabilities(settings: &Settings) -> Capabilities {
         .with_durable(true)
         .with_snapshot(Some(SnapshotMode::Atomic))
         .with_compact(true)
+        // In-process sessions; the writer ends an expired one at its next
+        // sweep, at most one sweep interval after the deadline.
+        .with_sessions(Some(settings.sweep_interval), false)
 }
 
 inventory::submit! {
@@ -241,6 +248,13 @@ impl RedbStore {
         self.engine.hub.len()
     }
 
+    /// Test hook: stops (or resumes) the renewal of every session on the
+    /// file, so that they expire as if their process had frozen.
+    #[doc(hidden)]
+    pub fn pause_session_renewals(&self, paused: bool) {
+        self.engine.renewals.pause(paused);
+    }
+
     fn engine(&self) -> Result<&Arc<Engine>> {
         if self.closed.load(Ordering::Relaxed) || self.engine.is_closed() {
             Err(error::closed())
@@ -266,6 +280,43 @@ impl Drop for RedbStore {
         if !self.closed.swap(true, Ordering::SeqCst) {
             self.engine.release_handle();
         }
+    }
+}
+
+/// The session records of one file, kept by the writer thread.
+struct Sessions(Arc<Engine>);
+
+#[async_trait]
+impl session::Ledger for Sessions {
+    async fn renew(&self, id: u64, ttl: Option<std::time::Duration>) -> Result<bool> {
+        if self.0.is_closed() {
+            // Every session ended with the file; a reopen purges its keys.
+            return Ok(false);
+        }
+        Ok(self.0.write(WriteOp::SessionRenew { id, ttl }).await? == 1)
+    }
+
+    async fn put(&self, id: u64, key: &Key, value: Bytes, condition: Condition) -> Result<Version> {
+        if self.0.is_closed() {
+            return Err(session::lost_error(BACKEND, key));
+        }
+        let rev = self
+            .0
+            .write(WriteOp::SessionPut {
+                id,
+                key: key.clone(),
+                value,
+                condition,
+            })
+            .await?;
+        Ok(Version::new(rev))
+    }
+
+    async fn end(&self, id: u64) -> Result<()> {
+        if self.0.is_closed() {
+            return Ok(()); // the next open of the file deletes its keys
+        }
+        self.0.write(WriteOp::SessionEnd { id }).await.map(drop)
     }
 }
 
@@ -455,6 +506,20 @@ impl Store for RedbStore {
             Some(e) => Err(e),
             None => Ok(total),
         }
+    }
+
+    async fn session(&self, opts: SessionOptions) -> Result<Session> {
+        let engine = self.engine()?.clone();
+        let ttl = session::effective_ttl(opts.ttl);
+        let id = engine.write(WriteOp::SessionBegin { ttl }).await?;
+        let renewals = &self.engine.renewals;
+        Ok(session::start(
+            Arc::new(Sessions(engine.clone())),
+            BACKEND,
+            id,
+            ttl,
+            renewals,
+        ))
     }
 
     async fn probe(&self) -> Result<()> {

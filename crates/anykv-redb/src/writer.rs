@@ -36,8 +36,8 @@ use tokio::sync::oneshot;
 use crate::{
     codec::{self, Record},
     engine::{
-        EVENTS, EXPIRY, FORMAT, KV, META, META_COMPACTED, META_FORMAT, SnapshotSlot,
-        compacted_floor, prefix_range,
+        EVENTS, EXPIRY, FORMAT, KV, META, META_COMPACTED, META_FORMAT, META_SESSION_SEQ,
+        SESSION_KEYS, SESSIONS, SnapshotSlot, compacted_floor, prefix_range,
     },
     error::{self, BACKEND, Failure},
     hub::Hub,
@@ -98,12 +98,33 @@ pub(crate) enum WriteOp {
     Compact {
         revision: Revision,
     },
+    /// Record a session alive for `ttl` (answers its id).
+    SessionBegin {
+        ttl: Duration,
+    },
+    /// Push a session's deadline (`None`: only check it); answers 1 if it
+    /// is alive, 0 if it is gone.
+    SessionRenew {
+        id: u64,
+        ttl: Option<Duration>,
+    },
+    /// An ephemeral put (answers its revision).
+    SessionPut {
+        id: u64,
+        key: Key,
+        value: Bytes,
+        condition: Condition,
+    },
+    /// End a session, deleting its keys (answers 1, or 0 if already gone).
+    SessionEnd {
+        id: u64,
+    },
 }
 
 impl WriteOp {
     fn weight(&self) -> usize {
         match self {
-            WriteOp::Put { value, .. } => value.len(),
+            WriteOp::Put { value, .. } | WriteOp::SessionPut { value, .. } => value.len(),
             WriteOp::Atomic { ops, .. } => ops
                 .iter()
                 .map(|o| match o {
@@ -112,7 +133,12 @@ impl WriteOp {
                 })
                 .sum(),
             WriteOp::Import { pairs } => pairs.iter().map(|(_, v)| v.len()).sum(),
-            WriteOp::Delete { .. } | WriteOp::DeletePrefix { .. } | WriteOp::Compact { .. } => 0,
+            WriteOp::Delete { .. }
+            | WriteOp::DeletePrefix { .. }
+            | WriteOp::Compact { .. }
+            | WriteOp::SessionBegin { .. }
+            | WriteOp::SessionRenew { .. }
+            | WriteOp::SessionEnd { .. } => 0,
         }
     }
 }
@@ -172,6 +198,8 @@ struct Ctx<'t> {
     events: Vec<Event>,
     /// Set by changes that take no revision (stale expiry entries removed).
     dirty: bool,
+    /// The sessions table changed: its earliest deadline is read again.
+    sessions_touched: bool,
 }
 
 type Outcome = Result<u64>;
@@ -263,6 +291,15 @@ impl Ctx<'_> {
             WriteOp::DeletePrefix { prefix } => self.delete_prefix(prefix),
             WriteOp::Atomic { checks, ops } => self.atomic(checks, ops),
             WriteOp::Compact { revision } => self.compact(*revision),
+            WriteOp::SessionBegin { ttl } => self.session_begin(*ttl),
+            WriteOp::SessionRenew { id, ttl } => self.session_renew(*id, *ttl),
+            WriteOp::SessionPut {
+                id,
+                key,
+                value,
+                condition,
+            } => self.session_put(*id, key, value, *condition),
+            WriteOp::SessionEnd { id } => Ok(Ok(u64::from(self.session_end(*id)?))),
             WriteOp::Import { pairs } => {
                 let mut n = 0;
                 for (key, value) in pairs {
@@ -288,13 +325,7 @@ impl Ctx<'_> {
         if let Err(e) = condition::check(BACKEND, key, cond, current) {
             return Ok(Err(e));
         }
-        let expires_ms = match ttl {
-            // At least 1 ms in the future: 0 means "no TTL".
-            Some(t) => self
-                .now
-                .saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
-            None => 0,
-        };
+        let expires_ms = ttl.map_or(0, |t| self.deadline(t));
         let rev = self.next_rev();
         self.write(key, value, rev, expires_ms, old)?;
         Ok(Ok(rev))
@@ -426,8 +457,12 @@ impl Ctx<'_> {
         Ok(Ok(0))
     }
 
-    /// Deletes keys whose TTL ran out, in one revision.
-    fn sweep(&mut self) -> Result<(), Failure> {
+    /// Deletes keys whose TTL ran out, in one revision, and ends the
+    /// sessions whose deadline passed.
+    fn sweep(&mut self, sessions_due: bool) -> Result<(), Failure> {
+        if sessions_due {
+            self.end_sessions(false)?;
+        }
         let mut due: Vec<(u64, String)> = Vec::new();
         for item in self.t.expiry()?.range(..(self.now + 1, ""))? {
             let (k, _) = item?;
@@ -457,6 +492,142 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Unix ms `ttl` from now, at least 1 ms ahead (0 means "no TTL").
+    fn deadline(&self, ttl: Duration) -> u64 {
+        self.now
+            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+    }
+
+    fn session_begin(&mut self, ttl: Duration) -> Result<Outcome, Failure> {
+        let id = {
+            let mut meta = self.t.txn.open_table(META)?;
+            let id = meta.get(META_SESSION_SEQ)?.map_or(0, |v| v.value()) + 1;
+            meta.insert(META_SESSION_SEQ, id)?;
+            id
+        };
+        let deadline = self.deadline(ttl);
+        self.t.txn.open_table(SESSIONS)?.insert(id, deadline)?;
+        self.sessions_touched = true;
+        self.dirty = true;
+        Ok(Ok(id))
+    }
+
+    /// True if the session is alive; one past its deadline is ended now.
+    fn session_live(&mut self, id: u64) -> Result<bool, Failure> {
+        let deadline = self.t.txn.open_table(SESSIONS)?.get(id)?.map(|v| v.value());
+        match deadline {
+            None => Ok(false),
+            Some(d) if d <= self.now => {
+                self.session_end(id)?;
+                Ok(false)
+            }
+            Some(_) => Ok(true),
+        }
+    }
+
+    fn session_renew(&mut self, id: u64, ttl: Option<Duration>) -> Result<Outcome, Failure> {
+        if !self.session_live(id)? {
+            return Ok(Ok(0));
+        }
+        if let Some(ttl) = ttl {
+            let deadline = self.deadline(ttl);
+            self.t.txn.open_table(SESSIONS)?.insert(id, deadline)?;
+            self.sessions_touched = true;
+            self.dirty = true;
+        }
+        Ok(Ok(1))
+    }
+
+    fn session_put(
+        &mut self,
+        id: u64,
+        key: &Key,
+        value: &Bytes,
+        cond: Condition,
+    ) -> Result<Outcome, Failure> {
+        if !self.session_live(id)? {
+            return Ok(Err(Error::LockLost {
+                backend: BACKEND,
+                key: key.to_string(),
+            }));
+        }
+        let out = self.put(key, value, cond, None)?;
+        if let Ok(rev) = out {
+            self.t
+                .txn
+                .open_table(SESSION_KEYS)?
+                .insert((id, key.as_str()), rev)?;
+        }
+        Ok(out)
+    }
+
+    /// Ends a session: its keys still at the revision it wrote them are
+    /// deleted in one revision. False if it was already gone.
+    fn session_end(&mut self, id: u64) -> Result<bool, Failure> {
+        if self.t.txn.open_table(SESSIONS)?.remove(id)?.is_none() {
+            return Ok(false);
+        }
+        self.sessions_touched = true;
+        self.dirty = true;
+        let mut keys: Vec<(String, u64)> = Vec::new();
+        {
+            let mut table = self.t.txn.open_table(SESSION_KEYS)?;
+            for item in table.range((id, "")..(id + 1, ""))? {
+                let (k, v) = item?;
+                keys.push((k.value().1.to_owned(), v.value()));
+            }
+            table.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
+        }
+        let mut rev = None;
+        for (raw, written) in keys {
+            let Some(rec) = self.load(&raw)? else {
+                continue;
+            };
+            // Rewritten since by someone else: no longer this session's.
+            if rec.mod_rev != written {
+                continue;
+            }
+            let r = match rev {
+                Some(r) => r,
+                None => *rev.insert(self.next_rev()),
+            };
+            if let Some(key) = Key::from_backend(&raw) {
+                self.remove(&key, &rec, r)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Ends the sessions whose deadline passed (with `all`: every session,
+    /// for a reopened file, whose sessions all belonged to a dead process).
+    fn end_sessions(&mut self, all: bool) -> Result<(), Failure> {
+        let mut due = Vec::new();
+        for item in self.t.txn.open_table(SESSIONS)?.iter()? {
+            let (id, deadline) = item?;
+            if all || deadline.value() <= self.now {
+                due.push(id.value());
+            }
+        }
+        for id in due {
+            self.session_end(id)?;
+        }
+        Ok(())
+    }
+
+    /// The earliest session deadline: read again only if this transaction
+    /// changed the sessions table, else `known`.
+    fn next_deadline(&self, known: Option<u64>) -> Result<Option<u64>, Failure> {
+        if !self.sessions_touched {
+            return Ok(known);
+        }
+        let mut min: Option<u64> = None;
+        for item in self.t.txn.open_table(SESSIONS)?.iter()? {
+            let d = item?.1.value();
+            min = Some(min.map_or(d, |m| m.min(d)));
+        }
+        Ok(min)
     }
 
     /// Removes lock records left by a previous run: their holders were in a
@@ -538,6 +709,8 @@ pub(crate) struct Writer {
     rev: Revision,
     compacted: Revision,
     next_expiry: Option<u64>,
+    /// The earliest session deadline.
+    next_deadline: Option<u64>,
     last_sweep: Instant,
     /// Writes submitted and not yet answered (shared with the engine).
     inflight: Arc<AtomicUsize>,
@@ -563,6 +736,8 @@ impl Writer {
     ) -> Result<JoinHandle<()>> {
         let (rev, compacted, next_expiry) =
             init(&db, settings.history).map_err(|f| f.into_error("prepare the file"))?;
+        // `init` ended every session left in the file.
+        let next_deadline = None;
         committed.store(rev, Ordering::SeqCst);
         let writer = Writer {
             db,
@@ -574,6 +749,7 @@ impl Writer {
             rev,
             compacted,
             next_expiry,
+            next_deadline,
             last_sweep: Instant::now()
                 .checked_sub(settings.sweep_interval)
                 .unwrap_or_else(Instant::now),
@@ -594,7 +770,10 @@ impl Writer {
     /// as absent; the sweep only makes their deletion durable and visible to
     /// watchers, so batching sweeps is cheap and honest).
     fn sweep_wait(&self) -> Option<Duration> {
-        let next = self.next_expiry?;
+        let next = match (self.next_expiry, self.next_deadline) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
         let until_expiry = Duration::from_millis(next.saturating_sub(now_ms()));
         let until_interval = self
             .settings
@@ -743,6 +922,7 @@ impl Writer {
                 self.rev = done.rev;
                 self.compacted = done.compacted;
                 self.next_expiry = done.next_expiry;
+                self.next_deadline = done.next_deadline;
                 // Readers must not keep using a snapshot older than this
                 // commit, and it must not pin the pages the commit freed.
                 self.snapshot
@@ -782,7 +962,7 @@ impl Writer {
             .db
             .begin_write()
             .map_err(|e| Abort::Txn(error::from("begin a write transaction", e)))?;
-        let (rev, compacted, events, outcomes, next_expiry, dirty) = {
+        let (rev, compacted, events, outcomes, next_expiry, next_deadline, dirty) = {
             let tables = Tables::open(&txn).map_err(|f| Abort::Txn(f.into_error("open tables")))?;
             let mut ctx = Ctx {
                 t: tables,
@@ -791,9 +971,11 @@ impl Writer {
                 now: now_ms(),
                 events: Vec::new(),
                 dirty: false,
+                sessions_touched: false,
             };
             if sweep {
-                ctx.sweep()
+                let sessions_due = self.next_deadline.is_some_and(|d| d <= ctx.now);
+                ctx.sweep(sessions_due)
                     .map_err(|f| Abort::Txn(f.into_error("sweep expired keys")))?;
             }
             let mut outcomes = Vec::with_capacity(batch.len());
@@ -812,12 +994,16 @@ impl Writer {
             let next_expiry = ctx
                 .next_expiry(self.next_expiry)
                 .map_err(|f| Abort::Txn(f.into_error("read expiries")))?;
+            let next_deadline = ctx
+                .next_deadline(self.next_deadline)
+                .map_err(|f| Abort::Txn(f.into_error("read session deadlines")))?;
             (
                 ctx.rev,
                 ctx.compacted,
                 ctx.events,
                 outcomes,
                 next_expiry,
+                next_deadline,
                 ctx.dirty,
             )
         };
@@ -832,6 +1018,7 @@ impl Writer {
             rev,
             compacted,
             next_expiry,
+            next_deadline,
             events,
             outcomes,
         })
@@ -842,6 +1029,7 @@ struct Committed {
     rev: Revision,
     compacted: Revision,
     next_expiry: Option<u64>,
+    next_deadline: Option<u64>,
     events: Vec<Event>,
     outcomes: Vec<Option<Outcome>>,
 }
@@ -878,7 +1066,8 @@ fn copy_error(e: &Error, shown: &str) -> Error {
     }
 }
 
-/// Creates the tables, checks the format marker, drops stale lock records.
+/// Creates the tables, checks the format marker, drops stale lock records
+/// and ends the sessions of the previous run.
 /// Returns (revision, compacted, next expiry).
 fn init(db: &Database, history: u64) -> Result<(Revision, Revision, Option<u64>), Failure> {
     let txn = db.begin_write()?;
@@ -912,8 +1101,12 @@ fn init(db: &Database, history: u64) -> Result<(Revision, Revision, Option<u64>)
             now: now_ms(),
             events: Vec::new(),
             dirty: false,
+            sessions_touched: false,
         };
         ctx.drop_stale_locks()?;
+        // Only one process opens the file: every session recorded in it
+        // belonged to a process that is gone.
+        ctx.end_sessions(true)?;
         ctx.finish(history)?;
         (ctx.rev, ctx.compacted, ctx.next_expiry(None)?)
     };
