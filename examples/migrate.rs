@@ -41,16 +41,16 @@ pub struct Outcome {
 async fn main() -> anyhow::Result<()> {
     let args = anykv_examples::Args::parse(&[])?;
     let prefix = Prefix::new(args.positional(2, "demo"))?;
-    let src = if args.has_positional(0) {
-        args.positional(0, "")
+    // A named memory store lives while a handle does: `_demo_source` keeps
+    // the seeded one open until the copy is done.
+    let (src, _demo_source) = if args.has_positional(0) {
+        (args.positional(0, ""), None)
     } else {
         // No source given: a named in-memory store with generated pairs.
         let url = "memory://migrate-demo";
         let kv = anykv::open(url).await?;
         seed(&kv, &prefix, DEMO_KEYS).await?;
-        // Keep it open: a named memory store lives while a handle does.
-        std::mem::forget(kv);
-        url.to_owned()
+        (url.to_owned(), Some(kv))
     };
     let dst = if args.has_positional(1) {
         args.positional(1, "")
