@@ -33,6 +33,18 @@
 //! the stream yields `Error::Compacted` and ends. Dropping a stream removes
 //! its watch from the index at once ([`MemoryStore::watch_count`]).
 //!
+//! **Sessions** are in-process (`with_sessions(Some(50 ms), false)`): a
+//! session is a record in the store (id, deadline) plus its ephemeral keys,
+//! each remembered with the revision of its session write, so every handle
+//! of the store sees them as ordinary keys. A task renews the deadline
+//! every `ttl / 3` (TTLs below 500 ms are raised to 500 ms, which
+//! `Session::ttl` reports); the TTL sweep (every 50 ms, and every
+//! operation) ends a session whose deadline passed. Close, drop and expiry
+//! delete the session's keys in one revision, with a Delete event for each,
+//! and fire `lost()`. A key rewritten by an ordinary put since is no longer
+//! the session's and stays. An ephemeral put checks its condition like
+//! `put` and returns its revision as the version.
+//!
 //! **snapshot** reads every prefix under one lock, at the store revision
 //! of that moment ([`SnapshotMode::Atomic`]). **compact** drops the event
 //! log up to a revision: watches from below it then get `Compacted`;

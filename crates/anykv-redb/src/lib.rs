@@ -58,6 +58,22 @@
 //! - **Locks** are in-process (only one process can open the file). The
 //!   fencing token is the revision of a lock record written durably when the
 //!   lock is taken, so tokens keep increasing across restarts.
+//! - **Sessions** are in-process (`with_sessions(Some(sweep_interval),
+//!   false)`): elections and ephemeral keys work between the tasks and
+//!   handles of the process that has the file open. A session is a record
+//!   in the file (id → deadline) and each ephemeral key is remembered with
+//!   the revision of its session write; a task renews the deadline every
+//!   `ttl / 3` (TTLs below 500 ms are raised to 500 ms, which
+//!   `Session::ttl` reports). The writer thread ends a session whose
+//!   deadline passed at its next sweep (so within `sweep_interval`, even if
+//!   the async runtime is blocked); close, drop and expiry delete the
+//!   session's keys in one revision, with a Delete event for each, and fire
+//!   `lost()`. A key rewritten by an ordinary put since is no longer the
+//!   session's and stays. An ephemeral put checks its condition like `put`
+//!   and returns its revision. Since only one process opens a file, every
+//!   session recorded in it when it is opened belonged to a process that is
+//!   gone: their keys are deleted (logged, so watches see the deletes)
+//!   before the store is handed out.
 //! - **atomic** is one write transaction. **export** streams from one read
 //!   snapshot through a bounded channel; **import** commits in chunks.
 //! - **One process per file.** A second process gets `Error::Unavailable`
@@ -149,7 +165,7 @@ inventory::submit! {
     Driver {
         name: "redb",
         schemes: &["redb"],
-        description: "embedded redb file (no server): durable, group-committed writes, watch history, TTL, in-process locks",
+        description: "embedded redb file (no server): durable, group-committed writes, watch history, TTL, in-process locks and sessions",
         params: &["history", "sweep_interval"],
         path_is_namespace: false,
         capabilities: || capabilities(&Settings::default()),
