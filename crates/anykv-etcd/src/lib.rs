@@ -57,9 +57,16 @@
 //! revoke`) deletes them all in one raft entry, so watchers see one delete
 //! per key at one revision.
 //!
+//! Cut off from etcd, a session gives up exactly when its lease runs out on
+//! the server, not before (measured with TTL 3 s: a 1.8 s partition lost
+//! nothing; in a longer one `lost()` fired 2.26 s in, the same moment etcd
+//! deleted the key; `session_survives_a_short_partition_and_is_lost_in_a_long_one`).
+//! A put that etcd refuses because the lease is gone fails with `LockLost`
+//! and fires `lost()` at once.
+//!
 //! A killed process stops renewing; etcd's lessor checks for expired
 //! leases every 500 ms, so the keys go at most about 0.5 s past the TTL
-//! counted from the last renewal (measured 0.0-0.5 s past a 2 s and a 3 s
+//! counted from the last renewal (measured 0.0-0.55 s past a 2 s and a 3 s
 //! TTL, `tests/driver.rs`, `session_keys_expire_after_a_kill_figures`).
 //! The declared granularity, 1.5 s, adds the rounding of a TTL asked with a
 //! fraction of a second up to whole seconds. It does not grow with the TTL.

@@ -23,7 +23,7 @@ use crate::{
 
 /// How long past its TTL a dead session's keys may survive. etcd checks for
 /// expired leases every 500 ms and deletes their keys in one raft entry
-/// (measured: 0.0-0.5 s past the TTL on etcd 3.4, `tests/driver.rs`
+/// (measured: 0.0-0.55 s past the TTL on etcd 3.4, `tests/driver.rs`
 /// `session_keys_expire_after_a_kill_figures`); the TTL counts whole seconds,
 /// so a TTL asked for with a fraction is rounded up by less than a second
 /// ([`Session::ttl`] reports the granted one). Below etcd's minimum (2 s with
@@ -77,7 +77,14 @@ impl SessionBackend for EtcdSession {
         // A lease revoked or expired on the server makes etcd refuse the
         // whole transaction ("requested lease not found"), which the error
         // map turns into `LockLost`: a put never outlives its session.
-        txn::put(&self.conn, key, value, condition, Some(self.id)).await
+        let written = txn::put(&self.conn, key, value, condition, Some(self.id)).await;
+        if let Err(Error::LockLost { .. }) = &written {
+            // etcd said the lease is gone: fire lost() now rather than at
+            // the next renewal, so the holder never sees a failed put on a
+            // session that still looks alive.
+            let _ = self.close().await;
+        }
+        written
     }
 
     async fn close(&self) -> Result<()> {

@@ -13,6 +13,7 @@ use anykv_core::{
     Start, Store, Target, Version,
 };
 use anykv_etcd as _;
+use anykv_testkit::proxy::{Mode, Proxy};
 use etcd_client::{GetOptions, PutOptions as RawPut};
 use futures::StreamExt;
 use tokio::time::{Instant, timeout};
@@ -653,10 +654,19 @@ async fn a_put_on_a_lease_etcd_no_longer_has_is_lock_lost() {
     raw.lease_revoke(i64::from_str_radix(s.id(), 16).unwrap())
         .await
         .unwrap();
-    for c in [Condition::Always, Condition::IfAbsent] {
-        let e = s.put(&key("k"), "v".into(), c).await.unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::LockLost, "{c:?}: {e}");
-    }
+    let e = s
+        .put(&key("k"), "v".into(), Condition::IfAbsent)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
+    // The failed put marked the session lost at once (the next renewal is
+    // ten seconds away).
+    assert!(s.is_lost(), "lost() fires with the first LockLost put");
+    let e = s
+        .put(&key("k"), "v".into(), Condition::Always)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
     assert!(
         raw.get(format!("{ns}/k"), None)
             .await
@@ -703,4 +713,75 @@ async fn session_keys_expire_after_a_kill_figures() {
         late.push(past);
     }
     println!("FIGURES etcd session keys deleted past the TTL: {late:?} (declared {declared:?})");
+}
+
+/// A partition shorter than the TTL is no loss (renewals fail, then resume);
+/// one longer than the TTL is: the client gives the session up once the
+/// lease would have run out on the server, and etcd deletes its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_survives_a_short_partition_and_is_lost_in_a_long_one() {
+    let Some(url) = common::url("ANYKV_TEST_ETCD") else {
+        return;
+    };
+    let server = &common::endpoints(&url)[0];
+    let upstream = tokio::net::lookup_host(server)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), upstream)
+        .await
+        .unwrap();
+    let ns = common::unique("sessionpart");
+    let via = common::open(&format!("etcd://{}", proxy.local_addr()), &ns, "timeout=2s").await;
+    let direct = common::open(&url, &ns, "").await;
+    let s = via
+        .session(SessionOptions::with_ttl(Duration::from_secs(3)))
+        .await
+        .unwrap();
+    s.put(&key("eph"), "x".into(), Condition::Always)
+        .await
+        .unwrap();
+
+    // Short: two renewal periods missed, well within the TTL.
+    proxy.set_mode(Mode::Blackhole);
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    proxy.set_mode(Mode::Pass);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!s.is_lost(), "a partition shorter than the TTL is no loss");
+    assert!(direct.get(&key("eph")).await.unwrap().is_some());
+
+    // Long: the client notices within the TTL (it counts from the last
+    // renewal it sent) and etcd deletes the key within TTL + granularity.
+    let granularity = direct.capabilities().sessions.unwrap();
+    proxy.set_mode(Mode::Blackhole);
+    let cut = Instant::now();
+    timeout(Duration::from_secs(3) + Duration::from_secs(1), s.lost())
+        .await
+        .expect("lost() within the TTL of the partition");
+    let noticed = cut.elapsed();
+    let mut gone = None;
+    while cut.elapsed() < Duration::from_secs(3) + granularity + Duration::from_secs(2) {
+        if direct.get(&key("eph")).await.unwrap().is_none() {
+            gone = Some(cut.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gone = gone.expect("the key outlived TTL + granularity");
+    assert!(
+        noticed <= gone + Duration::from_millis(100),
+        "lost() before etcd deleted: {noticed:?} vs {gone:?}"
+    );
+    proxy.set_mode(Mode::Pass);
+    let e = s
+        .put(&key("eph"), "y".into(), Condition::Always)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::LockLost);
+    println!(
+        "FIGURES etcd session partition: lost() after {noticed:?}, key deleted after {gone:?} (ttl 3s)"
+    );
+    s.close().await.unwrap();
+    proxy.stop().await;
 }
