@@ -10,7 +10,8 @@
 //!   session" is believed only once a `consistent` read of the session
 //!   confirms it, and a silence is a loss only after a whole TTL without a
 //!   successful renewal (Consul deletes the keys after 2 × TTL);
-//! - close = `PUT /v1/session/destroy/<id>`: Consul deletes the keys.
+//! - close = `PUT /v1/session/destroy/<id>`: Consul deletes the keys (also
+//!   sent when the keeper gives the session up for lack of renewals).
 
 use std::{
     sync::{
@@ -74,7 +75,9 @@ struct Ephemeral {
 }
 
 /// Renews the session until it is closed or lost; ending for any reason
-/// drops the notifier, which fires `lost()`.
+/// fires `lost()`. A session given up for lack of renewals is destroyed
+/// (retried, see [`destroy_retrying`]), so that its keys go as soon as the
+/// agent answers again rather than when Consul expires it.
 async fn keeper(
     inner: Arc<Inner>,
     id: String,
@@ -87,6 +90,8 @@ async fn keeper(
         _ = stop => {}
         reason = lock::renew_loop(&inner, Witness::Session, &id, ttl) => {
             tracing::debug!(session = %id, reason, "consul session lost");
+            let (first, _) = oneshot::channel();
+            tokio::spawn(destroy_retrying(inner.clone(), id.clone(), ttl, first));
         }
     }
     ended.store(true, Ordering::SeqCst);

@@ -222,7 +222,8 @@
 //!   `consistent` read of the session finds nothing (destroyed or expired;
 //!   a restarted server replaying its log says "unknown" for a live
 //!   session), or when no renewal succeeded for a whole TTL (Consul deletes
-//!   the keys only after 2 × TTL, so the holder hears first). Transient
+//!   the keys only after 2 × TTL, so the holder hears first; the session
+//!   is then destroyed as soon as the agent answers). Transient
 //!   errors shorter than the TTL never fire it. `close` (and drop) fire
 //!   `lost()` and `PUT /v1/session/destroy/<id>`, which deletes the keys; a
 //!   failed destroy is retried in the background for up to 2 × TTL. A
