@@ -243,9 +243,17 @@ impl Conn {
     }
 
     async fn connect(&self) -> Result<zk::Client> {
+        self.connect_with(self.settings.session_timeout).await
+    }
+
+    /// A new client on a session of its own asking for `session_timeout`
+    /// (the server clamps it to its `[minSessionTimeout,
+    /// maxSessionTimeout]`; the client reports the negotiated one). Opening
+    /// is bounded and fails as [`Conn::session`] does.
+    pub(crate) async fn connect_with(&self, session_timeout: Duration) -> Result<zk::Client> {
         let s = &self.settings;
         let mut connector = zk::Client::connector()
-            .with_session_timeout(s.session_timeout)
+            .with_session_timeout(session_timeout)
             // Give up at once when every server refuses the connection,
             // instead of cycling until the session timeout.
             .with_fail_eagerly();

@@ -194,6 +194,7 @@ mod codec;
 mod conn;
 mod error;
 mod lock;
+mod session;
 mod snapshot;
 mod tree;
 mod txn;
@@ -242,6 +243,7 @@ pub fn capabilities(check_interval: Duration) -> Capabilities {
         .with_locks(true, true)
         .with_durable(true)
         .with_snapshot(Some(SnapshotMode::Verified))
+        .with_sessions(Some(session::SESSION_GRANULARITY), true)
 }
 
 inventory::submit! {
@@ -284,6 +286,8 @@ pub(crate) struct Inner {
     namespace_path: String,
     /// The task serving the store's watches.
     pub(crate) hub: watch::HubHandle,
+    /// Open sessions of ephemeral keys (see `session.rs`).
+    pub(crate) ephemeral_sessions: session::Registry,
 }
 
 impl Inner {
@@ -335,6 +339,11 @@ impl Inner {
         tree::dir_options(self.acls)
     }
 
+    /// Options of a session key's znode.
+    pub(crate) fn ephemeral_options(&self) -> CreateOptions<'static> {
+        CreateMode::Ephemeral.with_acls(self.acls)
+    }
+
     /// Options of a lock's ephemeral-sequential znode.
     pub(crate) fn lock_options(&self) -> CreateOptions<'static> {
         CreateMode::EphemeralSequential.with_acls(self.acls)
@@ -361,6 +370,7 @@ impl ZkStore {
                 ttl_acls,
                 namespace_path: codec::prefix_path(config.namespace.as_str()),
                 hub: watch::HubHandle::default(),
+                ephemeral_sessions: Default::default(),
             }),
         })
     }
@@ -376,6 +386,19 @@ impl ZkStore {
     #[doc(hidden)]
     pub fn session_info(&self) -> Option<zk::SessionInfo> {
         self.inner.conn.session_info()
+    }
+
+    /// The id and password of an open [`Store::session`] by its id, for
+    /// tests that expire it from outside (taking it over with another
+    /// client and closing that one).
+    #[doc(hidden)]
+    pub fn session_info_of(&self, id: &str) -> Option<zk::SessionInfo> {
+        self.inner
+            .ephemeral_sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned()
     }
 
     fn cx<'a>(
@@ -443,17 +466,20 @@ impl Store for ZkStore {
         let cx = self.cx(&s, "put", key.as_str());
         match (opts.condition, ttl) {
             (Condition::Always, None) => write::put_always(&cx, &path, &data).await,
-            (cond, ttl) => write::put_checked(&cx, key, &path, &data, cond, ttl)
-                .await
-                // A server without `extendedTypesEnabled=true` refuses TTL
-                // znodes as unimplemented.
-                .map_err(|e| match e {
-                    Error::Unsupported { backend, .. } if ttl.is_some() => Error::Unsupported {
-                        backend,
-                        operation: "ttl",
-                    },
-                    e => e,
-                }),
+            (cond, ttl) => {
+                let kind = ttl.map_or(write::Kind::Persistent, write::Kind::Ttl);
+                write::put_checked(&cx, key, &path, &data, cond, kind)
+                    .await
+                    // A server without `extendedTypesEnabled=true` refuses TTL
+                    // znodes as unimplemented.
+                    .map_err(|e| match e {
+                        Error::Unsupported { backend, .. } if ttl.is_some() => Error::Unsupported {
+                            backend,
+                            operation: "ttl",
+                        },
+                        e => e,
+                    })
+            }
         }
     }
 
@@ -525,6 +551,10 @@ impl Store for ZkStore {
 
     async fn lock_holder(&self, key: &Key) -> Result<Option<LockInfo>> {
         lock::holder(&self.inner, key).await
+    }
+
+    async fn session(&self, opts: anykv_core::SessionOptions) -> Result<anykv_core::Session> {
+        session::start(&self.inner, opts).await
     }
 
     async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {

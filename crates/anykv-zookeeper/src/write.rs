@@ -98,19 +98,43 @@ pub(crate) async fn put_always(cx: &Cx<'_>, path: &str, data: &[u8]) -> Result<V
     Err(contention(cx.key))
 }
 
-/// Put under a condition and/or with a TTL.
+/// The type of znode a checked put writes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Kind {
+    /// A persistent znode: an ordinary key.
+    Persistent,
+    /// A persistent-with-TTL znode.
+    Ttl(std::time::Duration),
+    /// An EPHEMERAL znode of the session with this id (a session key).
+    Ephemeral(i64),
+}
+
+impl Kind {
+    /// True when the existing znode is not of this kind, so the put must
+    /// replace it (ZooKeeper never changes a znode's type or owner).
+    fn must_replace(self, old: &[u8], stat: &Stat) -> bool {
+        match self {
+            Kind::Persistent => codec::ttl_of(old).is_some(),
+            Kind::Ttl(_) => true,
+            Kind::Ephemeral(owner) => stat.ephemeral_owner != owner || codec::ttl_of(old).is_some(),
+        }
+    }
+}
+
+/// Put under a condition, with a TTL, or bound to a session.
 pub(crate) async fn put_checked(
     cx: &Cx<'_>,
     key: &Key,
     path: &str,
     data: &[u8],
     cond: Condition,
-    ttl: Option<std::time::Duration>,
+    kind: Kind,
 ) -> Result<Version> {
     let client = cx.client();
-    let options = match ttl {
-        Some(ttl) => cx.inner.ttl_options(ttl),
-        None => cx.inner.node_options(),
+    let options = match kind {
+        Kind::Ttl(ttl) => cx.inner.ttl_options(ttl),
+        Kind::Persistent => cx.inner.node_options(),
+        Kind::Ephemeral(_) => cx.inner.ephemeral_options(),
     };
     for _ in 0..RACE_ATTEMPTS {
         let current = match client.get_data(path).await {
@@ -131,8 +155,18 @@ pub(crate) async fn put_checked(
                     Err(e) => return Err(cx.err(e)),
                 }
             }
-            // The znode's type changes (to or from TTL): replace it.
-            Some((old, stat)) if ttl.is_some() || codec::ttl_of(&old).is_some() => {
+            // The znode's type (or ephemeral owner) changes: replace it.
+            Some((old, stat)) if kind.must_replace(&old, &stat) => {
+                if matches!(kind, Kind::Ephemeral(_)) && stat.num_children > 0 {
+                    return Err(Error::InvalidArgument {
+                        backend: BACKEND,
+                        message: format!(
+                            "{}: a session key cannot have keys below it \
+                             (ZooKeeper ephemeral znodes have no children)",
+                            cx.key
+                        ),
+                    });
+                }
                 match replace(cx, path, &stat, data, &options).await? {
                     Replaced::Done(v) => return Ok(v),
                     Replaced::Raced => continue,
