@@ -11,7 +11,7 @@
 //! from the moment the candidate enters the queue, so a long wait never
 //! wakes up with a dead lease (etcd-client #14 / #89).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures::{StreamExt, stream::BoxStream};
@@ -19,6 +19,7 @@ use tokio::{sync::Mutex, task::JoinHandle, time::Instant};
 
 use crate::{
     error::{Error, ErrorKind, Result},
+    ext::StoreExt,
     key::{Key, Prefix},
     lock::{LostNotifier, LostSignal, lost_pair},
     session::{Session, SessionOptions},
@@ -238,69 +239,89 @@ impl<S: Store + Clone> Election<S> {
 
     /// The leader now, then every change (a new leader, a new value, no
     /// leader), in term order. Errors are items; the stream goes on.
+    ///
+    /// It follows a [`Mirror`](crate::Mirror) of the election and applies
+    /// each change in turn, so a leader that leads only briefly is still
+    /// reported (a fresh `list` after each change could skip it).
     pub fn observe(&self) -> BoxStream<'static, Result<Option<Leader>>> {
         let election = self.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
-            let mut last: Option<Option<Leader>> = None;
-            loop {
-                let prefix = election.prefix();
-                let w = election
-                    .store
-                    .watch(Target::Prefix(prefix), Start::Now)
-                    .await;
-                let mut w = match w {
-                    Ok(w) => w,
+            let prefix = election.prefix();
+            let mirror = loop {
+                match election.store.mirror(&prefix).await {
+                    Ok(m) => break m,
                     Err(e) => {
                         if tx.send(Err(e)).await.is_err() {
                             return;
                         }
                         tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
                     }
+                }
+            };
+            // Subscribe first, then read: a change in between is in both,
+            // and applying it twice is a no-op.
+            let mut changes = mirror.changes();
+            let mut queue: BTreeMap<Key, KvPair> = candidates(&prefix, mirror.list(&prefix))
+                .into_iter()
+                .map(|kv| (kv.key.clone(), kv))
+                .collect();
+            let mut last: Option<Option<Leader>> = None;
+            loop {
+                let now = leader_of(&queue);
+                if last.as_ref() != Some(&now) {
+                    if tx.send(Ok(now.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(now);
+                }
+                let item = tokio::select! {
+                    item = changes.next() => item,
+                    () = tx.closed() => return,
                 };
-                // Look after the watch runs, so no change is missed between.
-                loop {
-                    match election.leader().await {
-                        Ok(now) => {
-                            let newer = last.as_ref().is_none_or(|l| *l != now)
-                                && now.as_ref().is_none_or(|n| {
-                                    last.as_ref()
-                                        .and_then(|l| l.as_ref())
-                                        .is_none_or(|l| n.term >= l.term)
-                                });
-                            if newer {
-                                if tx.send(Ok(now.clone())).await.is_err() {
-                                    return;
-                                }
-                                last = Some(now);
-                            }
+                match item {
+                    Some(Ok(Event::Put { kv, .. })) => {
+                        if candidates(&prefix, vec![kv.clone()]).is_empty() {
+                            continue;
                         }
-                        Err(e) => {
-                            if tx.send(Err(e)).await.is_err() {
-                                return;
-                            }
+                        let newer = queue
+                            .get(&kv.key)
+                            .is_none_or(|old| old.mod_revision < kv.mod_revision);
+                        if newer {
+                            queue.insert(kv.key.clone(), kv);
                         }
                     }
-                    tokio::select! {
-                        item = w.next() => match item {
-                            Some(Ok(_)) => {}
-                            Some(Err(e)) => {
-                                let terminal = e.kind() != ErrorKind::Unavailable;
-                                if tx.send(Err(e)).await.is_err() {
-                                    return;
-                                }
-                                if terminal { break; }
-                            }
-                            None => break,
-                        },
-                        () = tx.closed() => return,
+                    Some(Ok(Event::Delete { key, revision })) => {
+                        if queue
+                            .get(&key)
+                            .is_some_and(|old| old.mod_revision <= revision)
+                        {
+                            queue.remove(&key);
+                        }
                     }
+                    Some(Err(e)) => {
+                        if tx.send(Err(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
                 }
             }
         });
         tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
     }
+}
+
+/// The leader of a queue of candidates: the oldest.
+fn leader_of(queue: &BTreeMap<Key, KvPair>) -> Option<Leader> {
+    queue
+        .values()
+        .min_by_key(|kv| kv.create_revision)
+        .map(|kv| Leader {
+            value: kv.value.clone(),
+            term: kv.create_revision,
+            key: kv.key.clone(),
+        })
 }
 
 /// A candidate key's last segment: unique per campaign.

@@ -8,7 +8,9 @@
 //!   the lock held longer than the driver would;
 //! - closing the handle releases every lock taken through it and fires each
 //!   guard's `lost()`: a closed handle holds nothing;
-//! - `lost()` fires when the driver reports the lease or session lost.
+//! - `lost()` fires when the driver reports the lease or session lost;
+//! - a lock taken with `max_hold` is released when that runs out, and its
+//!   `lost()` fires, so a stuck holder cannot block the others forever.
 
 use std::{
     collections::HashMap,
@@ -37,24 +39,47 @@ pub(crate) struct HeldLocks {
 }
 
 impl HeldLocks {
-    /// Wraps a driver's guard: bounded release, registered for `close()`.
+    /// Wraps a driver's guard: bounded release, registered for `close()`,
+    /// released after `max_hold` if given.
     pub(crate) fn track(
         self: &Arc<Self>,
         guard: LockGuard,
         backend: &'static str,
         timeout: Duration,
+        max_hold: Option<Duration>,
     ) -> LockGuard {
         let (key, token, driver_lost, release) = guard.into_parts();
         let (notifier, lost) = lost_pair();
         let slot: Slot = Arc::new(Mutex::new(release));
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.entries().insert(id, (slot.clone(), notifier.clone()));
-        // Forward the driver's signal until nobody listens any more.
+        // Forward the driver's signal until nobody listens any more, and
+        // enforce `max_hold`.
         let forward = notifier.clone();
+        let (held, locks) = (slot.clone(), Arc::downgrade(self));
         tokio::spawn(async move {
+            let expired = async {
+                match max_hold {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = driver_lost.wait() => forward.notify(),
                 _ = forward.closed() => {}
+                () = expired => {
+                    if let Some(locks) = locks.upgrade() {
+                        locks.entries().remove(&id);
+                    }
+                    // Lost first: the holder must stop before another can
+                    // take the lock.
+                    forward.notify();
+                    if let Some(r) = take(&held)
+                        && let Err(e) = bounded_release(r, backend, timeout).await
+                    {
+                        tracing::warn!(error = %e, "releasing a lock past max_hold; its lease will end it");
+                    }
+                }
             }
         });
         let release = LayerRelease {

@@ -659,10 +659,10 @@ impl Kv {
     }
 
     /// Registers a guard with this handle (see [`HeldLocks`]).
-    fn track(&self, guard: LockGuard) -> LockGuard {
+    fn track(&self, guard: LockGuard, max_hold: Option<Duration>) -> LockGuard {
         self.inner
             .locks
-            .track(guard, self.inner.backend, self.inner.cfg.timeout)
+            .track(guard, self.inner.backend, self.inner.cfg.timeout, max_hold)
     }
 
     /// Ends a stream with `Err(Cancelled)` when this handle is closed, and
@@ -788,19 +788,21 @@ impl Store for Kv {
     }
 
     async fn lock(&self, key: &Key, opts: LockOptions) -> Result<LockGuard> {
+        let max_hold = opts.max_hold;
         let req = Request::Lock {
             key: key.clone(),
             opts,
         };
-        run!(self, req, Lock(g) => self.track(g))
+        run!(self, req, Lock(g) => self.track(g, max_hold))
     }
 
     async fn try_lock(&self, key: &Key, opts: LockOptions) -> Result<Option<LockGuard>> {
+        let max_hold = opts.max_hold;
         let req = Request::TryLock {
             key: key.clone(),
             opts,
         };
-        run!(self, req, TryLock(g) => g.map(|g| self.track(g)))
+        run!(self, req, TryLock(g) => g.map(|g| self.track(g, max_hold)))
     }
 
     async fn lock_holder(&self, key: &Key) -> Result<Option<LockInfo>> {

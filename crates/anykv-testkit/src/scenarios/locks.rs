@@ -223,3 +223,43 @@ pub async fn wait_times_out(cx: Ctx) {
     );
     ok("release", g.release().await);
 }
+
+/// A holder past `max_hold` loses the lock (its `lost()` fires) and the
+/// next waiter takes it, with a higher fencing token.
+pub async fn max_hold_releases(cx: Ctx) {
+    if unsupported(&cx).await {
+        return;
+    }
+    let k = key("lk/maxhold");
+    let stuck = ok(
+        "lock with max_hold",
+        cx.kv
+            .lock(&k, opts(None).with_max_hold(Duration::from_secs(1)))
+            .await,
+    );
+    let started = tokio::time::Instant::now();
+    let other = cx.other_handle();
+    let waiter = {
+        let k = k.clone();
+        tokio::spawn(async move { other.lock(&k, opts(Some(Duration::from_secs(30)))).await })
+    };
+    tokio::time::timeout(Duration::from_secs(15), stuck.lost())
+        .await
+        .expect("lost() fires past max_hold");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "lost before max_hold: {:?}",
+        started.elapsed()
+    );
+    assert!(stuck.is_lost());
+    let next = ok(
+        "the waiter takes the lock",
+        tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .expect("waiter within 30 s")
+            .expect("task"),
+    );
+    assert!(next.fencing_token() > stuck.fencing_token());
+    ok("release", next.release().await);
+    drop(stuck);
+}

@@ -73,6 +73,7 @@ pub(crate) fn all() -> Vec<Scenario> {
         scenario!(locks::lost_after_release),
         scenario!(locks::dropped_guard_releases),
         scenario!(locks::wait_times_out),
+        scenario!(locks::max_hold_releases),
         scenario!(atomic::commit_when_all_checks_hold),
         scenario!(atomic::nothing_written_when_a_check_fails),
         scenario!(atomic::limits_and_duplicates),
