@@ -1,4 +1,4 @@
-//! The locks held through one [`Kv`](crate::Kv) handle.
+//! The locks and sessions held through one [`Kv`](crate::Kv) handle.
 //!
 //! The layer wraps every guard a driver hands back so that, on every
 //! backend alike:
@@ -23,9 +23,14 @@ use std::{
 
 use async_trait::async_trait;
 
+use bytes::Bytes;
+
 use crate::{
     error::{Error, Result},
+    key::Key,
     lock::{LockGuard, LockRelease, LostNotifier, lost_pair},
+    session::{Session, SessionBackend},
+    types::{Condition, Version},
 };
 
 /// A driver's release, taken by whichever comes first: the guard or `close()`.
@@ -166,5 +171,79 @@ impl LockRelease for LayerRelease {
         };
         self.lost.notify();
         outcome
+    }
+}
+
+/// The sessions started through one handle, ended by `close()` (a closed
+/// handle holds nothing: its ephemeral keys go with it).
+#[derive(Default)]
+pub(crate) struct HeldSessions {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<dyn SessionBackend>>>,
+}
+
+impl HeldSessions {
+    /// Registers a session; it leaves the registry when it is closed.
+    pub(crate) fn track(self: &Arc<Self>, session: Session) -> Session {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let registry = Arc::downgrade(self);
+        session.map_backend(|inner| {
+            self.entries().insert(id, inner.clone());
+            Arc::new(TrackedSession {
+                id,
+                inner,
+                registry,
+            })
+        })
+    }
+
+    /// Ends every session still open through this handle, each bounded by
+    /// `timeout`. Returns the first error.
+    pub(crate) async fn close_all(&self, backend: &'static str, timeout: Duration) -> Result<()> {
+        let all: Vec<Arc<dyn SessionBackend>> = self.entries().drain().map(|(_, s)| s).collect();
+        let closes = all.into_iter().map(|s| async move {
+            match tokio::time::timeout(timeout, s.close()).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(Error::Timeout {
+                    backend,
+                    operation: "session close",
+                    after: timeout,
+                }),
+            }
+        });
+        futures::future::join_all(closes)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>>>()
+            .map(drop)
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<dyn SessionBackend>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A session backend that leaves its handle's registry when closed.
+struct TrackedSession {
+    id: u64,
+    inner: Arc<dyn SessionBackend>,
+    registry: Weak<HeldSessions>,
+}
+
+#[async_trait]
+impl SessionBackend for TrackedSession {
+    fn id(&self) -> String {
+        self.inner.id()
+    }
+
+    async fn put(&self, key: &Key, value: Bytes, condition: Condition) -> Result<Version> {
+        self.inner.put(key, value, condition).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if let Some(r) = self.registry.upgrade() {
+            r.entries().remove(&self.id);
+        }
+        self.inner.close().await
     }
 }

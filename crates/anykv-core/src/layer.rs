@@ -52,7 +52,7 @@ use tokio::task::JoinHandle;
 use crate::{
     capability::Capabilities,
     error::{Error, Result},
-    held_locks::HeldLocks,
+    held_locks::{HeldLocks, HeldSessions},
     key::{Key, Prefix},
     layers,
     liveness::{DEFAULT_LIVENESS_INTERVAL, LivenessMonitor},
@@ -372,6 +372,8 @@ pub struct Context {
     owns_driver: bool,
     /// Locks taken through this handle, released by `close()`.
     locks: Arc<HeldLocks>,
+    /// Sessions started through this handle, ended by `close()`.
+    sessions: Arc<HeldSessions>,
     /// Probes the backend while watches are open (see [`Context::watchdog_enter`]).
     watchdog: Mutex<Watchdog>,
 }
@@ -433,6 +435,7 @@ impl Context {
             closed: tokio::sync::watch::Sender::new(false),
             owns_driver,
             locks: Arc::default(),
+            sessions: Arc::default(),
             watchdog: Mutex::default(),
         })
     }
@@ -810,7 +813,7 @@ impl Store for Kv {
     }
 
     async fn session(&self, opts: SessionOptions) -> Result<Session> {
-        run!(self, Request::Session { opts }, Session(s) => s)
+        run!(self, Request::Session { opts }, Session(s) => self.inner.sessions.track(s))
     }
 
     async fn atomic(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<Revision> {
@@ -848,6 +851,7 @@ impl Store for Kv {
 
     /// Ends this handle's watch streams (each yields `Err(Cancelled)`),
     /// releases every lock taken through it (each guard's `lost()` fires),
+    /// ends every session started through it (their ephemeral keys go),
     /// stops the prober, then runs `Close` through the layers; the driver is
     /// closed unless this is a [`scoped`](Kv::scoped) view. Every later
     /// operation fails with `Cancelled`.
@@ -867,6 +871,12 @@ impl Store for Kv {
             .locks
             .release_all(self.inner.backend, self.inner.cfg.timeout)
             .await;
+        let ended = self
+            .inner
+            .sessions
+            .close_all(self.inner.backend, self.inner.cfg.timeout)
+            .await;
+        let released = released.and(ended);
         let next = Next {
             layers: &self.inner.layers,
             ctx: &self.inner,

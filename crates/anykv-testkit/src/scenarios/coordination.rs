@@ -301,3 +301,22 @@ pub async fn long_campaign_keeps_its_lease(cx: Ctx) {
     .await;
     ok("resign holder", holder.resign().await);
 }
+
+/// Closing a handle ends the sessions started through it: a closed handle
+/// holds nothing.
+pub async fn closed_handle_ends_its_sessions(cx: Ctx) {
+    let handle = cx.other_handle();
+    let Some(s) = session_or_unsupported(&cx, &handle).await else {
+        return;
+    };
+    let k = key("ephc/k");
+    ok(
+        "ephemeral put",
+        s.put(&k, "v".into(), Condition::Always).await,
+    );
+    ok("close the handle", handle.close().await);
+    tokio::time::timeout(EVENT_WAIT, s.lost())
+        .await
+        .expect("the session's lost() fires when its handle closes");
+    assert_eq!(ok("get", cx.kv.get(&k).await), None, "its key is gone");
+}

@@ -65,6 +65,7 @@ pub(crate) fn all() -> Vec<Scenario> {
         scenario!(mirror::typed_mirror_reports_undecodable_values),
         scenario!(coordination::ephemeral_keys_end_with_their_session),
         scenario!(coordination::dropped_session_removes_its_keys),
+        scenario!(coordination::closed_handle_ends_its_sessions),
         scenario!(coordination::election_five_candidates),
         scenario!(coordination::long_campaign_keeps_its_lease),
         scenario!(locks::mutual_exclusion_between_tasks),
