@@ -84,3 +84,8 @@ pub const ENABLED_DRIVERS: &[&str] = &[
     #[cfg(feature = "zookeeper")]
     "zookeeper",
 ];
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeExamples;
