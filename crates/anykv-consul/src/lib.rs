@@ -232,7 +232,13 @@
 //!   at the minimum TTL, `t` at a TTL of `t`. Renewals (of sessions, locks
 //!   and TTL keys) and the reads confirming a session is gone use their
 //!   own connections, outside `max_conns`' shares (see Connections), so
-//!   busy operations or watches never make a session expire.
+//!   busy operations or watches never make a session expire. Measured
+//!   (debug build, TTL 10 s, one local agent): `lost()` 2.9 s after an
+//!   outside `session/destroy` (the next renewal); across processes
+//!   (`tests/tests/coordination_faults.rs`) leader failover 19.7 s after
+//!   `kill -9` of the leader, 16.8 s after `SIGSTOP`, 4 ms from `resign()`
+//!   to the next leader, ephemeral key gone 20.1 s after `kill -9`: Consul
+//!   expires a session 2 × TTL after its last renewal.
 //! - **atomic** = one `/v1/txn`: `get` (exists), `check-not-exists` (absent),
 //!   `check-index` (version), and for a value check a `consistent` read whose
 //!   `ModifyIndex` becomes a `check-index`; writes are `set` and `delete`. At
