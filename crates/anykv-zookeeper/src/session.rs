@@ -33,11 +33,14 @@ use crate::{
 /// default `tickTime` of 2 s. ZooKeeper's session tracker expires sessions
 /// in buckets of one `tickTime`, rounding each deadline up to the next
 /// bucket, then deletes the ephemerals through the commit pipeline: a dead
-/// session ends between TTL and TTL + tickTime. Measured here (tickTime
-/// 2 s, TTL 4 s, `tests/driver.rs` `session_keys_expire_after_the_timeout`):
-/// see the crate docs. It does not grow with the TTL; it grows with
-/// `tickTime`, which also sets the minimum TTL (2 × tickTime).
-pub(crate) const SESSION_GRANULARITY: Duration = Duration::from_millis(2500);
+/// session's keys go between TTL and TTL + tickTime (+ the commit). Measured
+/// at the minimum TTL (4 s, tickTime 2 s) on a loaded 2-core VM: 0.0–1.65 s
+/// past the TTL after a freeze (`tests/session.rs`, `…_figures`), 2.0 s
+/// after a SIGKILL (`tests/tests/coordination_faults.rs`). It does not grow
+/// with the TTL; it is one `tickTime` plus the commit, so a server with a
+/// larger `tickTime` (which also raises the minimum TTL, 2 × tickTime) has
+/// a coarser one.
+pub(crate) const SESSION_GRANULARITY: Duration = Duration::from_secs(3);
 
 /// Sessions opened by a store that are still open, by id: for tests that
 /// expire one from outside ([`crate::ZkStore::session_info_of`]).
@@ -57,7 +60,7 @@ pub(crate) async fn start(inner: &Arc<Inner>, opts: SessionOptions) -> Result<Se
     let (stop, stopped) = oneshot::channel();
     tokio::spawn(monitor(
         states.clone(),
-        notifier,
+        notifier.clone(),
         stopped,
         Arc::downgrade(inner),
         id.clone(),
@@ -68,6 +71,7 @@ pub(crate) async fn start(inner: &Arc<Inner>, opts: SessionOptions) -> Result<Se
         sid,
         id,
         lost: lost.clone(),
+        notifier,
         open: Mutex::new(Some(Open {
             conn: Arc::new(ZkConn { client }),
             states,
@@ -126,6 +130,8 @@ struct ZkSession {
     sid: i64,
     id: String,
     lost: LostSignal,
+    /// Fired by close itself, so `lost()` has resolved when it returns.
+    notifier: LostNotifier,
     /// `None` once closed.
     open: Mutex<Option<Open>>,
 }
@@ -211,6 +217,7 @@ impl SessionBackend for ZkSession {
         {
             tracing::debug!(session = %self.id, "zookeeper: session close not confirmed; it ends with its timeout");
         }
+        self.notifier.notify();
         drop(_stop);
         Ok(())
     }

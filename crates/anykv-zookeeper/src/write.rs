@@ -54,6 +54,9 @@ pub(crate) fn contention(key: &str) -> Error {
 
 /// Unconditional put without TTL: `setData`, or `create` when missing.
 ///
+/// A session's key (an EPHEMERAL znode) is made permanent: `setData`
+/// reports the owner, and the znode is then replaced by a persistent one.
+///
 /// TTL znodes are created without WRITE permission, so this one round trip
 /// fails with NoAuth on them; the key is then made permanent by replacing
 /// the TTL znode with a persistent one in one multi.
@@ -61,7 +64,13 @@ pub(crate) async fn put_always(cx: &Cx<'_>, path: &str, data: &[u8]) -> Result<V
     let client = cx.client();
     for _ in 0..RACE_ATTEMPTS {
         match client.set_data(path, data, None).await {
-            Ok(stat) => return Ok(version(&stat)),
+            Ok(stat) if stat.ephemeral_owner == 0 => return Ok(version(&stat)),
+            // A session's key: a put without session makes it permanent,
+            // as on the other backends (the znode is replaced).
+            Ok(stat) => match replace(cx, path, &stat, data, &cx.inner.node_options()).await? {
+                Replaced::Done(v) => return Ok(v),
+                Replaced::Raced => continue,
+            },
             Err(zk::Error::NoNode) => {
                 match tree::create(
                     client,
@@ -114,7 +123,7 @@ impl Kind {
     /// replace it (ZooKeeper never changes a znode's type or owner).
     fn must_replace(self, old: &[u8], stat: &Stat) -> bool {
         match self {
-            Kind::Persistent => codec::ttl_of(old).is_some(),
+            Kind::Persistent => codec::ttl_of(old).is_some() || stat.ephemeral_owner != 0,
             Kind::Ttl(_) => true,
             Kind::Ephemeral(owner) => stat.ephemeral_owner != owner || codec::ttl_of(old).is_some(),
         }

@@ -122,6 +122,21 @@ async fn session_keys_are_ephemeral_znodes_of_their_own_session() {
         "the key moved to the other session"
     );
 
+    // A put without session makes a session key permanent (as on etcd and
+    // Consul), plain or conditional.
+    for (k, opts) in [
+        ("detach1", PutOptions::default()),
+        ("detach2", PutOptions::if_present()),
+    ] {
+        s.put(&key(k), "eph".into(), Condition::Always)
+            .await
+            .unwrap();
+        let v = kv.put(&key(k), "kept".into(), opts).await.unwrap();
+        let (_, stat) = raw.get_data(&format!("/{ns}/{k}")).await.unwrap();
+        assert_eq!(stat.ephemeral_owner, 0, "{k} is persistent");
+        assert_eq!(v.get(), stat.mzxid as u64);
+    }
+
     // close: the server deletes the ephemerals at once (no wait needed).
     let lost = s.lost_signal();
     s.close().await.unwrap();
@@ -129,7 +144,14 @@ async fn session_keys_are_ephemeral_znodes_of_their_own_session() {
     for k in ["a/b", "plain", "moved"] {
         assert!(kv.get(&key(k)).await.unwrap().is_none(), "{k} after close");
     }
-    assert!(kv.list(&Prefix::root()).await.unwrap().is_empty());
+    let left: Vec<String> = kv
+        .list(&Prefix::root())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.key.to_string())
+        .collect();
+    assert_eq!(left, ["detach1", "detach2"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,15 +214,29 @@ async fn a_session_expired_from_outside_is_lost_and_its_keys_gone() {
     let info = store.session_info_of(s.id()).expect("an open session");
     // Another client takes the session over and closes it: the server
     // expires it for its owner, which learns it on its next reconnect.
-    let thief = zookeeper_client::Client::connector()
-        .with_session(info)
-        .with_session_timeout(Duration::from_secs(10))
-        .connect(&common::endpoints(&url).join(","))
-        .await
-        .unwrap();
-    drop(thief);
-    let after = wait_lost(&s, Duration::from_secs(20)).await;
-    eprintln!("lost() {after:?} after the session was closed from outside");
+    // The owner's client may take the session back before the close lands
+    // (as in `common::expire_session`): repeat until it is lost.
+    let started = Instant::now();
+    for attempt in 1..=10 {
+        let thief = zookeeper_client::Client::connector()
+            .with_session(info.clone())
+            .with_session_timeout(Duration::from_secs(10))
+            .connect(&common::endpoints(&url).join(","))
+            .await;
+        match thief {
+            Ok(thief) => drop(thief), // closes the session on the server
+            Err(e) => eprintln!("taking the session over failed ({e}), again"),
+        }
+        if tokio::time::timeout(Duration::from_secs(2), s.lost())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        eprintln!("session {} still alive after attempt {attempt}", s.id());
+    }
+    wait_lost(&s, Duration::from_secs(20)).await;
+    eprintln!("lost() {:?} after the first takeover", started.elapsed());
     assert!(kv.get(&key("k")).await.unwrap().is_none(), "keys are gone");
     let e = s
         .put(&key("k2"), "v".into(), Condition::Always)
