@@ -1,7 +1,8 @@
 //! anykv sessions on Consul: the Consul session behind them, ephemeral keys
 //! as acquired keys, a session destroyed from outside, and no false "lost"
 //! across a freeze or a `kill -9` + restart of the server shorter than the
-//! TTL.
+//! TTL; a partition past the TTL is a loss, and the session is destroyed
+//! when the path heals.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
@@ -229,4 +230,60 @@ async fn no_false_lost_across_a_short_freeze_or_restart() {
         .await
         .expect("lost() on close");
     assert!(kv.get(&k).await.unwrap().is_none());
+}
+
+/// A client cut off from its agent for longer than the TTL: `lost()` fires
+/// after a TTL without renewal (not sooner), puts fail with `LockLost`, and
+/// once the path heals the driver destroys the session, so its key goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_past_the_ttl_is_lost_and_the_session_destroyed_on_heal() {
+    use anykv_testkit::proxy::{Mode, Proxy};
+    let Some(url) = anykv_testkit::server_url("ANYKV_TEST_CONSUL") else {
+        return;
+    };
+    let upstream = common::addr(&url).parse().expect("agent address");
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), upstream)
+        .await
+        .expect("proxy");
+    let via = format!("consul://{}", proxy.local_addr());
+    let ns = common::unique("sess-cut");
+    let kv = common::open(&via, &ns, "timeout=1s").await;
+    let direct = common::open(&url, &ns, "").await;
+    let s = kv.session(SessionOptions::default()).await.unwrap();
+    let k = Key::new("inst/1").unwrap();
+    s.put(&k, "up".into(), Condition::Always).await.unwrap();
+
+    proxy.set_mode(Mode::Blackhole);
+    let cut = Instant::now();
+    let lost = s.lost();
+    assert!(
+        timeout(Duration::from_secs(5), s.lost()).await.is_err(),
+        "5 s without renewal (TTL 10 s) is no loss"
+    );
+    timeout(Duration::from_secs(12), lost)
+        .await
+        .expect("lost() after a TTL without renewal");
+    eprintln!("lost() {:?} after the cut", cut.elapsed());
+    assert_eq!(
+        s.put(&k, "x".into(), Condition::Always)
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::LockLost
+    );
+    proxy.set_mode(Mode::Pass);
+    let healed = Instant::now();
+    while direct.get(&k).await.unwrap().is_some() {
+        assert!(
+            healed.elapsed() < Duration::from_secs(8),
+            "the session's key outlived the heal by 8 s"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "key gone {:?} after the heal, {:?} after the cut",
+        healed.elapsed(),
+        cut.elapsed()
+    );
+    proxy.stop().await;
 }
