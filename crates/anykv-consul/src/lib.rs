@@ -222,8 +222,11 @@
 //!   `consistent` read of the session finds nothing (destroyed or expired;
 //!   a restarted server replaying its log says "unknown" for a live
 //!   session), or when no renewal succeeded for a whole TTL (Consul deletes
-//!   the keys only after 2 × TTL, so the holder hears first; the session
-//!   is then destroyed as soon as the agent answers). Transient
+//!   the keys only after 2 × TTL, so the holder hears first: the verdict
+//!   comes at the first failed attempt past the TTL, at most the timeout
+//!   plus 2 s later — before 2 × TTL while the timeout is under 8 s at the
+//!   10 s minimum; the session is then destroyed as soon as the agent
+//!   answers). Transient
 //!   errors shorter than the TTL never fire it. `close` (and drop) fire
 //!   `lost()` and `PUT /v1/session/destroy/<id>`, which deletes the keys; a
 //!   failed destroy is retried in the background for up to 2 × TTL. A
@@ -234,7 +237,9 @@
 //!   own connections, outside `max_conns`' shares (see Connections), so
 //!   busy operations or watches never make a session expire. Measured
 //!   (debug build, TTL 10 s, one local agent): `lost()` 2.9 s after an
-//!   outside `session/destroy` (the next renewal); across processes
+//!   outside `session/destroy` (the next renewal), 12.4 s after the
+//!   client was cut off (`timeout=1s`; its key gone 0.1 s after the path
+//!   healed); across processes
 //!   (`tests/tests/coordination_faults.rs`) leader failover 19.7 s after
 //!   `kill -9` of the leader, 16.8 s after `SIGSTOP`, 4 ms from `resign()`
 //!   to the next leader, ephemeral key gone 20.1 s after `kill -9`: Consul
