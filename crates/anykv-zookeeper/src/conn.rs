@@ -139,6 +139,15 @@ pub(crate) fn is_connected(client: &zk::Client) -> bool {
     )
 }
 
+/// Resolves once the session behind `states` has ended (expired, closed,
+/// refused). Disconnections on the way are not an end: the client
+/// reconnects and, within the session timeout, the session survives.
+pub(crate) async fn ended(states: &mut zk::StateWatcher) {
+    while !states.state().is_terminated() {
+        states.changed().await;
+    }
+}
+
 /// `Unavailable` for a request the driver did not send: the retry layer
 /// may retry it, a write included ([`Error::never_reached_server`]).
 pub(crate) fn not_connected(message: &str) -> Error {

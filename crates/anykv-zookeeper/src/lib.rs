@@ -179,7 +179,46 @@
 //!   have been applied). A connection dropping between the check and the
 //!   send still queues that one request; it is then bounded by `timeout`
 //!   like any other.
-//! * **Sessions**: one session per store, opened on first use (bounded by
+//! * **Sessions** (`Store::session`, ephemeral keys): each is a ZooKeeper
+//!   session of its own — a new client connection asking for the TTL as its
+//!   session timeout. The server clamps it to `[minSessionTimeout,
+//!   maxSessionTimeout]` (2 to 20 × `tickTime` by default: 4 s to 40 s with
+//!   the usual 2 s tick) and `Session::ttl` reports the negotiated timeout;
+//!   `Session::id` is the session id in hex, as `cons` shows it. The client
+//!   keeps it alive with its own pings (after 3/20 of the timeout idle, and
+//!   it drops a connection silent for 2/5 of it and moves to another
+//!   server): no renewal task of the driver's. A session put writes an EPHEMERAL
+//!   znode of that session through the conditional put above (read, check
+//!   the condition, write at the znode version), so values are encoded and
+//!   implicit parents created as for any key, and the version is the
+//!   `mzxid`. A key that is a znode of another type or owner (a plain key,
+//!   another session's key, a TTL key) is replaced in one multi (delete at
+//!   its version + create): it moves to this session. A put without
+//!   session on a session key makes it permanent (replaced the same way;
+//!   `setData` reports the owner, so a plain put costs one more round trip
+//!   only then). **An ephemeral znode cannot have children**: a session key
+//!   above another key fails with `InvalidArgument` — a put below a session
+//!   key (with or without session), or a session put on a key that has keys
+//!   below it. `close` (and drop) closes the client: the server deletes
+//!   the session's ephemerals as it closes it, before `close` returns
+//!   (bounded by `timeout`; a disconnected client cannot tell the server,
+//!   and the session then ends with its timeout). `lost()` fires when the
+//!   session's state turns `Expired` (the server said so on a reconnect, or
+//!   the client gave up on its own after 7/5 of the timeout without a
+//!   server), `Closed` or `AuthFailed`; a disconnection alone is not a loss
+//!   (on reconnect within the timeout the session and its keys survive —
+//!   ZooKeeper's semantics), so on a partitioned client `lost()` fires
+//!   after the server has deleted the keys: measured 6.5–6.7 s after a
+//!   freeze at TTL 4 s, when the keys went at 3.7–5.7 s. A put on an ended
+//!   session fails with `LockLost`; while the session reconnects, with
+//!   `Unavailable` marked never sent. Granularity (how long past the TTL a
+//!   dead session's keys survive) is declared 3 s: the server's session
+//!   tracker expires sessions in `tickTime` buckets (each deadline rounded
+//!   up to the next tick) and then commits the deletes; measured at TTL
+//!   4 s, tick 2 s: 0–1.65 s past the TTL after a freeze, 2.0 s after a
+//!   SIGKILL. It does not grow with the TTL, only with `tickTime`.
+//!   Sessions work across processes (any client sees the keys).
+//! * **The store's session**: one session per store, opened on first use (bounded by
 //!   `timeout`, failing fast when every server refuses, so opening a store
 //!   against a dead endpoint never hangs and its liveness reports it),
 //!   moved across servers by the client, and opened again after it expires.

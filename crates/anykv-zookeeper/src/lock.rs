@@ -240,13 +240,7 @@ async fn monitor(
         notifier.notify();
         return;
     }
-    let expired = async {
-        loop {
-            if states.changed().await.is_terminated() {
-                return;
-            }
-        }
-    };
+    let expired = crate::conn::ended(&mut states);
     let node_gone = async {
         loop {
             match session.client.check_and_watch_stat(&path).await {

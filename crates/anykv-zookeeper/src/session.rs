@@ -97,15 +97,8 @@ async fn monitor(
     inner: Weak<Inner>,
     id: String,
 ) {
-    let ended = async {
-        // Disconnected and SyncConnected come and go while the client
-        // reconnects within the timeout: the session is still alive.
-        while !states.state().is_terminated() {
-            states.changed().await;
-        }
-    };
     tokio::select! {
-        () = ended => {}
+        () = conn::ended(&mut states) => {}
         _ = stopped => {}
     }
     tracing::debug!(session = %id, state = ?states.peek_state(), "zookeeper: session ended");
@@ -204,16 +197,14 @@ impl SessionBackend for ZkSession {
         // the session's ephemerals as it closes it. A put in flight holds a
         // clone until it ends.
         drop(conn);
-        let closed = async {
-            while !states.state().is_terminated() {
-                states.changed().await;
-            }
-        };
         // Disconnected, the client cannot tell the server: the session then
         // ends with its timeout.
-        if tokio::time::timeout(self.inner.conn.settings.connect_timeout, closed)
-            .await
-            .is_err()
+        if tokio::time::timeout(
+            self.inner.conn.settings.connect_timeout,
+            conn::ended(&mut states),
+        )
+        .await
+        .is_err()
         {
             tracing::debug!(session = %self.id, "zookeeper: session close not confirmed; it ends with its timeout");
         }
