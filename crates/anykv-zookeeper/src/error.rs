@@ -72,7 +72,14 @@ pub(crate) fn map(err: zk::Error, operation: &'static str, key: &str) -> Error {
             message,
             source: Some(Box::new(err)),
         },
-        Z::BadArguments(_) | Z::InvalidAcl | Z::NoChildrenForEphemerals => Error::InvalidArgument {
+        Z::NoChildrenForEphemerals => Error::InvalidArgument {
+            backend: BACKEND,
+            message: format!(
+                "{operation} {key}: below a session key (ZooKeeper ephemeral znodes \
+                 have no children)"
+            ),
+        },
+        Z::BadArguments(_) | Z::InvalidAcl => Error::InvalidArgument {
             backend: BACKEND,
             message,
         },

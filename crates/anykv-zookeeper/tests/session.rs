@@ -174,6 +174,7 @@ async fn a_session_key_cannot_have_keys_below_it() {
             .unwrap_err(),
     ] {
         assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("below a session key"), "{e}");
     }
     // Above existing keys (an implicit parent, or a key with children).
     s.put(&key("q/c"), "eph".into(), Condition::Always)
