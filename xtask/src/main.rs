@@ -120,8 +120,10 @@ fn real_main() -> Result<()> {
         }
         Cmd::Chaos { backends, args } => chaos(&backends, &args),
         Cmd::Bench { backends, args } => match backends.split_first() {
-            Some((first, rest)) if first == "watch" => bench_watch(&ctx, rest, &args),
-            _ if !args.is_empty() => bail!("options after `--` are for `bench watch` only"),
+            Some((first, rest)) if first == "watch" || first == "mirror" => {
+                bench_scale(&ctx, first, rest, &args)
+            }
+            _ if !args.is_empty() => bail!("options after `--` are for `bench watch|mirror` only"),
             _ => bench(&ctx, &backends),
         },
         Cmd::Servers { names } => {
@@ -357,7 +359,7 @@ fn bench(ctx: &Ctx, backends: &[String]) -> Result<()> {
 /// figures) and a note of their non-default settings. `ANYKV_BENCH_BIN`
 /// runs a prebuilt `anykv-bench` instead (e.g. one built from an older
 /// commit, to compare drivers on the same kind of servers).
-fn bench_watch(ctx: &Ctx, backends: &[String], args: &[String]) -> Result<()> {
+fn bench_scale(ctx: &Ctx, which: &str, backends: &[String], args: &[String]) -> Result<()> {
     use std::time::Duration;
     let wanted = |b: &str| backends.is_empty() || backends.iter().any(|x| x == b);
     let mut cmd = match env::var_os("ANYKV_BENCH_BIN") {
@@ -368,7 +370,7 @@ fn bench_watch(ctx: &Ctx, backends: &[String], args: &[String]) -> Result<()> {
             cmd
         }
     };
-    cmd.arg("watch").args(backends).args(args);
+    cmd.arg(which).args(backends).args(args);
     // Kept until the bench ends: dropping them stops the servers.
     let mut clusters = Vec::new();
     let mut started = Vec::new();

@@ -86,6 +86,7 @@
 
 mod case;
 mod measure;
+mod mirror;
 mod report;
 mod sides;
 mod spec;
@@ -127,6 +128,24 @@ enum Cmd {
     Case {
         /// The case, as JSON.
         spec: String,
+    },
+    /// What a mirror of a large prefix costs, per backend (see `mirror.rs`).
+    Mirror {
+        /// Backends: memory, redb, etcd, zookeeper, consul (default: all).
+        backends: Vec<String>,
+        /// Keys in the mirrored prefix.
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+    },
+    /// One mirror case (internal: a child process per backend).
+    #[command(hide = true)]
+    MirrorCase {
+        /// Backend name.
+        backend: String,
+        /// Its URL.
+        url: String,
+        /// Keys in the mirrored prefix.
+        keys: usize,
     },
 }
 
@@ -181,6 +200,8 @@ fn main() -> ExitCode {
     let out = match cli.cmd {
         Cmd::Watch(args) => watch(args),
         Cmd::Case { spec } => child(&spec),
+        Cmd::Mirror { backends, keys } => mirror_bench(backends, keys),
+        Cmd::MirrorCase { backend, url, keys } => mirror::case(&backend, &url, keys),
     };
     match out {
         Ok(()) => ExitCode::SUCCESS,
@@ -202,6 +223,21 @@ fn child(spec: &str) -> Result<()> {
     // Whatever the drivers still run in the background must not delay the exit.
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
+}
+
+/// The mirror bench over the backends' servers (as for `watch`).
+fn mirror_bench(backends: Vec<String>, keys: usize) -> Result<()> {
+    let backends = if backends.is_empty() {
+        ["memory", "redb", "etcd", "zookeeper", "consul"]
+            .map(str::to_owned)
+            .to_vec()
+    } else {
+        backends
+    };
+    let dir = tempfile::tempdir()?;
+    mirror::run(&backends, keys, |b| {
+        server(b, &dir.path().join(format!("{b}.redb"))).url
+    })
 }
 
 /// Where a backend's server is, from the environment xtask sets.
