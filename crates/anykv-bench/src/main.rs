@@ -195,6 +195,16 @@ struct WatchArgs {
     label: Option<String>,
 }
 
+/// Counts live heap bytes, for figures the machine's noise does not move
+/// (the mirror bench's bytes per key).
+#[global_allocator]
+static ALLOC: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+
+/// Heap bytes allocated and not yet freed, process-wide.
+fn heap_bytes() -> usize {
+    ALLOC.allocated()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = match cli.cmd {

@@ -7,8 +7,11 @@
 //! - **list**: the wall time of a plain `list` of the prefix (best of 3);
 //! - **first sync**: the wall time of `mirror()` until it returns (snapshot
 //!   applied, watch running), and its ratio to **list** (target ≤ 1.5×);
-//! - **bytes per key**: (RSS after the mirror − RSS before) / keys, from
-//!   `/proc/self/statm`, against the target 2 × (key + value) + 100 B;
+//! - **bytes per key**: the live heap bytes the mirror adds, per key (a
+//!   counting global allocator: allocations minus frees, which machine noise
+//!   does not move), against the target 2 × (key + value) + 100 B; and the
+//!   RSS growth per key, which also counts memory freed while loading but
+//!   kept by the allocator;
 //! - **get**: `Mirror::get` calls per second on one thread for one second,
 //!   cycling over every key (target ≥ 5 million/s);
 //! - **delay**: for 300 paced puts into the prefix on another handle, the
@@ -42,7 +45,8 @@ pub struct MirrorResult {
     key_len: usize,
     list_ms: f64,
     sync_ms: f64,
-    bytes_per_key: f64,
+    heap_bytes_per_key: f64,
+    rss_bytes_per_key: f64,
     gets_per_sec: f64,
     delay_p50_ms: f64,
     delay_p99_ms: f64,
@@ -123,12 +127,12 @@ async fn measure(url: &str, keys: usize) -> Result<MirrorResult> {
     }
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_bytes();
+    let (before, heap_before) = (rss_bytes(), crate::heap_bytes());
     let t = Instant::now();
     let mirror = kv.mirror(&prefix).await.context("mirror")?;
     let sync = t.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = rss_bytes();
+    let (after, heap_after) = (rss_bytes(), crate::heap_bytes());
     if mirror.len() != keys {
         bail!("the mirror holds {} of {keys} keys", mirror.len());
     }
@@ -205,7 +209,8 @@ async fn measure(url: &str, keys: usize) -> Result<MirrorResult> {
         key_len: key_name(0).len(),
         list_ms: ms(list),
         sync_ms: ms(sync),
-        bytes_per_key: after.saturating_sub(before) as f64 / keys as f64,
+        heap_bytes_per_key: heap_after.saturating_sub(heap_before) as f64 / keys as f64,
+        rss_bytes_per_key: after.saturating_sub(before) as f64 / keys as f64,
         gets_per_sec: gets,
         delay_p50_ms: pct(0.5),
         delay_p99_ms: pct(0.99),
@@ -229,12 +234,12 @@ pub fn run(backends: &[String], keys: usize, urls: impl Fn(&str) -> Option<Strin
          Target bytes per key: 2 × (key + value) + 100 B.\n"
     );
     println!(
-        "| backend | list ms | first sync ms | sync / list (≤ 1.5) | bytes per key (target) | Mirror::get per s (≥ 5 M) | put → mirror p50 / p99 ms |"
+        "| backend | list ms | first sync ms | sync / list (≤ 1.5) | heap bytes per key (target) | RSS bytes per key | Mirror::get per s (≥ 5 M) | put → mirror p50 / p99 ms |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for backend in backends {
         let Some(url) = urls(backend) else {
-            println!("| {backend} | no server | | | | | |");
+            println!("| {backend} | no server | | | | | | |");
             continue;
         };
         let out = std::process::Command::new(&exe)
@@ -248,7 +253,7 @@ pub fn run(backends: &[String], keys: usize, urls: impl Fn(&str) -> Option<Strin
             .and_then(|j| serde_json::from_str::<MirrorResult>(j).ok())
         else {
             println!(
-                "| {backend} | failed: {} | | | | | |",
+                "| {backend} | failed: {} | | | | | | |",
                 String::from_utf8_lossy(&out.stderr)
                     .lines()
                     .last()
@@ -257,16 +262,17 @@ pub fn run(backends: &[String], keys: usize, urls: impl Fn(&str) -> Option<Strin
             continue;
         };
         if let Some(e) = &r.error {
-            println!("| {backend} | failed: {e} | | | | | |");
+            println!("| {backend} | failed: {e} | | | | | | |");
             continue;
         }
         let target = 2.0 * (r.key_len + VALUE_LEN) as f64 + 100.0;
         println!(
-            "| {backend} | {:.0} | {:.0} | {:.2} | {:.0} ({target:.0}) | {:.1} M | {:.2} / {:.2} |",
+            "| {backend} | {:.0} | {:.0} | {:.2} | {:.0} ({target:.0}) | {:.0} | {:.1} M | {:.2} / {:.2} |",
             r.list_ms,
             r.sync_ms,
             r.sync_ms / r.list_ms.max(0.001),
-            r.bytes_per_key,
+            r.heap_bytes_per_key,
+            r.rss_bytes_per_key,
             r.gets_per_sec / 1e6,
             r.delay_p50_ms,
             r.delay_p99_ms

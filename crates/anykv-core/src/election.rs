@@ -73,7 +73,7 @@ pub struct Leader {
     pub key: Key,
 }
 
-/// An election named by a key; see [`StoreExt::election`](crate::StoreExt::election).
+/// An election named by a key; see [`StoreExt::election`].
 ///
 /// ```no_run
 /// # async fn demo(kv: anykv_core::Kv) -> anykv_core::Result<()> {

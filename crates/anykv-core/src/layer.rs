@@ -7,7 +7,7 @@
 //! namespace → capability checks → tracing span → liveness → retry →
 //! per-attempt timeout → driver
 //!
-//! Each standard layer lives in its own module under [`layers`](crate::layers).
+//! Each standard layer lives in its own module under [`layers`](mod@crate::layers).
 //! The handle itself keeps what no layer may drop: `close()` (later
 //! operations fail with `Cancelled`, watches end with it, held locks are
 //! released, each bounded by the timeout) and "a watch never ends silently".

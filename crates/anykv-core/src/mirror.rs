@@ -77,9 +77,9 @@ struct Entry {
 }
 
 impl Entry {
-    fn pair(&self, key: &Key) -> KvPair {
+    fn pair(&self, key: Key) -> KvPair {
         KvPair {
-            key: key.clone(),
+            key,
             value: self.value.clone(),
             version: self.version,
             create_revision: self.create_revision,
@@ -87,25 +87,25 @@ impl Entry {
         }
     }
 
-    fn of(kv: KvPair) -> (Key, Entry) {
-        (
-            kv.key,
-            Entry {
-                value: kv.value,
-                version: kv.version,
-                create_revision: kv.create_revision,
-                mod_revision: kv.mod_revision,
-            },
-        )
+    fn of(kv: &KvPair) -> Entry {
+        Entry {
+            value: kv.value.clone(),
+            version: kv.version,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+        }
     }
 }
 
+/// A key as the mirror stores it: one allocation shared by both indexes.
+type Name = Arc<str>;
+
 /// The mirrored pairs: a hash map for `get` (the hot path) and an ordered
-/// set of keys for `list` and `keys`.
+/// set of the same names for `list` and `keys`.
 #[derive(Default)]
 struct State {
-    entries: HashMap<Key, Entry>,
-    order: BTreeSet<Key>,
+    entries: HashMap<Name, Entry>,
+    order: BTreeSet<Name>,
     /// Every change at or below this revision is reflected (last snapshot).
     watermark: Revision,
     /// Highest revision applied.
@@ -113,6 +113,24 @@ struct State {
 }
 
 impl State {
+    /// The first snapshot, loaded in bulk (pairs sorted by key, no diff).
+    fn load(pairs: Vec<KvPair>, revision: Revision) -> State {
+        let mut entries = HashMap::with_capacity(pairs.len());
+        let mut names = Vec::with_capacity(pairs.len());
+        for kv in &pairs {
+            let name: Name = Arc::from(kv.key.as_str());
+            entries.insert(name.clone(), Entry::of(kv));
+            names.push(name);
+        }
+        State {
+            entries,
+            // From sorted names: a bulk build, no rebalancing.
+            order: names.into_iter().collect(),
+            watermark: revision,
+            revision,
+        }
+    }
+
     /// Applies one watch event; returns it if it changed the state.
     fn apply(&mut self, ev: Event) -> Option<Event> {
         let rev = ev.revision();
@@ -123,20 +141,20 @@ impl State {
             Event::Put { kv, .. } => {
                 let newer = self
                     .entries
-                    .get(&kv.key)
+                    .get(kv.key.as_str())
                     .is_none_or(|e| e.mod_revision < kv.mod_revision);
                 if newer {
-                    self.insert(kv.clone());
+                    self.insert(kv);
                 }
                 newer
             }
             Event::Delete { key, revision } => {
                 let present = self
                     .entries
-                    .get(key)
+                    .get(key.as_str())
                     .is_some_and(|e| e.mod_revision <= *revision);
                 if present {
-                    self.remove(key);
+                    self.remove(key.as_str());
                 }
                 present
             }
@@ -147,64 +165,77 @@ impl State {
 
     /// Applies a snapshot of the whole mirrored prefix; returns the
     /// differences as events (puts with their previous pair, deletes at the
-    /// snapshot's revision).
-    fn apply_snapshot(&mut self, pairs: Vec<KvPair>, revision: Revision) -> Vec<Event> {
-        let mut diff = Vec::new();
-        let fresh: HashMap<Key, KvPair> =
-            pairs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
-        let gone: Vec<Key> = self
+    /// snapshot's revision) when `diff` is asked for (someone listens).
+    fn apply_snapshot(&mut self, pairs: Vec<KvPair>, revision: Revision, diff: bool) -> Vec<Event> {
+        let mut events = Vec::new();
+        let fresh: HashMap<&str, &KvPair> = pairs.iter().map(|kv| (kv.key.as_str(), kv)).collect();
+        let gone: Vec<Name> = self
             .entries
             .iter()
-            .filter(|(k, e)| !fresh.contains_key(*k) && e.mod_revision <= revision)
+            .filter(|(k, e)| !fresh.contains_key(&***k) && e.mod_revision <= revision)
             .map(|(k, _)| k.clone())
             .collect();
-        for key in gone {
-            self.remove(&key);
-            diff.push(Event::Delete { key, revision });
+        for name in gone {
+            self.remove(&name);
+            if diff {
+                events.push(Event::Delete {
+                    key: Key::trusted(&name),
+                    revision,
+                });
+            }
         }
-        let mut puts: Vec<KvPair> = fresh
-            .into_values()
+        let mut puts: Vec<&KvPair> = pairs
+            .iter()
             .filter(|kv| {
                 self.entries
-                    .get(&kv.key)
+                    .get(kv.key.as_str())
                     .is_none_or(|e| e.mod_revision < kv.mod_revision)
             })
             .collect();
         puts.sort_by(|a, b| a.mod_revision.cmp(&b.mod_revision).then(a.key.cmp(&b.key)));
         for kv in puts {
-            let prev = self.insert(kv.clone());
-            diff.push(Event::Put { kv, prev });
+            let prev = self.insert(kv);
+            if diff {
+                events.push(Event::Put {
+                    kv: kv.clone(),
+                    prev,
+                });
+            }
         }
         self.watermark = self.watermark.max(revision);
         self.revision = self.revision.max(revision);
-        diff
+        events
     }
 
-    fn insert(&mut self, kv: KvPair) -> Option<KvPair> {
-        let (key, entry) = Entry::of(kv);
-        if !self.entries.contains_key(&key) {
-            self.order.insert(key.clone());
+    /// Inserts or replaces a pair; returns the previous one.
+    fn insert(&mut self, kv: &KvPair) -> Option<KvPair> {
+        let entry = Entry::of(kv);
+        if let Some(old) = self.entries.get_mut(kv.key.as_str()) {
+            let prev = old.pair(kv.key.clone());
+            *old = entry;
+            return Some(prev);
         }
-        self.entries
-            .insert(key.clone(), entry)
-            .map(|e| e.pair(&key))
+        let name: Name = Arc::from(kv.key.as_str());
+        self.order.insert(name.clone());
+        self.entries.insert(name, entry);
+        None
     }
 
-    fn remove(&mut self, key: &Key) {
-        self.entries.remove(key);
-        self.order.remove(key);
+    fn remove(&mut self, name: &str) {
+        self.entries.remove(name);
+        self.order.remove(name);
     }
 
-    fn below<'a>(&'a self, prefix: &'a Prefix) -> impl Iterator<Item = (&'a Key, &'a Entry)> + 'a {
+    fn below<'a>(&'a self, prefix: &'a Prefix) -> impl Iterator<Item = (&'a str, &'a Entry)> + 'a {
         let start = prefix.dir();
         self.order
             .range::<str, _>((
                 std::ops::Bound::Included(start.as_str()),
                 std::ops::Bound::Unbounded,
             ))
-            .take_while(move |k| prefix.is_root() || k.as_str().starts_with(start.as_str()))
-            .filter(move |k| prefix.contains(k.as_str()))
-            .filter_map(|k| self.entries.get(k).map(|e| (k, e)))
+            .take_while(move |k| prefix.is_root() || k.starts_with(start.as_str()))
+            .filter(move |k| prefix.contains(k))
+            .filter_map(|k| self.entries.get(&**k).map(|e| (&**k, e)))
     }
 }
 
@@ -273,8 +304,7 @@ impl Mirror {
     pub(crate) async fn start<S: Store + Clone>(store: S, prefix: Prefix) -> Result<Mirror> {
         let snap = store.snapshot(std::slice::from_ref(&prefix)).await?;
         let (changes, _) = broadcast::channel(CHANGES_BUFFER);
-        let mut state = State::default();
-        state.apply_snapshot(snap.pairs, snap.revision);
+        let state = State::load(snap.pairs, snap.revision);
         let shared = Arc::new(Shared {
             prefix: prefix.clone(),
             backend: store.backend(),
@@ -311,18 +341,29 @@ impl Mirror {
 
     /// The pair at `key`, if the mirror holds it.
     pub fn get(&self, key: &Key) -> Option<KvPair> {
-        self.shared.read().entries.get(key).map(|e| e.pair(key))
+        self.shared
+            .read()
+            .entries
+            .get(key.as_str())
+            .map(|e| e.pair(key.clone()))
     }
 
     /// The value at `key`, if the mirror holds it (no copy of the key).
     pub fn value(&self, key: &Key) -> Option<Bytes> {
-        self.shared.read().entries.get(key).map(|e| e.value.clone())
+        self.shared
+            .read()
+            .entries
+            .get(key.as_str())
+            .map(|e| e.value.clone())
     }
 
     /// Every pair strictly below `prefix` (the root: all), sorted by key.
     pub fn list(&self, prefix: &Prefix) -> Vec<KvPair> {
         let state = self.shared.read();
-        state.below(prefix).map(|(k, e)| e.pair(k)).collect()
+        state
+            .below(prefix)
+            .map(|(k, e)| e.pair(Key::trusted(k)))
+            .collect()
     }
 
     /// The distinct names one level below `prefix`, sorted.
@@ -331,7 +372,7 @@ impl Mirror {
         // Not adjacent in key order: `a`, `a-x`, `a/b` name `a` twice.
         let names: BTreeSet<&str> = state
             .below(prefix)
-            .filter_map(|(k, _)| prefix.child_name(k.as_str()))
+            .filter_map(|(k, _)| prefix.child_name(k))
             .collect();
         names.into_iter().map(str::to_owned).collect()
     }
@@ -547,7 +588,8 @@ impl<S: Store + Clone> Follower<S> {
     fn apply_snapshot(&self, pairs: Vec<KvPair>, revision: Revision) {
         let diff = {
             let mut state = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
-            let diff = state.apply_snapshot(pairs, revision);
+            let listening = self.shared.changes.receiver_count() > 0;
+            let diff = state.apply_snapshot(pairs, revision, listening);
             self.shared.revision.send_if_modified(|r| {
                 let changed = *r < state.revision;
                 *r = state.revision;
@@ -736,7 +778,7 @@ mod tests {
         s.apply(put("p/a", "1", 2));
         s.apply(put("p/b", "1", 3));
         s.apply(put("p/late", "x", 12)); // written after the snapshot's read
-        let diff = s.apply_snapshot(vec![pair("p/a", "2", 8), pair("p/c", "1", 9)], 10);
+        let diff = s.apply_snapshot(vec![pair("p/a", "2", 8), pair("p/c", "1", 9)], 10, true);
         assert_eq!(
             values(&s),
             [("p/a", "2"), ("p/c", "1"), ("p/late", "x")]

@@ -1,4 +1,4 @@
-//! Feeds the handle's [`LivenessMonitor`](crate::LivenessMonitor) with
+//! Feeds the handle's [`LivenessMonitor`] with
 //! every outcome, and reports outages on open watches.
 //!
 //! It sits above retry: the monitor sees a call's final outcome, not each

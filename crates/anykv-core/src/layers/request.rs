@@ -1,4 +1,4 @@
-//! Every [`Store`](crate::Store) call as one value: what a [`Layer`](crate::Layer) sees.
+//! Every [`Store`] call as one value: what a [`Layer`](crate::Layer) sees.
 //!
 //! [`Kv`](crate::Kv) turns each call into a [`Request`], runs it through its
 //! layers and unpacks the [`Response`]. A layer intercepts every operation
