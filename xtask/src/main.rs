@@ -428,7 +428,7 @@ fn bench_scale(ctx: &Ctx, which: &str, backends: &[String], args: &[String]) -> 
         );
         started.push(consul);
     }
-    let out = step("bench watch", &mut cmd);
+    let out = step(&format!("bench {which}"), &mut cmd);
     drop(clusters);
     drop(started);
     out
