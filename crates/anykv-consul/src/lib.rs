@@ -137,7 +137,9 @@
 //!   with backoff (at most 2 s apart), each of its streams yields one
 //!   `Unavailable` item, and converges by itself when the agent is back
 //!   (restarted, or thawed after a freeze); no query outlives its wait
-//!   (60 s, plus Consul's jitter of up to 1/16) plus the timeout.
+//!   (10 s, plus Consul's jitter of up to 1/16) plus the timeout; a
+//!   query that reached a restarted agent without failing first learns of
+//!   the reset when that wait runs out.
 //!   `close()` ends every watch with `Cancelled`.
 //! - **Connections**: at most `max_conns` (default 32) requests of one
 //!   handle are in flight at once, hence as many pooled connections: up to

@@ -69,8 +69,12 @@ use crate::{
 };
 
 /// How long one blocking query waits on the agent (Consul adds up to 1/16
-/// of jitter).
-const BLOCK_WAIT: Duration = Duration::from_secs(60);
+/// of jitter). Short, because a query that reaches a restarted agent (whose
+/// index restarted lower) without failing first blocks on the old, higher
+/// index until this runs out: its answer then reveals the reset. At most
+/// `max_watch_conns` queries per handle, so idle watches still cost about
+/// one request per second or less.
+const BLOCK_WAIT: Duration = Duration::from_secs(10);
 /// First retry delay after a failed query; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
