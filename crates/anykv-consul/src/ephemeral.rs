@@ -138,18 +138,7 @@ impl SessionBackend for Ephemeral {
             first_tx,
         ));
         let timeout = self.inner.http.settings().timeout;
-        match tokio::time::timeout(timeout, first_rx).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(Error::Cancelled {
-                backend: BACKEND,
-                message: "session close: the runtime is shutting down".into(),
-            }),
-            Err(_) => Err(Error::Timeout {
-                backend: BACKEND,
-                operation: "session close",
-                after: timeout,
-            }),
-        }
+        crate::lock::first_attempt(first_rx, timeout, "session close").await
     }
 }
 

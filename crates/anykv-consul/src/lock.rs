@@ -395,18 +395,7 @@ impl LockRelease for Release {
     async fn release(self: Box<Self>) -> Result<()> {
         let timeout = self.inner.http.settings().timeout;
         let first = self.start(&tokio::runtime::Handle::current());
-        match tokio::time::timeout(timeout, first).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(Error::Cancelled {
-                backend: BACKEND,
-                message: "release: the runtime is shutting down".into(),
-            }),
-            Err(_) => Err(Error::Timeout {
-                backend: BACKEND,
-                operation: "release",
-                after: timeout,
-            }),
-        }
+        first_attempt(first, timeout, "release").await
     }
 
     fn release_on_drop(self: Box<Self>) {
@@ -469,6 +458,28 @@ async fn release_once(inner: &Inner, key: &Key, session: &str, deleted: &mut boo
     }
     // The session holds nothing now: destroying it triggers no lock-delay.
     session::destroy(&inner.http, session).await
+}
+
+/// The outcome of the first attempt of a give-back that goes on in the
+/// background (a lock's release, a session's destroy), waited for at most
+/// `timeout`.
+pub(crate) async fn first_attempt(
+    first: tokio::sync::oneshot::Receiver<Result<()>>,
+    timeout: std::time::Duration,
+    operation: &'static str,
+) -> Result<()> {
+    match tokio::time::timeout(timeout, first).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => Err(Error::Cancelled {
+            backend: BACKEND,
+            message: format!("{operation}: the runtime is shutting down"),
+        }),
+        Err(_) => Err(Error::Timeout {
+            backend: BACKEND,
+            operation,
+            after: timeout,
+        }),
+    }
 }
 
 #[cfg(test)]
