@@ -485,7 +485,7 @@ impl Context {
     }
 
     fn set_prober(&self, every: Duration) {
-        let Some(task) = self.spawn_probe_loop(every) else {
+        let Some(task) = self.spawn_probe_loop(Duration::ZERO, every) else {
             tracing::warn!("no tokio runtime: background liveness prober not started");
             return;
         };
@@ -495,14 +495,15 @@ impl Context {
         }
     }
 
-    /// A task probing the backend (through the whole stack) every `every`
-    /// until the handle is gone (`None` without a tokio runtime). Used by
-    /// the background prober and the watchdog.
-    fn spawn_probe_loop(&self, every: Duration) -> Option<JoinHandle<()>> {
+    /// A task probing the backend (through the whole stack) after `first`,
+    /// then every `every`, until the handle is gone (`None` without a tokio
+    /// runtime). Used by the background prober and the watchdog.
+    fn spawn_probe_loop(&self, first: Duration, every: Duration) -> Option<JoinHandle<()>> {
         let rt = tokio::runtime::Handle::try_current().ok()?;
         let weak = self.me.clone();
         Some(rt.spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            let start = tokio::time::Instant::now() + first;
+            let mut tick = tokio::time::interval_at(start, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -521,7 +522,10 @@ impl Context {
         let mut w = self.watchdog.lock().unwrap_or_else(|p| p.into_inner());
         w.open += 1;
         if w.task.is_none() {
-            w.task = self.spawn_probe_loop(self.cfg.timeout);
+            // The watch just opened, so the backend answered a moment ago:
+            // the first probe waits a period (and a watch dropped at once
+            // costs no probe).
+            w.task = self.spawn_probe_loop(self.cfg.timeout, self.cfg.timeout);
         }
         WatchTicket {
             ctx: self.me.clone(),
