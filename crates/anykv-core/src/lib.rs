@@ -17,6 +17,7 @@
 pub mod capability;
 pub mod config;
 pub mod election;
+pub mod embedded;
 pub mod error;
 pub mod ext;
 mod held_locks;

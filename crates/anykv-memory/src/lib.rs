@@ -51,9 +51,7 @@
 //! compacting at or below an earlier compaction is a no-op, beyond the
 //! current revision `InvalidArgument`.
 
-mod hub;
 mod lock;
-mod session;
 mod state;
 mod watch;
 
@@ -63,6 +61,7 @@ use std::{
     time::Duration,
 };
 
+use anykv_core::embedded::{hub, session};
 use anykv_core::{
     Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo, LockOptions,
     Op, Prefix, PutOptions, Result, Revision, Session, SessionOptions, Snapshot, SnapshotMode,
@@ -378,7 +377,7 @@ impl MemoryStore {
     /// How many watches are registered on the store (dropping a watch's
     /// stream removes it at once).
     pub fn watch_count(&self) -> usize {
-        self.shared.hub.len()
+        self.shared.hub.watch_count()
     }
 
     /// Test hook: stops (or resumes) the renewal of every session of the

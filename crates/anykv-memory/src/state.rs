@@ -10,7 +10,7 @@ use anykv_core::{Error, Event, Key, KvPair, Prefix, Result, Revision, Version};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::hub::Group;
+use anykv_core::embedded::hub::Group;
 
 pub(crate) const BACKEND: &str = "memory";
 
@@ -22,7 +22,7 @@ struct Entry {
 }
 
 /// A live session: its deadline and its ephemeral keys, each with the
-/// revision of its session write (see `session.rs`).
+/// revision of its session write (see `anykv_core::embedded::session`).
 struct SessionRec {
     deadline: Instant,
     keys: HashMap<Key, Revision>,
@@ -205,7 +205,7 @@ impl State {
         cond: anykv_core::Condition,
     ) -> Result<Version> {
         if !self.sessions.contains_key(&id) {
-            return Err(crate::session::lost_error(BACKEND, key));
+            return Err(anykv_core::embedded::session::lost_error(BACKEND, key));
         }
         anykv_core::store::condition::check(BACKEND, key, cond, self.version(key))?;
         let rev = self.next_revision();

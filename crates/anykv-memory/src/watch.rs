@@ -1,4 +1,4 @@
-//! Watch streams: registered in the store's [`Hub`](crate::hub::Hub) and
+//! Watch streams: registered in the store's [`Hub`](anykv_core::embedded::hub::Hub) and
 //! replayed from the event log, both under the state lock.
 
 use std::sync::Arc;

@@ -1,15 +1,13 @@
 //! Watch routing, snapshot and compact on the memory driver (the checks
-//! themselves are shared with anykv-redb: `common/watch_cases.rs`).
+//! themselves are shared with anykv-redb: `anykv_testkit::embedded`).
 
 #![allow(clippy::unwrap_used)] // tests may unwrap
-
-mod common;
 
 use std::sync::Arc;
 
 use anykv_core::Store;
 use anykv_memory::MemoryStore;
-use common::watch_cases as cases;
+use anykv_testkit::embedded as cases;
 
 fn store() -> (Arc<dyn Store>, cases::Count) {
     let s = MemoryStore::new(100_000);

@@ -46,7 +46,7 @@ pub(crate) const EVENTS: TableDefinition<'static, u64, &'static [u8]> =
 pub(crate) const META: TableDefinition<'static, &'static str, u64> =
     TableDefinition::new("anykv_meta");
 
-/// Session id → deadline (Unix ms): the live sessions (see `session.rs`).
+/// Session id → deadline (Unix ms): the live sessions (see `anykv_core::embedded::session`).
 pub(crate) const SESSIONS: TableDefinition<'static, u64, u64> =
     TableDefinition::new("anykv_sessions");
 /// (session id, key) → revision of the session's write of the key: its
@@ -149,7 +149,7 @@ pub(crate) struct Engine {
     pub(crate) hub: Arc<Hub>,
     pub(crate) locks: LockTable,
     /// The test hook that stops session renewals.
-    pub(crate) renewals: crate::session::Renewals,
+    pub(crate) renewals: anykv_core::embedded::session::Renewals,
     handles: AtomicUsize,
     closed: AtomicBool,
 }

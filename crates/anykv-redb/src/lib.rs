@@ -101,13 +101,7 @@
 mod codec;
 mod engine;
 mod error;
-// Shared with anykv-memory, which owns the file (see its header).
-#[path = "../../anykv-memory/src/hub.rs"]
-mod hub;
 mod lock;
-// Shared with anykv-memory, like `hub`.
-#[path = "../../anykv-memory/src/session.rs"]
-mod session;
 mod watch;
 mod writer;
 
@@ -119,6 +113,7 @@ use std::{
     },
 };
 
+use anykv_core::embedded::{hub, session};
 use anykv_core::{
     Bytes, Capabilities, Check, Condition, Config, Error, Key, KvPair, LockGuard, LockInfo,
     LockOptions, Op, PairStream, Prefix, PutOptions, Result, Revision, Session, SessionOptions,
@@ -261,7 +256,7 @@ impl RedbStore {
     /// How many watches are registered on the file's engine (dropping a
     /// watch's stream removes it at once).
     pub fn watch_count(&self) -> usize {
-        self.engine.hub.len()
+        self.engine.hub.watch_count()
     }
 
     /// Test hook: stops (or resumes) the renewal of every session on the

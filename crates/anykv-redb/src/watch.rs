@@ -1,4 +1,4 @@
-//! Watches: registered in the engine's [`Hub`](crate::hub::Hub), which the
+//! Watches: registered in the engine's [`Hub`](anykv_core::embedded::hub::Hub), which the
 //! writer thread feeds each committed batch; replays and catch-ups read the
 //! event log on a blocking thread.
 //!

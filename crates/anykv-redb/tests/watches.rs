@@ -1,16 +1,13 @@
 //! Watch routing, snapshot and compact on the redb driver (the checks are
-//! shared with anykv-memory, which holds them in `tests/common/watch_cases.rs`),
-//! plus the compacted point surviving a reopen.
+//! shared with anykv-memory: `anykv_testkit::embedded`), plus the compacted point surviving a reopen.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap
-
-#[path = "../../anykv-memory/tests/common/watch_cases.rs"]
-mod cases;
 
 use std::{path::Path, sync::Arc};
 
 use anykv_core::{ErrorKind, Start, Store, Target};
 use anykv_redb::{RedbStore, Settings};
+use anykv_testkit::embedded as cases;
 
 async fn open(path: &Path) -> Arc<RedbStore> {
     let settings = Settings {

@@ -26,6 +26,7 @@
 //! benchmark (anykv vs the raw client, interleaved, in one process).
 
 pub mod bench;
+pub mod embedded;
 pub mod liveness;
 pub mod proxy;
 mod scenarios;

@@ -1,6 +1,6 @@
-//! Watch routing shared by the memory and redb drivers (anykv-redb includes
-//! this file with `#[path]`: the two crates do not depend on each other, and
-//! a shared crate or a core module would be a change outside them).
+//! Watch routing for drivers whose writes happen in this process (memory,
+//! redb): the driver publishes each committed revision's events to the
+//! [`Hub`], and serves [`EventLog`] reads for watches that replay.
 //!
 //! An index maps each watched key and each watched prefix to its watches, so
 //! a written key reaches only the watches whose target matches: one lookup
@@ -22,20 +22,20 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use anykv_core::{Error, Event, Key, Result, Revision, Target, WatchStream};
+use crate::{Error, Event, Key, Result, Revision, Target, WatchStream};
 use futures::{StreamExt, future::BoxFuture};
 use tokio::sync::Notify;
 
 /// Events a watch buffers for its consumer before it is detached.
-pub(crate) const BUFFER: usize = 128;
+pub const BUFFER: usize = 128;
 /// Revisions read from the event log per read.
-pub(crate) const LOG_CHUNK: usize = 512;
+pub const LOG_CHUNK: usize = 512;
 
 /// One revision and its events, in commit order.
-pub(crate) type Group = (Revision, Vec<Event>);
+pub type Group = (Revision, Vec<Event>);
 
 /// The store's event log, as a watch replays it.
-pub(crate) trait EventLog: Send + Sync + 'static {
+pub trait EventLog: Send + Sync + 'static {
     /// Up to `max` logged revisions after `after`, oldest first, each with
     /// all of its events; `Error::Compacted` if the log no longer reaches
     /// back to `after`.
@@ -155,14 +155,14 @@ impl Index {
 
 /// The watches of one store, indexed by target.
 #[derive(Default)]
-pub(crate) struct Hub {
+pub struct Hub {
     index: Mutex<Index>,
 }
 
 impl Hub {
     /// Routes committed events (in revision order, each revision's events
     /// contiguous) to the watches they match. Never waits for a consumer.
-    pub(crate) fn publish(&self, events: &[Event]) {
+    pub fn publish(&self, events: &[Event]) {
         let index = lock(&self.index);
         if index.keys.is_empty() && index.prefixes.is_empty() {
             return;
@@ -196,7 +196,7 @@ impl Hub {
     }
 
     /// Adds a watch of `target`; `None` once the hub is closed.
-    pub(crate) fn register(self: &Arc<Self>, target: Target) -> Option<Watcher> {
+    pub fn register(self: &Arc<Self>, target: Target) -> Option<Watcher> {
         let mut index = lock(&self.index);
         if index.closed {
             return None;
@@ -244,7 +244,7 @@ impl Hub {
     /// Ends every watch (each yields `closed` after its buffered events)
     /// and refuses new ones.
     #[allow(dead_code)] // a memory store never closes under its watches
-    pub(crate) fn close(&self) {
+    pub fn close(&self) {
         let mut index = lock(&self.index);
         index.closed = true;
         for (_, slot) in index.keys.values().chain(index.prefixes.values()).flatten() {
@@ -253,8 +253,7 @@ impl Hub {
     }
 
     /// How many watches are registered (for tests and diagnostics).
-    #[allow(dead_code)]
-    pub(crate) fn len(&self) -> usize {
+    pub fn watch_count(&self) -> usize {
         let index = lock(&self.index);
         index
             .keys
@@ -266,7 +265,7 @@ impl Hub {
 }
 
 /// A registered watch; dropping it removes the watch from the index.
-pub(crate) struct Watcher {
+pub struct Watcher {
     hub: Arc<Hub>,
     id: u64,
     slot: Arc<Slot>,
@@ -280,12 +279,17 @@ impl Drop for Watcher {
 }
 
 /// Where a new watch starts.
-pub(crate) enum Begin {
+pub enum Begin {
     /// Live events above this revision (registered before it was read).
     Now(Revision),
     /// The log after `after`, starting with `first` (already read, after the
     /// watch was registered), then live events.
-    Log { after: Revision, first: Vec<Group> },
+    Log {
+        /// The revision the watch starts after.
+        after: Revision,
+        /// The first chunk of the log after `after`.
+        first: Vec<Group>,
+    },
 }
 
 enum Mode {
@@ -311,7 +315,7 @@ struct Cursor {
 }
 
 /// The stream of a registered watch.
-pub(crate) fn stream(
+pub fn stream(
     w: Watcher,
     log: Arc<dyn EventLog>,
     from: Begin,

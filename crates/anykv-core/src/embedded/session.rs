@@ -1,5 +1,5 @@
-//! Sessions shared by the memory and redb drivers (anykv-redb includes this
-//! file with `#[path]`, like `hub.rs`).
+//! Sessions for drivers that keep their records in this process (memory,
+//! redb).
 //!
 //! A session is a record in the store (id, deadline) plus the ephemeral keys
 //! written under it, each remembered with the revision of that write. The
@@ -20,23 +20,23 @@ use std::{
     time::Duration,
 };
 
-use anykv_core::{
+use crate::{
     Bytes, Condition, Error, Key, LostNotifier, Result, Session, SessionBackend, Version,
     async_trait, lost_pair,
 };
 
 /// Shortest session TTL: shorter ones are raised to it (renewals run every
 /// third of the TTL, so this keeps them well apart from one another).
-pub(crate) const MIN_TTL: Duration = Duration::from_millis(500);
+pub const MIN_TTL: Duration = Duration::from_millis(500);
 
 /// The effective TTL of a requested one.
-pub(crate) fn effective_ttl(ttl: Duration) -> Duration {
+pub fn effective_ttl(ttl: Duration) -> Duration {
     ttl.max(MIN_TTL)
 }
 
 /// The driver's session records.
 #[async_trait]
-pub(crate) trait Ledger: Send + Sync + 'static {
+pub trait Ledger: Send + Sync + 'static {
     /// Pushes the session's deadline to now + `ttl` (`None`: only checks
     /// it). False once the session is gone (ended or expired).
     async fn renew(&self, id: u64, ttl: Option<Duration>) -> Result<bool>;
@@ -53,18 +53,19 @@ pub(crate) trait Ledger: Send + Sync + 'static {
 /// Per store: a test hook that stops every renewal, to let sessions expire
 /// as if their process had frozen.
 #[derive(Default)]
-pub(crate) struct Renewals {
+pub struct Renewals {
     paused: Arc<AtomicBool>,
 }
 
 impl Renewals {
-    pub(crate) fn pause(&self, paused: bool) {
+    /// Stops (`true`) or resumes (`false`) every renewal of the store.
+    pub fn pause(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
     }
 }
 
 /// The error of a put on a session that is gone.
-pub(crate) fn lost_error(backend: &'static str, key: &Key) -> Error {
+pub fn lost_error(backend: &'static str, key: &Key) -> Error {
     Error::LockLost {
         backend,
         key: key.to_string(),
@@ -105,7 +106,7 @@ impl<L: Ledger> SessionBackend for Backend<L> {
 /// A `Session` over the recorded session `id` (created by the driver with
 /// deadline now + `ttl`, the effective TTL), renewed every `ttl / 3` by a
 /// task of the current runtime.
-pub(crate) fn start<L: Ledger>(
+pub fn start<L: Ledger>(
     ledger: Arc<L>,
     backend: &'static str,
     id: u64,

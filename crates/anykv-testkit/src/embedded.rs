@@ -1,8 +1,10 @@
-//! Watch, snapshot and compact checks shared by the memory and redb driver
-//! tests (anykv-redb includes this file with `#[path]`). Each takes the bare
-//! driver and a way to count its registered watches.
+//! Watch, snapshot and compact checks for drivers built on
+//! `anykv_core::embedded` (memory, redb), beyond the conformance suite:
+//! they look inside the driver (how many watches its hub holds). Each takes
+//! the bare driver and a way to count its registered watches.
 
-#![allow(dead_code, clippy::unwrap_used)] // tests may unwrap
+// A failed unwrap here is a failed check, reported with its location.
+#![allow(clippy::unwrap_used)]
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -11,28 +13,18 @@ use std::{
 };
 
 use anykv_core::{
-    Bytes, Condition, ErrorKind, Event, Key, Op, Prefix, PutOptions, Revision, Start, Store,
-    Target, WatchStream,
+    Bytes, Condition, ErrorKind, Event, Op, Prefix, PutOptions, Revision, Start, Store, Target,
+    WatchStream,
 };
 use futures::{FutureExt, StreamExt};
 
 /// How many watches a store has registered.
 pub type Count = Arc<dyn Fn() -> usize + Send + Sync>;
 
-pub fn key(s: &str) -> Key {
-    Key::new(s).unwrap()
-}
+pub use crate::support::{key, prefix};
 
-pub fn prefix(s: &str) -> Prefix {
-    Prefix::new(s).unwrap()
-}
-
-pub async fn next(w: &mut WatchStream) -> Event {
-    tokio::time::timeout(Duration::from_secs(20), w.next())
-        .await
-        .expect("event in time")
-        .expect("stream open")
-        .expect("no error")
+async fn next(w: &mut WatchStream) -> Event {
+    crate::support::next_event("watch", w).await
 }
 
 async fn put(s: &Arc<dyn Store>, k: &str, v: impl Into<Bytes>) -> Revision {
