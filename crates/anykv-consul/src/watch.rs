@@ -3,21 +3,29 @@
 //! The [`Registry`] holds every open watch (*member*) and the *hubs* that
 //! serve them: one blocking loop each (`GET kv/<key>` or `GET
 //! kv/<prefix>?recurse` with `?index=&wait=`), at most `max_watch_conns`.
-//! [`plan`] decides the hubs' scopes from the members' targets (see its
-//! docs); each member is routed to the hub whose scope covers its target,
-//! and re-routed when the plan changes (a stream takes its place in the new
-//! hub's sequence at once, so nothing published meanwhile is lost).
+//! A new watch joins a running hub that covers its target; if none does, it
+//! gets a hub of its own while the bound allows; only beyond that does
+//! [`plan`] re-decide the hubs' scopes from all the members' targets (see
+//! its docs), and each member is re-routed to the hub whose scope covers
+//! its target (a stream registers at the new hub at once, so nothing
+//! published meanwhile is lost). So opening N watches costs O(1) each but
+//! for a few re-plans of O(N), and closing one costs O(1).
 //!
 //! A hub's query loop parks the next query as soon as an answer's body has
 //! arrived and hands the body to its publisher task, which decodes it
-//! (reusing the entries whose indexes did not change) and publishes a
-//! snapshot into a ring of [`FAN_OUT_BUFFER`] answers shared by the hub's
-//! streams (plus the latest one, for late joiners and for streams that fall
-//! out of the ring). Every stream diffs consecutive snapshots against its
-//! own view, restricted to its target, so N watchers under one scope cost
-//! one blocking query, and each stream still starts from its own
-//! consistent baseline read (taken before `watch` returns, so a write made
-//! after `watch` returns is never part of the baseline). A handle's own puts
+//! (reusing the entries whose indexes did not change), keeps it as the
+//! hub's latest answer (for late joiners and for streams that fall behind)
+//! and computes what changed since the previous one. Its [`Routes`] index
+//! the hub's streams by key and by directory, and push the change into the
+//! [`Slot`] of each stream whose target a changed key is in: a put wakes
+//! the streams it concerns, not all the hub's streams, and an answer that
+//! changes nothing (Consul answers a query on an absent key or an empty
+//! directory with the index of the whole KV table, so every KV write wakes
+//! it) wakes no stream at all. Every stream applies the changes to its own
+//! view, restricted to its target, so N watchers under one scope cost one
+//! blocking query, and each stream still starts from its own consistent
+//! baseline read (taken before `watch` returns, so a write made after
+//! `watch` returns is never part of the baseline). A handle's own puts
 //! are recorded, so that states a shared query skipped over can be replayed
 //! ([`intermediate`]).
 //!
@@ -57,10 +65,7 @@ use anykv_core::{
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
-use tokio::sync::{
-    broadcast::error::{RecvError, TryRecvError},
-    watch,
-};
+use tokio::sync::watch;
 
 use crate::{
     Inner,
@@ -179,23 +184,23 @@ impl Scope {
     }
 }
 
-/// How many answers a hub keeps for streams that have not read them yet.
-/// A stream further behind is dropped from the sequence and re-synced to
-/// the latest answer (Converge: it emits the differences).
+/// How many answers a stream's [`Slot`] keeps while its consumer does not
+/// read. A stream further behind drops them and re-syncs to the hub's
+/// latest answer when read again (Converge: it emits the differences).
 const FAN_OUT_BUFFER: usize = 1024;
 
-/// A hub's output: every answer in order (a ring of [`FAN_OUT_BUFFER`]
-/// shared by all its streams; sending never waits for a reader), and the
-/// latest one, for streams that join or fall behind.
+/// A hub's output: its latest answer (for streams that join, move or fall
+/// behind), and the [`Routes`] that hand each answer to the streams whose
+/// target it touches.
 #[derive(Clone)]
 struct Channel {
     latest: Arc<watch::Sender<Option<Arc<Snapshot>>>>,
-    all: tokio::sync::broadcast::Sender<Arc<Change>>,
+    routes: Arc<Mutex<Routes>>,
 }
 
-/// One answer as the ring carries it: what changed since the hub's
-/// previous answer, so that the ring costs the size of the changes, not
-/// of the scope.
+/// One answer as the slots carry it: what changed since the hub's
+/// previous answer, so that a queued answer costs the size of the
+/// changes, not of the scope.
 #[derive(Debug)]
 struct Change {
     index: u64,
@@ -226,11 +231,119 @@ fn delta(old: &BTreeMap<Key, KvPair>, new: &BTreeMap<Key, KvPair>) -> Vec<(Key, 
     out
 }
 
+/// One stream's mailbox at the hub serving it: the answers that touch its
+/// target, in order. The hub never waits for it: past [`FAN_OUT_BUFFER`]
+/// answers it drops them and marks the slot `lagged`.
+#[derive(Default)]
+struct Slot {
+    queue: Mutex<SlotQueue>,
+    /// Wakes the stream (a permit is kept if it is not waiting).
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct SlotQueue {
+    items: VecDeque<Arc<Change>>,
+    /// Answers were dropped: re-sync to the hub's latest one.
+    lagged: bool,
+}
+
+impl Slot {
+    fn push(&self, change: &Arc<Change>) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.items.back().is_some_and(|last| Arc::ptr_eq(last, change)) {
+            return; // already queued for another of its keys
+        }
+        if q.lagged {
+            // Already dropping: the re-sync covers this one too.
+        } else if q.items.len() >= FAN_OUT_BUFFER {
+            q.items = VecDeque::new();
+            q.lagged = true;
+        } else {
+            q.items.push_back(change.clone());
+        }
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    /// Everything queued, and whether answers were dropped before it.
+    fn take(&self) -> (VecDeque<Arc<Change>>, bool) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let lagged = std::mem::take(&mut q.lagged);
+        (std::mem::take(&mut q.items), lagged)
+    }
+}
+
+/// A hub's streams by target, so that an answer wakes only the streams
+/// whose target one of its changed keys is in: a key looked up, and each
+/// directory above it (a prefix watch reads `dir/…`). Answers that change
+/// nothing (a query on an absent key or an empty directory wakes on every
+/// KV write: Consul answers it with the index of the whole table) wake
+/// nobody. Answers that concern everyone (a first or reset state, a fault)
+/// go to every slot.
+#[derive(Default)]
+struct Routes {
+    keys: HashMap<String, Vec<Arc<Slot>>>,
+    dirs: HashMap<String, Vec<Arc<Slot>>>,
+}
+
+impl Routes {
+    fn table(&mut self, scope: &Scope) -> &mut HashMap<String, Vec<Arc<Slot>>> {
+        if scope.recurse {
+            &mut self.dirs
+        } else {
+            &mut self.keys
+        }
+    }
+
+    fn add(&mut self, scope: &Scope, slot: Arc<Slot>) {
+        self.table(scope)
+            .entry(scope.path.clone())
+            .or_default()
+            .push(slot);
+    }
+
+    fn remove(&mut self, scope: &Scope, slot: &Arc<Slot>) {
+        let table = self.table(scope);
+        if let Some(slots) = table.get_mut(&scope.path) {
+            slots.retain(|s| !Arc::ptr_eq(s, slot));
+            if slots.is_empty() {
+                table.remove(&scope.path);
+            }
+        }
+    }
+
+    fn deliver(&self, change: &Arc<Change>) {
+        if change.full.is_some() || change.fault.is_some() {
+            for slot in self.keys.values().chain(self.dirs.values()).flatten() {
+                slot.push(change);
+            }
+            return;
+        }
+        for (key, _) in &change.changes {
+            let key = key.as_str();
+            for slot in self.keys.get(key).into_iter().flatten() {
+                slot.push(change);
+            }
+            if self.dirs.is_empty() {
+                continue;
+            }
+            // Every directory above the key: "", "a/", "a/b/" for "a/b/c".
+            let dirs = std::iter::once(0).chain(key.match_indices('/').map(|(i, _)| i + 1));
+            for end in dirs {
+                for slot in self.dirs.get(&key[..end]).into_iter().flatten() {
+                    slot.push(change);
+                }
+            }
+        }
+    }
+}
+
 impl Channel {
     fn new() -> Channel {
         Channel {
             latest: Arc::new(watch::channel(None).0),
-            all: tokio::sync::broadcast::channel(FAN_OUT_BUFFER).0,
+            routes: Arc::default(),
         }
     }
 
@@ -243,7 +356,7 @@ impl Channel {
             }
             _ => (Vec::new(), Some(snapshot.entries.clone())),
         };
-        let change = Change {
+        let change = Arc::new(Change {
             index: snapshot.index,
             epoch: snapshot.epoch,
             changes,
@@ -251,10 +364,15 @@ impl Channel {
             fault: snapshot.fault.clone(),
             outages: snapshot.outages,
             last_fault: snapshot.last_fault.clone(),
-        };
+        });
+        // Latest first: a stream that registers in between gets this
+        // answer as its starting point (`Feed::at`), the slot the next.
         self.latest.send_replace(Some(Arc::new(snapshot)));
-        // No stream listening is fine: nobody to tell.
-        let _ = self.all.send(Arc::new(change));
+        self.routes().deliver(&change);
+    }
+
+    fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn current(&self) -> Option<Arc<Snapshot>> {
@@ -262,32 +380,33 @@ impl Channel {
     }
 }
 
-/// What a stream's route names: the channel of the hub serving it, and a
-/// place in its sequence taken when the planner moved the stream there
+/// What a stream's route names: the channel of the hub serving it, and
+/// the slot registered there for it when the planner moved the stream
 /// (so nothing the hub publishes before the stream looks is lost).
 #[derive(Clone)]
 struct Feed {
     channel: Channel,
-    seq: Arc<Mutex<Option<tokio::sync::broadcast::Receiver<Arc<Change>>>>>,
-    /// The hub's latest answer when the place was taken (taken first, so
-    /// this is at most as new as the first answer of the sequence).
+    slot: Arc<Slot>,
+    /// The hub's latest answer when the slot was registered (read after,
+    /// so the slot holds every answer newer than this one).
     at: Option<Arc<Snapshot>>,
 }
 
 impl Feed {
-    fn of(channel: &Channel) -> Feed {
-        let seq = channel.all.subscribe();
+    /// Registers a slot for a watch of `scope` at `channel`'s hub.
+    fn of(channel: &Channel, scope: &Scope) -> Feed {
+        let slot = Arc::new(Slot::default());
+        channel.routes().add(scope, slot.clone());
         Feed {
-            seq: Arc::new(Mutex::new(Some(seq))),
+            slot,
             at: channel.current(),
             channel: channel.clone(),
         }
     }
 
-    /// The place in the sequence (taken once; a fresh one after that).
-    fn take_seq(&self) -> tokio::sync::broadcast::Receiver<Arc<Change>> {
-        let taken = self.seq.lock().unwrap_or_else(|p| p.into_inner()).take();
-        taken.unwrap_or_else(|| self.channel.all.subscribe())
+    /// Unregisters the slot (the stream moved or ended).
+    fn leave(&self, scope: &Scope) {
+        self.channel.routes().remove(scope, &self.slot);
     }
 }
 
@@ -329,6 +448,8 @@ struct Member {
 struct Hub {
     tx: Channel,
     task: tokio::task::AbortHandle,
+    /// How many members it serves (it stops when none is left).
+    members: usize,
 }
 
 impl Drop for Registry {
@@ -389,22 +510,43 @@ impl Registry {
     }
 
     /// Registers a watch of `scope`: its id and the route to its hub.
+    ///
+    /// O(1) in the number of watches unless a re-plan is needed: a watch
+    /// that a running query covers joins it, one that none covers gets a
+    /// query of its own while the bound allows; only a watch that neither
+    /// can serve re-plans (O(watches)), and the plan's scopes then cover
+    /// most of those that follow, so N watches cost far fewer than N
+    /// re-plans.
     fn join(&self, inner: &Arc<Inner>, scope: Scope) -> (u64, watch::Receiver<Feed>) {
         let mut state = self.state();
         let id = state.next_id;
         state.next_id += 1;
-        // With every query in use, a watch that a running one covers joins
-        // it without a re-plan (which costs O(watches)).
-        if state.hubs.len() >= self.limit
-            && let Some((cover, hub)) = state.hubs.iter().find(|(c, _)| c.covers(&scope))
-        {
-            let (route, rx) = watch::channel(Feed::of(&hub.tx));
+        self.running
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some((cover, hub)) = state.hubs.iter_mut().find(|(c, _)| c.covers(&scope)) {
+            hub.members += 1;
+            let (route, rx) = watch::channel(Feed::of(&hub.tx, &scope));
             let hub = cover.clone();
             state.members.insert(id, Member { scope, hub, route });
             return (id, rx);
         }
+        if state.hubs.len() < self.limit
+            && let Some(hub) = self.start_hub(inner, &scope)
+        {
+            let (route, rx) = watch::channel(Feed::of(&hub.tx, &scope));
+            state.hubs.insert(scope.clone(), Hub { members: 1, ..hub });
+            state.members.insert(
+                id,
+                Member {
+                    hub: scope.clone(),
+                    scope,
+                    route,
+                },
+            );
+            return (id, rx);
+        }
         // A placeholder route, replaced by the plan right below.
-        let (route, rx) = watch::channel(Feed::of(&Channel::new()));
+        let (route, rx) = watch::channel(Feed::of(&Channel::new(), &scope));
         state.members.insert(
             id,
             Member {
@@ -423,12 +565,43 @@ impl Registry {
         let Some(gone) = state.members.remove(&id) else {
             return;
         };
-        // Re-plan when a query is no longer needed, or when few watches
-        // are left (they may get narrower queries); else the plan stays.
-        let orphaned = !state.members.values().any(|m| m.hub == gone.hub);
-        if orphaned || state.members.len() <= self.limit {
+        gone.route.borrow().leave(&gone.scope);
+        let orphaned = match state.hubs.get_mut(&gone.hub) {
+            Some(hub) => {
+                hub.members = hub.members.saturating_sub(1);
+                hub.members == 0
+            }
+            None => false,
+        };
+        if state.members.len() <= self.limit {
+            // Few watches left: each may get its own, narrower query.
             self.replan(&mut state, inner, None);
+        } else if orphaned && let Some(hub) = state.hubs.remove(&gone.hub) {
+            // Dropping the task drops its in-flight request: the
+            // connection closes and the query ends on the agent.
+            hub.task.abort();
         }
+    }
+
+    /// Starts the blocking loop of `scope` (none without a runtime: a
+    /// stream dropped outside one; the next join or leave inside one
+    /// re-plans).
+    fn start_hub(&self, inner: &Arc<Inner>, scope: &Scope) -> Option<Hub> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let tx = Channel::new();
+        let task = runtime
+            .spawn(run_hub(
+                Arc::downgrade(inner),
+                scope.clone(),
+                tx.clone(),
+                self.recent.clone(),
+            ))
+            .abort_handle();
+        Some(Hub {
+            tx,
+            task,
+            members: 0,
+        })
     }
 
     /// Brings the hubs in line with the plan for the current watches:
@@ -437,33 +610,28 @@ impl Registry {
     fn replan(&self, state: &mut State, inner: &Arc<Inner>, fresh: Option<u64>) {
         let plan = plan(state.members.values().map(|m| &m.scope), self.limit);
         for scope in &plan {
-            if !state.hubs.contains_key(scope) {
-                let tx = Channel::new();
-                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                    // No runtime (a stream dropped outside one): no hub to
-                    // start; the next join or leave inside one re-plans.
-                    continue;
-                };
-                let task = runtime
-                    .spawn(run_hub(
-                        Arc::downgrade(inner),
-                        scope.clone(),
-                        tx.clone(),
-                        self.recent.clone(),
-                    ))
-                    .abort_handle();
-                state.hubs.insert(scope.clone(), Hub { tx, task });
+            if !state.hubs.contains_key(scope)
+                && let Some(hub) = self.start_hub(inner, scope)
+            {
+                state.hubs.insert(scope.clone(), hub);
             }
         }
-        for (id, m) in state.members.iter_mut() {
+        for hub in state.hubs.values_mut() {
+            hub.members = 0;
+        }
+        let State { members, hubs, .. } = state;
+        for (id, m) in members.iter_mut() {
             let Some(cover) = plan.iter().find(|c| c.covers(&m.scope)) else {
                 continue;
             };
-            if (*cover != m.hub || fresh == Some(*id))
-                && let Some(hub) = state.hubs.get(cover)
-            {
+            let Some(hub) = hubs.get_mut(cover) else {
+                continue;
+            };
+            hub.members += 1;
+            if *cover != m.hub || fresh == Some(*id) {
                 m.hub = cover.clone();
-                m.route.send_replace(Feed::of(&hub.tx));
+                m.route.borrow().leave(&m.scope);
+                m.route.send_replace(Feed::of(&hub.tx, &m.scope));
             }
         }
         self.running.store(
@@ -994,7 +1162,7 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
         id,
     };
     let route_now = route.borrow_and_update().clone();
-    let seq = route_now.take_seq();
+    let slot = route_now.slot;
     let feed = route_now.channel;
     let (epoch, outages) = feed.current().map_or((0, 0), |s| (s.epoch, s.outages));
     let (kvs, index) = inner
@@ -1024,7 +1192,7 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
         _member: member,
         route,
         feed,
-        seq,
+        slot,
         closed,
         view: View {
             target,
@@ -1134,22 +1302,24 @@ impl Drop for Membership {
 
 /// One watch stream's state.
 ///
-/// Fan-out: a hub publishes its latest answer in a `watch` channel, which
-/// holds one value and never waits for readers. Each stream diffs the
-/// answer it picks up against its own view, restricted to its target
-/// (a lookup for a key, a range for a prefix), so an answer that changes
-/// nothing for it costs no request and no event. A stream that is not read
-/// holds at most its view, one answer and the events of one diff: the hub
-/// never blocks on it, and when it is read again it skips the answers it
-/// missed and emits the differences to the latest (Converge).
+/// Fan-out: the hub serving the stream pushes into the stream's [`Slot`]
+/// only the answers that change a key of its target (or concern every
+/// stream: a first or reset state, a fault), so an answer costs the
+/// streams it does not touch nothing, not even a wake-up. The stream
+/// applies each answer's changes to its own view, restricted to its
+/// target. A stream that is not read holds at most its view and
+/// [`FAN_OUT_BUFFER`] queued answers (shared with the other streams they
+/// were routed to): the hub never waits for it, and past that bound the
+/// slot drops them; when read again the stream re-syncs to the hub's
+/// latest answer and emits the differences (Converge).
 struct Stream {
     _member: Membership,
     /// The feed of the hub serving this stream, replaced when the planner
     /// moves the stream to another hub.
     route: watch::Receiver<Feed>,
     feed: Channel,
-    /// This stream's place in the hub's sequence of answers.
-    seq: tokio::sync::broadcast::Receiver<Arc<Change>>,
+    /// This stream's mailbox at that hub.
+    slot: Arc<Slot>,
     closed: watch::Receiver<u64>,
     view: View,
     /// Outages of the hub this stream has reported (or that predate it).
@@ -1167,7 +1337,11 @@ impl Stream {
             if self.done {
                 return None;
             }
-            let snapshot = tokio::select! {
+            if self.receive() {
+                continue;
+            }
+            let slot = self.slot.clone();
+            tokio::select! {
                 biased;
                 _ = self.closed.changed() => {
                     self.done = true;
@@ -1181,34 +1355,33 @@ impl Stream {
                         self.done = true;
                         return Some(Err(ended()));
                     }
-                    self.drain();
+                    self.receive();
                     self.switch();
-                    continue;
                 }
-                received = self.seq.recv() => match received {
-                    Ok(c) => {
-                        self.apply_change(&c);
-                        continue;
-                    }
-                    // Fell more than the buffer behind (not read for a
-                    // while): re-sync to the latest answer; the diff emits
-                    // what changed meanwhile.
-                    Err(RecvError::Lagged(missed)) => {
-                        tracing::debug!(missed, "consul watch: a slow stream skips to the latest answer");
-                        self.feed.current()
-                    }
-                    // Every sender gone: cannot happen while this stream
-                    // holds its feed, but never spin on it.
-                    Err(RecvError::Closed) => {
-                        self.done = true;
-                        return Some(Err(ended()));
-                    }
-                },
-            };
-            if let Some(s) = snapshot {
-                self.apply(&s);
+                _ = slot.ready.notified() => {}
             }
         }
+    }
+
+    /// Applies what the slot holds; whether there was anything.
+    fn receive(&mut self) -> bool {
+        let (items, lagged) = self.slot.take();
+        if lagged {
+            // Fell more than the buffer behind (not read for a while):
+            // re-sync to the latest answer (newer than anything queued,
+            // which the hub published before it); the diff emits what
+            // changed meanwhile.
+            tracing::debug!("consul watch: a slow stream skips to the latest answer");
+            if let Some(s) = self.feed.current() {
+                self.apply(&s);
+            }
+            return true;
+        }
+        let any = !items.is_empty();
+        for c in items {
+            self.apply_change(&c);
+        }
+        any
     }
 
     /// Moves to the hub the route names now. The view stays: indexes of
@@ -1218,7 +1391,7 @@ impl Stream {
     /// the epoch (a hub's own count of resets) is the new hub's.
     fn switch(&mut self) {
         let route = self.route.borrow_and_update().clone();
-        self.seq = route.take_seq();
+        self.slot = route.slot;
         self.feed = route.channel;
         let (epoch, outages) = route.at.as_ref().map_or((0, 0), |s| (s.epoch, s.outages));
         self.view.epoch = epoch;
@@ -1229,23 +1402,7 @@ impl Stream {
         }
     }
 
-    /// Applies what the hub this stream leaves published before it stopped
-    /// (the new hub's answers start at its first, full read).
-    fn drain(&mut self) {
-        loop {
-            match self.seq.try_recv() {
-                Ok(c) => self.apply_change(&c),
-                Err(TryRecvError::Lagged(_)) => {
-                    if let Some(s) = self.feed.current() {
-                        self.apply(&s);
-                    }
-                }
-                Err(_) => return,
-            }
-        }
-    }
-
-    /// Applies one answer of the ring: its changes, or its whole state.
+    /// Applies one answer of the slot: its changes, or its whole state.
     fn apply_change(&mut self, c: &Change) {
         if c.outages > self.outages {
             // One error per outage seen, even if it is already over.
