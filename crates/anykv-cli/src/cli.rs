@@ -391,6 +391,13 @@ pub struct LockArgs {
     /// Holder name shown to others (default: anykv pid N)
     #[arg(long, value_name = "NAME")]
     pub owner: Option<String>,
+    #[command(flatten)]
+    pub child: ChildArgs,
+}
+
+/// The command `lock`, `elect` and `register` run, after `--`.
+#[derive(Debug, Args)]
+pub struct ChildArgs {
     /// The command and its arguments, after `--`
     #[arg(
         last = true,
@@ -416,15 +423,8 @@ pub struct ElectArgs {
     /// Give up (exit 5) if not leading within this long (default: wait forever)
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub wait: Option<Duration>,
-    /// The command and its arguments, after `--`
-    #[arg(
-        last = true,
-        required = true,
-        num_args = 1..,
-        value_name = "COMMAND",
-        value_parser = clap::value_parser!(OsString)
-    )]
-    pub command: Vec<OsString>,
+    #[command(flatten)]
+    pub child: ChildArgs,
 }
 
 /// `anykv leader`
@@ -453,15 +453,8 @@ pub struct RegisterArgs {
     /// Fail with exit 3 if the key exists
     #[arg(long)]
     pub if_absent: bool,
-    /// The command and its arguments, after `--`
-    #[arg(
-        last = true,
-        required = true,
-        num_args = 1..,
-        value_name = "COMMAND",
-        value_parser = clap::value_parser!(OsString)
-    )]
-    pub command: Vec<OsString>,
+    #[command(flatten)]
+    pub child: ChildArgs,
 }
 
 /// `anykv completions`

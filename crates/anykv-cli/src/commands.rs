@@ -233,7 +233,7 @@ pub fn plan(command: Command) -> Result<Plan, Failure> {
                 ),
                 ttl: a.ttl,
                 wait: a.wait,
-                command: CommandLine::new(a.command),
+                command: CommandLine::new(a.child.command),
             })
         }
         Command::Leader(a) => Plan::Leader {
@@ -248,7 +248,7 @@ pub fn plan(command: Command) -> Result<Plan, Failure> {
                 value: Bytes::from(a.value),
                 ttl: a.ttl,
                 if_absent: a.if_absent,
-                command: CommandLine::new(a.command),
+                command: CommandLine::new(a.child.command),
             })
         }
         Command::Completions(a) => Plan::Completions(a.shell),

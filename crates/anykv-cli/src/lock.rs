@@ -43,7 +43,7 @@ impl LockPlan {
             owner: a
                 .owner
                 .unwrap_or_else(|| format!("anykv pid {}", std::process::id())),
-            command: CommandLine::new(a.command),
+            command: CommandLine::new(a.child.command),
         }
     }
 }
