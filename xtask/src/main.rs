@@ -414,7 +414,13 @@ fn bench_scale(ctx: &Ctx, which: &str, backends: &[String], args: &[String]) -> 
     }
     if wanted("consul") {
         println!("xtask: starting consul");
-        let consul = servers::consul::start(ctx).context("starting consul")?;
+        // Consul's default limits (200 HTTP connections per client
+        // address), and no ACL agent: what an application meets.
+        let consul = servers::consul::Agents::new()
+            .default_limits()
+            .without_acl()
+            .start(ctx)
+            .context("starting consul")?;
         for (k, v) in consul.env.iter().filter(|(k, _)| k == "ANYKV_TEST_CONSUL") {
             cmd.env(k, v);
         }
@@ -423,8 +429,9 @@ fn bench_scale(ctx: &Ctx, which: &str, backends: &[String], args: &[String]) -> 
         }
         cmd.env(
             "ANYKV_BENCH_CONSUL_NOTE",
-            "Consul dev agent (-dev) as anykv-servers starts it; non-default: \
-             limits.http_max_conns_per_client = 4096 (default 200); a second (ACL) agent idles alongside",
+            "Consul 1.8.7 dev agent (-dev, data in memory) as anykv-servers starts it with \
+             default limits (http_max_conns_per_client = 200 per client address); only DNS and \
+             gRPC ports off",
         );
         started.push(consul);
     }

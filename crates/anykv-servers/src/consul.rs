@@ -10,6 +10,12 @@
 //!
 //! `ANYKV_CONSUL_BIN` points at the same binary, for the `consul kv` interop
 //! test. DNS and gRPC are off; `-dev` keeps all data in memory.
+//!
+//! Both raise `limits.http_max_conns_per_client` from Consul's default of
+//! 200 to 4096, because every test process connects from 127.0.0.1.
+//! [`Agents`] starts them otherwise: with Consul's default limits (as the
+//! watch bench wants: what an application meets on a default agent), and
+//! without the ACL agent.
 
 use std::{
     collections::hash_map::RandomState,
@@ -35,27 +41,76 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts both agents and exports their URLs, the ACL token and the binary.
 pub fn start(ctx: &Ctx) -> Result<Started> {
+    Agents::new().start(ctx)
+}
+
+/// Which `-dev` agents to start, and how: [`start`] is `Agents::new()`.
+#[derive(Clone, Debug)]
+pub struct Agents {
+    default_limits: bool,
+    acl: bool,
+}
+
+impl Default for Agents {
+    fn default() -> Agents {
+        Agents::new()
+    }
+}
+
+impl Agents {
+    /// The plain agent and the ACL agent, with
+    /// `limits.http_max_conns_per_client = 4096`.
+    pub fn new() -> Agents {
+        Agents {
+            default_limits: false,
+            acl: true,
+        }
+    }
+
+    /// Keep Consul's default limits (`http_max_conns_per_client = 200` per
+    /// client address): nothing under `limits` is configured.
+    pub fn default_limits(mut self) -> Agents {
+        self.default_limits = true;
+        self
+    }
+
+    /// Only the plain agent (`ANYKV_TEST_CONSUL` and `ANYKV_CONSUL_BIN`).
+    pub fn without_acl(mut self) -> Agents {
+        self.acl = false;
+        self
+    }
+
+    /// Starts the agents and exports their URLs (and the ACL token and the
+    /// binary); the plain agent is the first process.
+    pub fn start(&self, ctx: &Ctx) -> Result<Started> {
+        start_agents(ctx, self)
+    }
+}
+
+fn start_agents(ctx: &Ctx, opts: &Agents) -> Result<Started> {
     let bin = binary(ctx)?;
 
     let mut started = Started::default();
 
-    let plain = spawn_agent(ctx, &bin, "consul", None)?;
+    let plain = spawn_agent(ctx, &bin, "consul", None, opts.default_limits)?;
     started.env.push((
         "ANYKV_TEST_CONSUL".into(),
         format!("consul://127.0.0.1:{}", plain.http_port),
     ));
     started.procs.push(plain.proc);
 
-    let token = uuid_like();
-    let acl = spawn_agent(ctx, &bin, "consul-acl", Some(&token))?;
-    started.env.push((
-        "ANYKV_TEST_CONSUL_ACL".into(),
-        format!("consul://127.0.0.1:{}", acl.http_port),
-    ));
-    started
-        .env
-        .push(("ANYKV_TEST_CONSUL_ACL_TOKEN".into(), token));
-    started.procs.push(acl.proc);
+    if opts.acl {
+        let token = uuid_like();
+        let acl = spawn_agent(ctx, &bin, "consul-acl", Some(&token), opts.default_limits)?;
+        started.env.push((
+            "ANYKV_TEST_CONSUL_ACL".into(),
+            format!("consul://127.0.0.1:{}", acl.http_port),
+        ));
+        started
+            .env
+            .push(("ANYKV_TEST_CONSUL_ACL_TOKEN".into(), token));
+        started.procs.push(acl.proc);
+    }
 
     started
         .env
@@ -204,8 +259,15 @@ struct Agent {
 }
 
 /// Starts one `-dev` agent; with `acl_token`, ACLs are on (default deny) and
-/// the token is the management ("master") token.
-fn spawn_agent(ctx: &Ctx, bin: &Path, name: &str, acl_token: Option<&str>) -> Result<Agent> {
+/// the token is the management ("master") token; with `default_limits`,
+/// `limits` keeps Consul's defaults.
+fn spawn_agent(
+    ctx: &Ctx,
+    bin: &Path,
+    name: &str,
+    acl_token: Option<&str>,
+    default_limits: bool,
+) -> Result<Agent> {
     let dir = ctx.tempdir(name)?;
     let http_port = free_port()?;
     let serf_lan = free_port()?;
@@ -227,12 +289,14 @@ fn spawn_agent(ctx: &Ctx, bin: &Path, name: &str, acl_token: Option<&str>) -> Re
     .args(["-serf-lan-port", &serf_lan.to_string()])
     .args(["-serf-wan-port", &serf_wan.to_string()])
     .args(["-server-port", &server.to_string()])
-    // Every test process and the bench connect from 127.0.0.1; Consul's
-    // default of 200 HTTP connections per client IP would reset some of
-    // them (the bench alone keeps three pools of 64).
-    .args(["-hcl", "limits { http_max_conns_per_client = 4096 }"])
     .env("HOME", &dir)
     .current_dir(&dir);
+    if !default_limits {
+        // Every test process connects from 127.0.0.1; Consul's default of
+        // 200 HTTP connections per client IP would reset some of them when
+        // several test binaries run at once.
+        cmd.args(["-hcl", "limits { http_max_conns_per_client = 4096 }"]);
+    }
     if let Some(token) = acl_token {
         let config = write_acl_config(&dir, token)?;
         cmd.arg("-config-file").arg(config);
