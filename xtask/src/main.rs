@@ -6,6 +6,8 @@
 //! - `cargo xtask bench watch [BACKEND…] [-- OPTIONS]`: how watches scale
 //!   (`anykv-bench`: 100 / 1,000 / 10,000 watches on one handle, delivery,
 //!   delay, memory, sockets, idle CPU, against the raw clients).
+//! - `cargo xtask bench layers [memory|redb] [-- OPTIONS]`: what each layer
+//!   costs per operation (`anykv-bench layers`: ns, CPU ns, allocations).
 //! - `cargo xtask servers`: start the servers and print their env, for development.
 //! - `cargo xtask chaos [BACKEND…]`: the fault suite (`anykv-chaos`): servers
 //!   killed, frozen, restarted and partitioned under checked workloads.
@@ -45,7 +47,8 @@ enum Cmd {
     /// Lints only: fmt check, clippy -D warnings, cargo-deny.
     Lint,
     /// Benchmarks anykv against the raw client crates; `bench watch
-    /// [BACKEND…]`: the watch-scale bench (anykv-bench).
+    /// [BACKEND…]`: the watch-scale bench (anykv-bench); `bench layers`: the
+    /// cost of each layer per operation.
     Bench {
         /// Backends to bench (default: all): redb, etcd, zookeeper, consul;
         /// or `watch` followed by backends (memory, redb, etcd, zookeeper, consul).
@@ -123,7 +126,10 @@ fn real_main() -> Result<()> {
             Some((first, rest)) if first == "watch" || first == "mirror" => {
                 bench_scale(&ctx, first, rest, &args)
             }
-            _ if !args.is_empty() => bail!("options after `--` are for `bench watch|mirror` only"),
+            Some((first, rest)) if first == "layers" => bench_layers(rest, &args),
+            _ if !args.is_empty() => {
+                bail!("options after `--` are for `bench watch|mirror|layers` only")
+            }
             _ => bench(&ctx, &backends),
         },
         Cmd::Servers { names } => {
@@ -359,6 +365,28 @@ fn bench(ctx: &Ctx, backends: &[String]) -> Result<()> {
 /// figures) and a note of their non-default settings. `ANYKV_BENCH_BIN`
 /// runs a prebuilt `anykv-bench` instead (e.g. one built from an older
 /// commit, to compare drivers on the same kind of servers).
+/// `bench layers`: what each layer costs per operation, on memory and redb
+/// (no server to start).
+fn bench_layers(backends: &[String], args: &[String]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "anykv-bench",
+        "--",
+        "layers",
+    ])
+    .args(backends)
+    .args(args);
+    let status = cmd.status().context("running anykv-bench layers")?;
+    if !status.success() {
+        bail!("anykv-bench layers failed ({status})");
+    }
+    Ok(())
+}
+
 fn bench_scale(ctx: &Ctx, which: &str, backends: &[String], args: &[String]) -> Result<()> {
     use std::time::Duration;
     let wanted = |b: &str| backends.is_empty() || backends.iter().any(|x| x == b);

@@ -85,6 +85,7 @@
 //! issue's targets on the anykv rows at the largest N each backend ran.
 
 mod case;
+mod layers;
 mod measure;
 mod mirror;
 mod report;
@@ -137,6 +138,8 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         keys: usize,
     },
+    /// What each layer of a `Kv` costs per operation (see `layers.rs`).
+    Layers(layers::LayersArgs),
     /// One mirror case (internal: a child process per backend).
     #[command(hide = true)]
     MirrorCase {
@@ -196,9 +199,17 @@ struct WatchArgs {
 }
 
 /// Counts live heap bytes, for figures the machine's noise does not move
-/// (the mirror bench's bytes per key).
+/// (the mirror bench's bytes per key), over a wrapper that counts
+/// allocations and bytes allocated (the layers bench's allocs/op).
 #[global_allocator]
-static ALLOC: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+static ALLOC: cap::Cap<&stats_alloc::StatsAlloc<std::alloc::System>> =
+    cap::Cap::new(&stats_alloc::INSTRUMENTED_SYSTEM, usize::MAX);
+
+/// Allocations and bytes allocated so far, process-wide.
+fn alloc_stats() -> (usize, usize) {
+    let s = stats_alloc::INSTRUMENTED_SYSTEM.stats();
+    (s.allocations + s.reallocations, s.bytes_allocated)
+}
 
 /// Heap bytes allocated and not yet freed, process-wide.
 fn heap_bytes() -> usize {
@@ -212,6 +223,7 @@ fn main() -> ExitCode {
         Cmd::Case { spec } => child(&spec),
         Cmd::Mirror { backends, keys } => mirror_bench(backends, keys),
         Cmd::MirrorCase { backend, url, keys } => mirror::case(&backend, &url, keys),
+        Cmd::Layers(args) => layers::run(args),
     };
     match out {
         Ok(()) => ExitCode::SUCCESS,
