@@ -126,8 +126,11 @@
 //!   emitted when a state at least as new as the last one shows the key
 //!   gone, and a put only when a key's `ModifyIndex` differs from the one
 //!   the stream last delivered: across a `kill -9` + restart no event is
-//!   invented, duplicated or reordered. Each stream starts from its own
-//!   `consistent` read of its target, taken before `watch` returns. Consul
+//!   invented, duplicated or reordered. Each stream starts from a
+//!   `consistent` read of its target that began after `watch` was called
+//!   and ended before it returns; watches opened at once under one query
+//!   share such reads (one in flight per query's scope; those that ask
+//!   meanwhile share the next, which reads the whole scope). Consul
 //!   keeps no event history, so
 //!   `watch_history` is [`Converge`](WatchHistory::Converge):
 //!   `Start::After(r)` first emits the keys in range whose

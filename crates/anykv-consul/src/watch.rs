@@ -23,9 +23,12 @@
 //! directory with the index of the whole KV table, so every KV write wakes
 //! it) wakes no stream at all. Every stream applies the changes to its own
 //! view, restricted to its target, so N watchers under one scope cost one
-//! blocking query, and each stream still starts from its own consistent
-//! baseline read (taken before `watch` returns, so a write made after
-//! `watch` returns is never part of the baseline). A handle's own puts
+//! blocking query. Each stream starts from a consistent baseline read
+//! that began after its `watch` was called and ended before it returns
+//! (so a write acknowledged before the call is in it, one made after
+//! `watch` returns is not); watches opening at once under one hub share
+//! such reads ([`Registry::baseline`]: one read in flight per hub, the
+//! watches that ask meanwhile share the next). A handle's own puts
 //! are recorded, so that states a shared query skipped over can be replayed
 //! ([`intermediate`]).
 //!
@@ -70,7 +73,7 @@ use tokio::sync::watch;
 use crate::{
     Inner,
     error::{self, BACKEND},
-    kv::{ReadMode, blocking_deadline, entry},
+    kv::{ReadMode, blocking_deadline},
 };
 
 /// How long one blocking query waits on the agent (Consul adds up to 1/16
@@ -423,6 +426,8 @@ pub(crate) struct Registry {
     limit: usize,
     /// Bumped by `close()`: streams opened before end with `Cancelled`.
     closed: watch::Sender<u64>,
+    /// Baseline reads shared by the watches that open at once.
+    baselines: Arc<Mutex<HashMap<Scope, Baselines>>>,
 }
 
 #[derive(Default)]
@@ -476,6 +481,7 @@ impl Registry {
             running: std::sync::atomic::AtomicBool::new(false),
             limit: limit.max(1),
             closed: watch::channel(0).0,
+            baselines: Arc::default(),
         }
     }
 
@@ -517,7 +523,10 @@ impl Registry {
     /// can serve re-plans (O(watches)), and the plan's scopes then cover
     /// most of those that follow, so N watches cost far fewer than N
     /// re-plans.
-    fn join(&self, inner: &Arc<Inner>, scope: Scope) -> (u64, watch::Receiver<Feed>) {
+    ///
+    /// Returns the watch's id, its route, and the scope of the hub serving
+    /// it now (its baseline is read with that hub's other new watches).
+    fn join(&self, inner: &Arc<Inner>, scope: Scope) -> (u64, watch::Receiver<Feed>, Scope) {
         let mut state = self.state();
         let id = state.next_id;
         state.next_id += 1;
@@ -527,8 +536,15 @@ impl Registry {
             hub.members += 1;
             let (route, rx) = watch::channel(Feed::of(&hub.tx, &scope));
             let hub = cover.clone();
-            state.members.insert(id, Member { scope, hub, route });
-            return (id, rx);
+            state.members.insert(
+                id,
+                Member {
+                    scope,
+                    hub: hub.clone(),
+                    route,
+                },
+            );
+            return (id, rx, hub);
         }
         if state.hubs.len() < self.limit
             && let Some(hub) = self.start_hub(inner, &scope)
@@ -539,11 +555,11 @@ impl Registry {
                 id,
                 Member {
                     hub: scope.clone(),
-                    scope,
+                    scope: scope.clone(),
                     route,
                 },
             );
-            return (id, rx);
+            return (id, rx, scope);
         }
         // A placeholder route, replaced by the plan right below.
         let (route, rx) = watch::channel(Feed::of(&Channel::new(), &scope));
@@ -551,12 +567,13 @@ impl Registry {
             id,
             Member {
                 scope: scope.clone(),
-                hub: scope,
+                hub: scope.clone(),
                 route,
             },
         );
         self.replan(&mut state, inner, Some(id));
-        (id, rx)
+        let hub = state.members.get(&id).map_or(scope, |m| m.hub.clone());
+        (id, rx, hub)
     }
 
     /// Unregisters a watch; a hub nobody needs any more stops at once.
@@ -1150,13 +1167,126 @@ fn publish_fault(tx: &Channel, fault: Fault, outages: u64) {
     });
 }
 
+/// A baseline read's outcome, shared by the watches of its batch.
+type BaseRead = std::result::Result<(Entries, u64), Fault>;
+
+/// The baseline reads of the watches served by one hub: the batch that
+/// new watches join, and whether a read runs.
+#[derive(Default)]
+struct Baselines {
+    open: Option<Batch>,
+    busy: bool,
+}
+
+/// Watches waiting for the same baseline read.
+struct Batch {
+    /// The first watch's own scope: a batch of one reads only that.
+    own: Scope,
+    count: usize,
+    done: watch::Sender<Option<Arc<BaseRead>>>,
+}
+
+impl Registry {
+    /// A `consistent` read of `own` (the watch's target) that started after
+    /// this call, shared with the other watches of hub `hub` that ask
+    /// meanwhile: at most one read per hub runs; the watches that ask
+    /// while it runs share the next one, which reads the hub's whole scope
+    /// (one alone reads its own target). So opening many watches at once
+    /// costs a few reads per hub rather than one each, and every baseline
+    /// is still read after its `watch` was called.
+    async fn baseline(
+        &self,
+        inner: &Arc<Inner>,
+        hub: Scope,
+        own: &Scope,
+    ) -> Result<(Entries, u64)> {
+        let mut done = {
+            let mut all = self.baselines.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = all.entry(hub.clone()).or_default();
+            let rx = match &mut slot.open {
+                Some(batch) => {
+                    batch.count += 1;
+                    batch.done.subscribe()
+                }
+                None => {
+                    let (done, rx) = watch::channel(None);
+                    slot.open = Some(Batch {
+                        own: own.clone(),
+                        count: 1,
+                        done,
+                    });
+                    rx
+                }
+            };
+            if !slot.busy {
+                slot.busy = true;
+                // A task of its own: a caller that gives up on its `watch`
+                // must not leave the others of its batch waiting.
+                tokio::spawn(read_baselines(inner.clone(), self.baselines.clone(), hub));
+            }
+            rx
+        };
+        let read = match done.wait_for(Option::is_some).await {
+            Ok(read) => read.clone(),
+            Err(_) => None,
+        };
+        match read.as_deref() {
+            Some(Ok(read)) => Ok(read.clone()),
+            Some(Err(fault)) => Err(match fault.kind {
+                // The read's own deadline passed.
+                ErrorKind::Timeout => Error::Timeout {
+                    backend: BACKEND,
+                    operation: "watch",
+                    after: inner.http.settings().timeout,
+                },
+                _ => fault.to_error(),
+            }),
+            None => Err(ended()),
+        }
+    }
+}
+
+/// Runs the baseline reads of hub `hub`, one batch after the other, until
+/// no watch waits.
+async fn read_baselines(
+    inner: Arc<Inner>,
+    baselines: Arc<Mutex<HashMap<Scope, Baselines>>>,
+    hub: Scope,
+) {
+    loop {
+        let batch = {
+            let mut all = baselines.lock().unwrap_or_else(|p| p.into_inner());
+            match all.get_mut(&hub).and_then(|s| s.open.take()) {
+                Some(batch) => batch,
+                None => {
+                    all.remove(&hub);
+                    return;
+                }
+            }
+        };
+        // From here on new watches join the next batch: this read starts
+        // after every watch of this one asked.
+        let scope = if batch.count == 1 { &batch.own } else { &hub };
+        let read = match inner
+            .read_body(&scope.path, scope.recurse, ReadMode::CONSISTENT)
+            .await
+        {
+            Ok((body, index)) => decode(body.as_deref(), &BTreeMap::new())
+                .map(|entries| (Arc::new(entries), index))
+                .map_err(|e| Fault::from_error(&e)),
+            Err(e) => Err(Fault::from_error(&e)),
+        };
+        batch.done.send_replace(Some(Arc::new(read)));
+    }
+}
+
 /// Opens a watch stream: a consistent baseline read, then the hub's snapshots.
 pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> Result<WatchStream> {
     let scope = Scope::of(&target);
     let closed = inner.watches.closed.subscribe();
     // Subscribe first, read second: a snapshot published in between is
     // either older than the baseline (skipped) or newer (diffed).
-    let (id, mut route) = inner.watches.join(inner, scope.clone());
+    let (id, mut route, hub) = inner.watches.join(inner, scope.clone());
     let member = Membership {
         inner: Arc::downgrade(inner),
         id,
@@ -1165,17 +1295,11 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
     let slot = route_now.slot;
     let feed = route_now.channel;
     let (epoch, outages) = feed.current().map_or((0, 0), |s| (s.epoch, s.outages));
-    let (kvs, index) = inner
-        .read_raw(&scope.path, scope.recurse, ReadMode::CONSISTENT)
-        .await?;
-    let mut view = BTreeMap::new();
-    for kv in kvs {
-        if let Some(e) = entry(kv)?
-            && target.matches(&e.pair.key)
-        {
-            view.insert(e.pair.key.clone(), e.pair);
-        }
-    }
+    let (entries, index) = inner.watches.baseline(inner, hub, &scope).await?;
+    let view: ViewMap = in_target(&entries, &target)
+        .map(|(k, p)| (k.clone(), p.clone()))
+        .collect();
+    drop(entries);
     let mut pending = VecDeque::new();
     if let Start::After(rev) = start {
         // No history in Consul: replay the current keys changed after `rev`.
@@ -1211,12 +1335,93 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
     .boxed())
 }
 
+/// The entries a stream has delivered, in key order: a sorted vector while
+/// there are few (a key watch holds at most one, and a `BTreeMap` node
+/// costs about 1 KiB however few entries it holds), a map beyond.
+#[derive(Debug)]
+enum ViewMap {
+    Few(Vec<KvPair>),
+    Many(BTreeMap<Key, KvPair>),
+}
+
+/// Most entries a [`ViewMap`] keeps in a vector.
+const FEW: usize = 8;
+
+impl FromIterator<(Key, KvPair)> for ViewMap {
+    fn from_iter<I: IntoIterator<Item = (Key, KvPair)>>(iter: I) -> ViewMap {
+        let mut few = Vec::new();
+        let mut iter = iter.into_iter();
+        for (_, p) in iter.by_ref() {
+            few.push(p);
+            if few.len() > FEW {
+                break;
+            }
+        }
+        if few.len() <= FEW {
+            few.sort_by(|a, b| a.key.cmp(&b.key));
+            few.dedup_by(|a, b| a.key == b.key);
+            few.shrink_to_fit();
+            return ViewMap::Few(few);
+        }
+        ViewMap::Many(
+            few.into_iter()
+                .map(|p| (p.key.clone(), p))
+                .chain(iter)
+                .collect(),
+        )
+    }
+}
+
+impl ViewMap {
+    fn get(&self, key: &Key) -> Option<&KvPair> {
+        match self {
+            ViewMap::Few(v) => v.binary_search_by(|p| p.key.cmp(key)).ok().map(|i| &v[i]),
+            ViewMap::Many(m) => m.get(key),
+        }
+    }
+
+    fn insert(&mut self, pair: KvPair) {
+        match self {
+            ViewMap::Few(v) => match v.binary_search_by(|p| p.key.cmp(&pair.key)) {
+                Ok(i) => v[i] = pair,
+                Err(_) if v.len() >= FEW => {
+                    let mut m: BTreeMap<Key, KvPair> =
+                        v.drain(..).map(|p| (p.key.clone(), p)).collect();
+                    m.insert(pair.key.clone(), pair);
+                    *self = ViewMap::Many(m);
+                }
+                Err(i) => v.insert(i, pair),
+            },
+            ViewMap::Many(m) => {
+                m.insert(pair.key.clone(), pair);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<KvPair> {
+        match self {
+            ViewMap::Few(v) => v
+                .binary_search_by(|p| p.key.cmp(key))
+                .ok()
+                .map(|i| v.remove(i)),
+            ViewMap::Many(m) => m.remove(key),
+        }
+    }
+
+    fn values(&self) -> Box<dyn Iterator<Item = &KvPair> + '_> {
+        match self {
+            ViewMap::Few(v) => Box::new(v.iter()),
+            ViewMap::Many(m) => Box::new(m.values()),
+        }
+    }
+}
+
 /// What a stream's consumer has been told: the state it was last brought
 /// to, the index and epoch of that state.
 struct View {
     target: Target,
     /// The entries of the target only.
-    entries: BTreeMap<Key, KvPair>,
+    entries: ViewMap,
     index: u64,
     epoch: u64,
 }
@@ -1264,7 +1469,7 @@ impl View {
                             kv: p.clone(),
                             prev: old.cloned(),
                         });
-                        self.entries.insert(k.clone(), p.clone());
+                        self.entries.insert(p.clone());
                     }
                 }
                 None => {
@@ -1483,24 +1688,20 @@ fn in_target<'a>(
 
 /// The events that turn `old` into `new`, in revision order: puts by their
 /// `ModifyIndex`, then deletes at `index` (the answer that showed them).
-fn diff(
-    old: &BTreeMap<Key, KvPair>,
-    new: &BTreeMap<Key, KvPair>,
-    index: u64,
-    target: &Target,
-) -> Vec<Event> {
+fn diff(old: &ViewMap, new: &BTreeMap<Key, KvPair>, index: u64, target: &Target) -> Vec<Event> {
     let mut puts: Vec<Event> = in_target(new, target)
-        .filter(|(k, p)| old.get(*k).map(|o| o.mod_revision) != Some(p.mod_revision))
+        .filter(|(k, p)| old.get(k).map(|o| o.mod_revision) != Some(p.mod_revision))
         .map(|(k, p)| Event::Put {
             kv: p.clone(),
             prev: old.get(k).cloned(),
         })
         .collect();
     puts.sort_by_key(Event::revision);
-    let deletes = in_target(old, target)
-        .filter(|(k, _)| !new.contains_key(*k))
-        .map(|(k, _)| Event::Delete {
-            key: k.clone(),
+    let deletes = old
+        .values()
+        .filter(|p| target.matches(&p.key) && !new.contains_key(&p.key))
+        .map(|p| Event::Delete {
+            key: p.key.clone(),
             revision: index,
         });
     puts.extend(deletes);
@@ -1532,7 +1733,7 @@ mod tests {
         let all = Target::Prefix(Prefix::root());
         let old: BTreeMap<_, _> = [pair("a", "1", 5), pair("b", "1", 6), pair("c", "1", 7)].into();
         let new: BTreeMap<_, _> = [pair("a", "2", 10), pair("c", "1", 7), pair("d", "1", 9)].into();
-        let ev = diff(&old, &new, 11, &all);
+        let ev = diff(&old.clone().into_iter().collect(), &new, 11, &all);
         let shown: Vec<(String, u64)> = ev
             .iter()
             .map(|e| (e.key().to_string(), e.revision()))
@@ -1542,7 +1743,7 @@ mod tests {
             Event::Put { prev: Some(p), .. } => assert_eq!(&p.value[..], b"1"),
             other => panic!("{other:?}"),
         }
-        assert!(diff(&new, &new, 12, &all).is_empty());
+        assert!(diff(&new.clone().into_iter().collect(), &new, 12, &all).is_empty());
     }
 
     fn key(path: &str) -> Scope {
@@ -1656,6 +1857,30 @@ mod tests {
     }
 
     #[test]
+    fn a_view_map_keeps_key_order_few_or_many() {
+        let mut m: ViewMap = [pair("b", "1", 2), pair("a", "1", 1)].into_iter().collect();
+        assert!(matches!(&m, ViewMap::Few(v) if v.len() == 2));
+        for i in (0..20).rev() {
+            m.insert(pair(&format!("k{i:02}"), "v", 10 + i).1);
+            let keys: Vec<&str> = m.values().map(|p| p.key.as_str()).collect();
+            assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+        }
+        assert!(matches!(&m, ViewMap::Many(b) if b.len() == 22));
+        m.insert(pair("a", "2", 40).1);
+        assert_eq!(&m.get(&Key::new("a").unwrap()).unwrap().value[..], b"2");
+        assert!(m.remove(&Key::new("k05").unwrap()).is_some());
+        assert!(m.get(&Key::new("k05").unwrap()).is_none());
+        let mut few: ViewMap = std::iter::empty().collect();
+        assert!(few.remove(&Key::new("a").unwrap()).is_none());
+        few.insert(pair("z", "1", 1).1);
+        few.insert(pair("z", "2", 2).1);
+        assert_eq!(few.values().count(), 1);
+        let many: ViewMap = (0..30).map(|i| pair(&format!("x{i:02}"), "v", i)).collect();
+        assert_eq!(many.values().count(), 30);
+        assert!(matches!(many, ViewMap::Many(_)));
+    }
+
+    #[test]
     fn index_rules() {
         assert_eq!(next_index(10, 12), (12, false), "moved forward");
         assert_eq!(next_index(10, 10), (10, false), "wait ran out");
@@ -1667,9 +1892,9 @@ mod tests {
     #[test]
     fn diff_respects_the_target() {
         let t = Target::Key(Key::new("a").unwrap());
-        let old = BTreeMap::new();
+        let old: BTreeMap<Key, KvPair> = BTreeMap::new();
         let new: BTreeMap<_, _> = [pair("a", "1", 3), pair("ab", "1", 4)].into();
-        let ev = diff(&old, &new, 4, &t);
+        let ev = diff(&old.into_iter().collect(), &new, 4, &t);
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].key().as_str(), "a");
     }
@@ -1721,7 +1946,7 @@ mod tests {
         };
         let mut view = View {
             target: Target::Prefix(Prefix::root()),
-            entries: (*state(start)).clone(),
+            entries: (*state(start)).clone().into_iter().collect(),
             index: at,
             epoch: 0,
         };
