@@ -86,6 +86,8 @@ pub(crate) struct Hub {
     by_key: HashMap<String, Vec<u64>>,
     /// prefix base path → watches below it.
     by_base: HashMap<String, Vec<u64>>,
+    /// parent znode → watches whose key or prefix base is its child.
+    crowd: HashMap<String, usize>,
     dirty: BTreeMap<String, Dirty>,
     /// The largest zxid any reply showed (the connection's replies come
     /// after the notifications of every change they reflect).
@@ -158,6 +160,7 @@ impl Hub {
             next_id: 1,
             by_key: HashMap::new(),
             by_base: HashMap::new(),
+            crowd: HashMap::new(),
             dirty: BTreeMap::new(),
             seen: 0,
             cut: 0,
@@ -277,20 +280,44 @@ impl Hub {
             return;
         };
         self.resync_some.remove(&id);
-        let index = match &sub.range {
+        self.unindex(id, &sub.range);
+        self.servers.release(&sub.share);
+    }
+
+    /// Routes the notifications of `range` to watch `id`.
+    fn index(&mut self, id: u64, range: &Range) {
+        match range {
+            Range::Key(p) => self.by_key.entry(p.clone()).or_default().push(id),
+            Range::Below(b) => self.by_base.entry(b.clone()).or_default().push(id),
+        }
+        if let Some(parent) = shared_parent(range) {
+            *self.crowd.entry(parent.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Undoes [`Hub::index`].
+    fn unindex(&mut self, id: u64, range: &Range) {
+        let index = match range {
             Range::Key(p) => self.by_key.get_mut(p),
             Range::Below(b) => self.by_base.get_mut(b),
         };
         if let Some(ids) = index {
             ids.retain(|&i| i != id);
             if ids.is_empty() {
-                match &sub.range {
+                match range {
                     Range::Key(p) => self.by_key.remove(p),
                     Range::Below(b) => self.by_base.remove(b),
                 };
             }
         }
-        self.servers.release(&sub.share);
+        if let Some(parent) = shared_parent(range)
+            && let Some(n) = self.crowd.get_mut(parent)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.crowd.remove(parent);
+            }
+        }
     }
 
     /// The watches whose range holds `path`.
@@ -527,15 +554,36 @@ impl Hub {
         // Registrations, deduplicated.
         // (A key needed under a recursive watch needed in the same batch is
         // merged into it once both are registered.)
+        // A parent znode that holds many watched znodes gets one recursive
+        // watch for all of them (see `SHARE_AT`).
+        let mut crowd: HashMap<&str, usize> = HashMap::new();
+        for (range, _, _) in &adds {
+            if let Some(parent) = shared_parent(range) {
+                *crowd.entry(parent).or_default() += 1;
+            }
+        }
         let mut needed: Vec<ServerKey> = Vec::new();
         let mut asked: HashSet<ServerKey> = HashSet::new();
+        let mut wanted: Vec<Option<ServerKey>> = Vec::with_capacity(adds.len());
         for (range, _, _) in &adds {
-            if self.servers.covering(range).is_none() {
-                let own = servers::own_key(range);
-                if asked.insert(own.clone()) {
-                    needed.push(own);
-                }
+            if self.servers.covering(range).is_some() {
+                wanted.push(None);
+                continue;
             }
+            let key = match shared_parent(range) {
+                Some(parent)
+                    if self.crowd.get(parent).copied().unwrap_or(0)
+                        + crowd.get(parent).copied().unwrap_or(0)
+                        >= SHARE_AT =>
+                {
+                    (parent.to_owned(), true)
+                }
+                _ => servers::own_key(range),
+            };
+            if asked.insert(key.clone()) {
+                needed.push(key.clone());
+            }
+            wanted.push(Some(key));
         }
         // Registrations, one `sync` and the reads, sent back to back: one
         // round trip for the whole batch (plus one per level of a prefix).
@@ -557,7 +605,7 @@ impl Hub {
         let read = synced.and(read);
         let mut failed: HashMap<ServerKey, zk::Error> = HashMap::new();
         let mut recursive = Vec::new();
-        for (key, r) in needed.into_iter().zip(registered) {
+        for (key, r) in needed.iter().cloned().zip(registered) {
             match r {
                 // Users are counted below, one per watch.
                 Ok(w) => {
@@ -585,13 +633,12 @@ impl Hub {
             }
         }
         let mut ready = Vec::new();
-        for (range, start, reply) in adds {
+        for ((range, start, reply), key) in adds.into_iter().zip(wanted) {
             match self.servers.covering(&range) {
                 Some(share) => ready.push((range, start, reply, share)),
                 None => {
-                    let e = failed
-                        .get(&servers::own_key(&range))
-                        .cloned()
+                    let e = key
+                        .and_then(|k| failed.get(&k).cloned())
                         .unwrap_or(zk::Error::ConnectionLoss);
                     let _ = reply.send(Err(self.map_err(&session, e, &range)));
                 }
@@ -601,7 +648,7 @@ impl Hub {
         for (_, _, _, share) in &ready {
             self.servers.attach(share);
         }
-        self.servers.prune();
+        self.servers.prune(&needed);
         let reads = match read {
             Ok((reads, seen)) => {
                 self.seen = self.seen.max(seen);
@@ -618,9 +665,20 @@ impl Hub {
                 return;
             }
         };
+        // Routed before the drain: a notification taken by it may be for a
+        // change after the read, which the new watch must not miss. (One
+        // for a change before the read is read again: no harm.)
+        let mut ids = Vec::with_capacity(ready.len());
+        for (range, ..) in &ready {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.index(id, range);
+            ids.push(id);
+        }
         self.drain();
         if self.epoch != epoch {
-            for (_, _, reply, share) in ready {
+            for ((range, _, reply, share), id) in ready.into_iter().zip(ids) {
+                self.unindex(id, &range);
                 self.servers.release(&share);
                 let _ = reply.send(Err(conn::not_connected(
                     "the connection dropped while the watch started",
@@ -629,9 +687,7 @@ impl Hub {
             return;
         }
         let watermark = self.watermark();
-        for (range, start, reply, share) in ready {
-            let id = self.next_id;
-            self.next_id += 1;
+        for ((range, start, reply, share), id) in ready.into_iter().zip(ids) {
             let now = reads.of(&range);
             let shared = Shared::new();
             let mut view;
@@ -654,10 +710,6 @@ impl Hub {
                     applied.held
                 }
             };
-            match &range {
-                Range::Key(p) => self.by_key.entry(p.clone()).or_default().push(id),
-                Range::Below(b) => self.by_base.entry(b.clone()).or_default().push(id),
-            }
             self.subs.insert(
                 id,
                 Sub {
@@ -725,6 +777,7 @@ impl Hub {
         parents.sort();
         parents.dedup();
         let all: Vec<String> = to_read.iter().chain(&parents).cloned().collect();
+        let sent = Instant::now();
         let got = match read_paths(&session.client, &all).await {
             Ok(got) => got,
             Err(e) => {
@@ -821,6 +874,8 @@ impl Hub {
             watermark,
             seen = self.seen,
             pending = self.dirty.len(),
+            read = all.len(),
+            read_us = sent.elapsed().as_micros() as u64,
             "zookeeper watches: round read"
         );
         // What each delete of the batch is known to be above.
@@ -973,6 +1028,22 @@ impl Hub {
     }
 }
 
+/// Watches whose key or prefix base share a parent znode, from which on
+/// that parent gets one `PersistentRecursive` watch serving all of them
+/// (and any later one below it) instead of one server watch each: a server
+/// watch costs the client about 0.8 KiB and the setup a request. The price
+/// is that changes to unwatched znodes below that parent are notified too
+/// (and dropped by the hub without a read).
+pub(crate) const SHARE_AT: usize = 64;
+
+/// The parent znode a watch counts towards (see [`SHARE_AT`]); never `/`,
+/// whose recursive watch would cover ZooKeeper's own subtree.
+fn shared_parent(range: &Range) -> Option<&str> {
+    let path = range.path();
+    let i = path.rfind('/')?;
+    (i > 0).then(|| &path[..i])
+}
+
 /// Hands a watch its whole range as read now: a key it knows and the read
 /// lacks is a delete (Converge).
 fn converge(sub: &mut Sub, reads: &RangeReads, watermark: u64) -> Vec<String> {
@@ -1069,7 +1140,7 @@ async fn read_paths(
 }
 
 /// Reads whole ranges: keys in pipelined multi-reads, each distinct prefix
-/// once (prefixes concurrently). Returns the reads and the largest `mzxid`.
+/// once (all prefixes level by level in shared multi-reads). Returns the reads and the largest `mzxid`.
 async fn read_ranges(
     client: &zk::Client,
     ranges: &[Range],
@@ -1086,10 +1157,7 @@ async fn read_ranges(
     keys.dedup();
     bases.sort();
     bases.dedup();
-    let (got, scans) = futures::join!(
-        read_paths(client, &keys),
-        join_all(bases.iter().map(|b| tree::scan(client, b)))
-    );
+    let (got, scans) = futures::join!(read_paths(client, &keys), tree::scan_many(client, &bases));
     let now = codec::now_millis();
     let mut seen = 0;
     let mut out = RangeReads::default();
@@ -1103,9 +1171,9 @@ async fn read_ranges(
         };
         out.keys.insert(path, kv);
     }
-    for (base, nodes) in bases.into_iter().zip(scans) {
+    for (base, nodes) in bases.into_iter().zip(scans?) {
         let mut pairs = Vec::new();
-        for n in nodes? {
+        for n in nodes {
             seen = seen.max(n.stat.mzxid as u64);
             if let Node::Key(value) = codec::classify(n.data, &n.stat, now)
                 && let Some(key) = codec::key_of(&n.path)

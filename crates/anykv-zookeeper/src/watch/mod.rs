@@ -9,8 +9,13 @@
 //! watched) shares it, otherwise it registers its own (`Persistent` for a
 //! key, `PersistentRecursive` for a prefix). One server watch serves any
 //! number of anykv watches: the hub routes each notification to the
-//! watches whose range holds the path. Dropping a watch frees its share at
-//! once; the last user of a server watch removes it from the server.
+//! watches whose range holds the path. Once [`hub::SHARE_AT`] watches have
+//! their key or prefix base directly under one parent znode, that parent
+//! gets one `PersistentRecursive` watch instead, which takes over theirs
+//! (and serves every later one below it): far less client memory and setup
+//! requests per watch, for notifications of unwatched siblings too (dropped
+//! without a read). Dropping a watch frees its share at once; the last user
+//! of a server watch removes it from the server.
 //!
 //! Each watch is its view of its range (path → pair, [`view`]) and a
 //! bounded queue ([`sub`]): no task, channel or timer of its own, so an idle
