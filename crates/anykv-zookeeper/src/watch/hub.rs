@@ -2,13 +2,16 @@
 //! docs of `watch` for the protocol).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
 
 use anykv_core::{Error, ErrorKind, KvPair, Result, Start};
-use futures::future::join_all;
+use futures::{
+    FutureExt,
+    future::{BoxFuture, join_all},
+};
 use tokio::{
     sync::{mpsc, oneshot, watch as tokio_watch},
     time::Instant,
@@ -71,6 +74,26 @@ struct Dirty {
     last: u64,
 }
 
+/// What [`read_paths`] returns.
+type ReadResult = Result<Vec<Result<Option<(Vec<u8>, zk::Stat)>, zk::Error>>, zk::Error>;
+
+/// Rounds in flight at most (see [`Hub::start_round`]).
+const PIPELINE: usize = 4;
+
+/// A round whose read is out.
+struct Round {
+    epoch: u64,
+    /// The notified paths it took.
+    batch: BTreeMap<String, Dirty>,
+    /// Its deletes, each with the zxid it is known to be above.
+    deletes: HashMap<String, u64>,
+    /// The paths read, then the parents of its deletes.
+    to_read: Vec<String>,
+    parents: Vec<String>,
+    sent: Instant,
+    read: BoxFuture<'static, ReadResult>,
+}
+
 /// The hub's state.
 pub(crate) struct Hub {
     /// Which hub of the store this is (see [`super::HubHandle`]).
@@ -89,6 +112,8 @@ pub(crate) struct Hub {
     /// parent znode → watches whose key or prefix base is its child.
     crowd: HashMap<String, usize>,
     dirty: BTreeMap<String, Dirty>,
+    /// Rounds whose read is out, oldest first.
+    inflight: VecDeque<Round>,
     /// The largest zxid any reply showed (the connection's replies come
     /// after the notifications of every change they reflect).
     seen: u64,
@@ -162,6 +187,7 @@ impl Hub {
             by_base: HashMap::new(),
             crowd: HashMap::new(),
             dirty: BTreeMap::new(),
+            inflight: VecDeque::new(),
             seen: 0,
             cut: 0,
             drains: 1,
@@ -199,20 +225,23 @@ impl Hub {
             let waiting = self.not_before.is_some_and(|t| Instant::now() < t);
             if !waiting {
                 if self.session.is_none() && !self.subs.is_empty() {
+                    self.settle().await;
                     self.reopen().await;
                     continue;
                 }
                 if self.connected && self.resync_all {
+                    self.settle().await;
                     self.resync_everything().await;
                     continue;
                 }
                 if self.connected && !self.resync_some.is_empty() {
+                    self.settle().await;
                     let ids = std::mem::take(&mut self.resync_some);
                     self.resync(ids.into_iter().collect()).await;
                     continue;
                 }
-                if self.connected && !self.dirty.is_empty() {
-                    self.round().await;
+                if self.connected && !self.dirty.is_empty() && self.inflight.len() < PIPELINE {
+                    self.start_round();
                     continue;
                 }
             }
@@ -227,6 +256,11 @@ impl Hub {
                     }
                 }
                 n = self.servers.next() => self.note(n),
+                got = oldest(&mut self.inflight), if !self.inflight.is_empty() => {
+                    if let Some(round) = self.inflight.pop_front() {
+                        self.finish_round(round, got);
+                    }
+                }
                 _ = tokio::time::sleep_until(until), if self.not_before.is_some() => {
                     self.not_before = None;
                 }
@@ -270,6 +304,8 @@ impl Hub {
             next = self.cmds.try_recv().ok();
         }
         if !adds.is_empty() {
+            // New views start from the watermark: no round in flight.
+            self.settle().await;
             self.add(adds).await;
         }
     }
@@ -434,7 +470,8 @@ impl Hub {
             best = best.max(f.1);
             f.1 = best;
         }
-        for d in self.dirty.values_mut() {
+        let inflight = self.inflight.iter_mut().flat_map(|r| r.batch.values_mut());
+        for d in self.dirty.values_mut().chain(inflight) {
             // Facts from before the drain preceding its first notification.
             let i = facts.partition_point(|&(at, _)| at < d.first);
             if i > 0 {
@@ -443,11 +480,38 @@ impl Hub {
         }
     }
 
+    /// The notified paths not read yet: waiting, or in a round in flight.
+    fn unread(&self) -> impl Iterator<Item = (&String, &Dirty)> {
+        self.dirty
+            .iter()
+            .chain(self.inflight.iter().flat_map(|r| r.batch.iter()))
+    }
+
+    /// True when `path` has a notification not read yet that asks for a
+    /// read (a change but a delete).
+    fn read_pending(&self, path: &str) -> bool {
+        let pending = |d: &Dirty| d.read && d.last > 0;
+        self.dirty.get(path).is_some_and(pending)
+            || self
+                .inflight
+                .iter()
+                .any(|r| r.batch.get(path).is_some_and(pending))
+    }
+
     /// Every change at or below this zxid has been read (or is in views).
     fn watermark(&self) -> u64 {
-        self.dirty
-            .values()
-            .map(|d| d.above)
+        self.watermark_after(&HashSet::new())
+    }
+
+    /// [`Hub::watermark`] once the paths `read` were read: a put held back
+    /// on one of them (not notified since) was read again there, by a read
+    /// served after the one that held it back, so a copy of it still
+    /// waiting (or in a round in flight) bounds nothing. Without this, a
+    /// held path in two rounds in flight would hold itself back forever.
+    fn watermark_after(&self, read: &HashSet<&str>) -> u64 {
+        self.unread()
+            .filter(|(p, d)| d.last > 0 || !read.contains(p.as_str()))
+            .map(|(_, d)| d.above)
             .min()
             .map_or(self.seen, |m| m.min(self.seen))
     }
@@ -460,6 +524,7 @@ impl Hub {
         self.epoch += 1;
         self.resync_all = true;
         self.dirty.clear();
+        self.inflight.clear();
     }
 
     fn ended(&mut self) {
@@ -730,18 +795,23 @@ impl Hub {
         self.inner.fail(session, e, "watch", range.path())
     }
 
-    /// Paths whose value read lies above the watermark: read again.
-    fn hold(&mut self, held: Vec<String>, watermark: u64) {
-        for p in held {
+    /// Paths whose value read lies above the watermark: read again. The
+    /// change not emitted is exactly at the `mzxid` read (a later one is
+    /// notified on its own), so it is known to be above `mzxid - 1`: a
+    /// tighter bound than the watermark, without which two held paths in
+    /// different rounds in flight would hold each other back forever.
+    fn hold(&mut self, held: Vec<(String, u64)>, watermark: u64) {
+        for (p, mzxid) in held {
+            let above = mzxid.saturating_sub(1).max(watermark);
             self.dirty
                 .entry(p)
                 .and_modify(|d| {
                     d.read = true;
-                    d.above = d.above.min(watermark);
+                    d.above = d.above.min(above);
                     d.first = 0;
                 })
                 .or_insert(Dirty {
-                    above: watermark,
+                    above,
                     read: true,
                     first: 0,
                     last: 0,
@@ -749,19 +819,23 @@ impl Hub {
         }
     }
 
-    /// One round: reads the notified paths (deletes need no read), takes
-    /// the notifications that arrived meanwhile, and hands every watch the
-    /// changes up to the watermark.
-    async fn round(&mut self) {
+    /// Starts a round: takes the notified paths and sends their reads
+    /// (deletes need no read); [`Hub::finish_round`] takes it from there.
+    /// Up to [`PIPELINE`] rounds are in flight, so a notification that
+    /// arrives while a read is out is read at once, not after that reply.
+    fn start_round(&mut self) {
         let Some(session) = self.session.clone() else {
             return;
         };
         // Complete drain first: what arrives from here on arrived after
         // every notification of the batch (see `tighten`).
         self.drain();
+        if self.dirty.is_empty() {
+            return;
+        }
         let epoch = self.epoch;
         let batch = std::mem::take(&mut self.dirty);
-        let mut deletes: HashMap<String, u64> = batch
+        let deletes: HashMap<String, u64> = batch
             .iter()
             .filter(|(_, d)| !d.read)
             .map(|(p, d)| (p.clone(), d.above))
@@ -777,8 +851,49 @@ impl Hub {
         parents.sort();
         parents.dedup();
         let all: Vec<String> = to_read.iter().chain(&parents).cloned().collect();
-        let sent = Instant::now();
-        let got = match read_paths(&session.client, &all).await {
+        let mut read: BoxFuture<'static, ReadResult> =
+            Box::pin(async move { read_paths(&session.client, &all).await });
+        // Polled once now so the requests go out now, in order with the
+        // other rounds (the client sends a request when it is made).
+        if let Some(done) = read.as_mut().now_or_never() {
+            read = Box::pin(std::future::ready(done));
+        }
+        self.inflight.push_back(Round {
+            epoch,
+            batch,
+            deletes,
+            to_read,
+            parents,
+            sent: Instant::now(),
+            read,
+        });
+    }
+
+    /// Waits for every round in flight and finishes it, in order.
+    async fn settle(&mut self) {
+        while let Some(mut round) = self.inflight.pop_front() {
+            let got = (&mut round.read).await;
+            self.finish_round(round, got);
+        }
+    }
+
+    /// Finishes the oldest round once its read is back: takes the
+    /// notifications that arrived meanwhile and hands every watch the
+    /// changes up to the watermark.
+    fn finish_round(&mut self, round: Round, got: ReadResult) {
+        let Round {
+            epoch,
+            batch,
+            mut deletes,
+            to_read,
+            parents,
+            sent,
+            read: _,
+        } = round;
+        if self.epoch != epoch {
+            return; // the resync takes over
+        }
+        let got = match got {
             Ok(got) => got,
             Err(e) => {
                 if let Stop::Transient(e) = self.stop(e) {
@@ -815,9 +930,12 @@ impl Hub {
             .map(|(p, d)| (p.clone(), d.last))
             .collect();
         let mut got = to_read.into_iter().zip(got);
+        // Per result: whether it was read (not a delete taken as such).
+        let mut got_read: Vec<bool> = Vec::with_capacity(batch.len());
         for (path, d) in batch {
             if !d.read {
                 results.push((path, None));
+                got_read.push(false);
                 continue;
             }
             match got.next() {
@@ -829,8 +947,12 @@ impl Hub {
                     }
                     let kv = super::to_pair(&path, data, &stat, now);
                     results.push((path, kv));
+                    got_read.push(true);
                 }
-                Some((_, Ok(None))) => results.push((path, None)),
+                Some((_, Ok(None))) => {
+                    results.push((path, None));
+                    got_read.push(true);
+                }
                 Some((p, Err(e))) => failed.push((p, e)),
                 None => {}
             }
@@ -845,7 +967,7 @@ impl Hub {
         // reply, a delete reflected would have shown it missing).
         let mut facts: Vec<(u64, u64)> = found
             .into_iter()
-            .filter(|(i, _, _)| self.dirty.get(&results[*i].0).is_none_or(|d| !d.read))
+            .filter(|(i, _, _)| !self.read_pending(&results[*i].0))
             .map(|(_, last, mzxid)| (last, mzxid))
             .collect();
         // A delete that is the batch's only change below its parent, with
@@ -853,7 +975,7 @@ impl Hub {
         // notified (inside a prefix watch): the parent's `pzxid` is exactly
         // the delete's zxid.
         let pending_parents: BTreeSet<String> =
-            self.dirty.keys().filter_map(|p| parent_of(p)).collect();
+            self.unread().filter_map(|(p, _)| parent_of(p)).collect();
         for (path, last) in delete_lasts {
             let Some(q) = parent_of(&path) else { continue };
             let Some(&pzxid) = pzxids.get(&q) else {
@@ -869,12 +991,18 @@ impl Hub {
         }
         tracing::trace!(?facts, "zookeeper watches: facts");
         self.tighten(facts);
-        let watermark = self.watermark();
+        let read_now: HashSet<&str> = results
+            .iter()
+            .zip(&got_read)
+            .filter(|(_, ok)| **ok)
+            .map(|((p, _), _)| p.as_str())
+            .collect();
+        let watermark = self.watermark_after(&read_now);
         tracing::trace!(
             watermark,
             seen = self.seen,
             pending = self.dirty.len(),
-            read = all.len(),
+            inflight = self.inflight.len(),
             read_us = sent.elapsed().as_micros() as u64,
             "zookeeper watches: round read"
         );
@@ -1046,7 +1174,7 @@ fn shared_parent(range: &Range) -> Option<&str> {
 
 /// Hands a watch its whole range as read now: a key it knows and the read
 /// lacks is a delete (Converge).
-fn converge(sub: &mut Sub, reads: &RangeReads, watermark: u64) -> Vec<String> {
+fn converge(sub: &mut Sub, reads: &RangeReads, watermark: u64) -> Vec<(String, u64)> {
     let mut now = reads.of(&sub.range);
     for p in sub.view.paths() {
         if !now.contains_key(p) {
@@ -1109,13 +1237,18 @@ fn again(e: &Error) -> Error {
     }
 }
 
+/// The read of the oldest round in flight (pending forever if none).
+async fn oldest(inflight: &mut VecDeque<Round>) -> ReadResult {
+    match inflight.front_mut() {
+        Some(round) => (&mut round.read).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads paths with multi-reads of 64, all sent at once (pipelined on the
 /// connection): per path its data and stat, `None` if missing, or its own
 /// error.
-async fn read_paths(
-    client: &zk::Client,
-    paths: &[String],
-) -> Result<Vec<Result<Option<(Vec<u8>, zk::Stat)>, zk::Error>>, zk::Error> {
+async fn read_paths(client: &zk::Client, paths: &[String]) -> ReadResult {
     let chunks = paths.chunks(tree::READ_CHUNK).map(|chunk| async move {
         let mut reader = client.new_multi_reader();
         for p in chunk {
