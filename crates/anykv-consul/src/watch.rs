@@ -83,6 +83,19 @@ use crate::{
 /// `max_watch_conns` queries per handle, so idle watches still cost about
 /// one request per second or less.
 const BLOCK_WAIT: Duration = Duration::from_secs(10);
+/// How long a new hub started while more watches than `max_watch_conns`
+/// are open (so while the plan can change) waits after its first
+/// (non-blocking) read before it parks a blocking query. Consul 1.8 does not end a blocking query whose
+/// client went away: the agent keeps it, and counts its connection against
+/// `http_max_conns_per_client` (200 by default), until the wait runs out.
+/// While many watches open at once the plan changes often and most new
+/// hubs are retired within milliseconds; waiting a moment means those
+/// leave nothing behind on the agent (measured: of ~1,000 hubs started
+/// while 10,000 key watches opened, ~40 lived longer than 300 joins). The
+/// price: a write in a hub's first moment reaches its streams up to this
+/// much later (and a hub that settles is not told of an agent restart in
+/// that moment by a failed query: its next answer shows the reset).
+const HUB_SETTLE: Duration = Duration::from_millis(250);
 /// First retry delay after a failed query; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -249,6 +262,16 @@ struct SlotQueue {
     items: VecDeque<Arc<Change>>,
     /// Answers were dropped: re-sync to the hub's latest one.
     lagged: bool,
+    /// The planner moved the stream to another hub: its feed there (the
+    /// old hub pushes nothing after this).
+    moved: Option<Feed>,
+}
+
+/// What a stream takes from its slot at once.
+struct Taken {
+    items: VecDeque<Arc<Change>>,
+    lagged: bool,
+    moved: Option<Feed>,
 }
 
 impl Slot {
@@ -269,11 +292,21 @@ impl Slot {
         self.ready.notify_one();
     }
 
-    /// Everything queued, and whether answers were dropped before it.
-    fn take(&self) -> (VecDeque<Arc<Change>>, bool) {
+    /// Tells the stream it moved to `feed` (after its last push here).
+    fn redirect(&self, feed: Feed) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).moved = Some(feed);
+        self.ready.notify_one();
+    }
+
+    /// Everything queued, whether answers were dropped before it, and
+    /// where the stream moved.
+    fn take(&self) -> Taken {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let lagged = std::mem::take(&mut q.lagged);
-        (std::mem::take(&mut q.items), lagged)
+        Taken {
+            items: std::mem::take(&mut q.items),
+            lagged: std::mem::take(&mut q.lagged),
+            moved: q.moved.take(),
+        }
     }
 }
 
@@ -383,7 +416,7 @@ impl Channel {
     }
 }
 
-/// What a stream's route names: the channel of the hub serving it, and
+/// Where a stream is served: the channel of the hub serving it, and
 /// the slot registered there for it when the planner moved the stream
 /// (so nothing the hub publishes before the stream looks is lost).
 #[derive(Clone)]
@@ -405,11 +438,6 @@ impl Feed {
             at: channel.current(),
             channel: channel.clone(),
         }
-    }
-
-    /// Unregisters the slot (the stream moved or ended).
-    fn leave(&self, scope: &Scope) {
-        self.channel.routes().remove(scope, &self.slot);
     }
 }
 
@@ -445,8 +473,8 @@ struct Member {
     scope: Scope,
     /// The hub serving it now.
     hub: Scope,
-    /// Tells the stream when it moves to another hub.
-    route: watch::Sender<Feed>,
+    /// Its slot there (the stream learns of a move through it).
+    slot: Arc<Slot>,
 }
 
 /// A running blocking loop.
@@ -515,7 +543,7 @@ impl Registry {
         self.closed.send_modify(|g| *g += 1);
     }
 
-    /// Registers a watch of `scope`: its id and the route to its hub.
+    /// Registers a watch of `scope` at the hub that serves it.
     ///
     /// O(1) in the number of watches unless a re-plan is needed: a watch
     /// that a running query covers joins it, one that none covers gets a
@@ -524,9 +552,9 @@ impl Registry {
     /// most of those that follow, so N watches cost far fewer than N
     /// re-plans.
     ///
-    /// Returns the watch's id, its route, and the scope of the hub serving
+    /// Returns the watch's id, its feed, and the scope of the hub serving
     /// it now (its baseline is read with that hub's other new watches).
-    fn join(&self, inner: &Arc<Inner>, scope: Scope) -> (u64, watch::Receiver<Feed>, Scope) {
+    fn join(&self, inner: &Arc<Inner>, scope: Scope) -> (u64, Feed, Scope) {
         let mut state = self.state();
         let id = state.next_id;
         state.next_id += 1;
@@ -534,46 +562,46 @@ impl Registry {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some((cover, hub)) = state.hubs.iter_mut().find(|(c, _)| c.covers(&scope)) {
             hub.members += 1;
-            let (route, rx) = watch::channel(Feed::of(&hub.tx, &scope));
+            let feed = Feed::of(&hub.tx, &scope);
             let hub = cover.clone();
             state.members.insert(
                 id,
                 Member {
                     scope,
                     hub: hub.clone(),
-                    route,
+                    slot: feed.slot.clone(),
                 },
             );
-            return (id, rx, hub);
+            return (id, feed, hub);
         }
         if state.hubs.len() < self.limit
-            && let Some(hub) = self.start_hub(inner, &scope)
+            && let Some(hub) = self.start_hub(inner, &scope, state.members.len())
         {
-            let (route, rx) = watch::channel(Feed::of(&hub.tx, &scope));
+            let feed = Feed::of(&hub.tx, &scope);
             state.hubs.insert(scope.clone(), Hub { members: 1, ..hub });
             state.members.insert(
                 id,
                 Member {
                     hub: scope.clone(),
                     scope: scope.clone(),
-                    route,
+                    slot: feed.slot.clone(),
                 },
             );
-            return (id, rx, scope);
+            return (id, feed, scope);
         }
-        // A placeholder route, replaced by the plan right below.
-        let (route, rx) = watch::channel(Feed::of(&Channel::new(), &scope));
+        // A placeholder, replaced by the plan right below.
+        let placeholder = Feed::of(&Channel::new(), &scope);
         state.members.insert(
             id,
             Member {
                 scope: scope.clone(),
                 hub: scope.clone(),
-                route,
+                slot: placeholder.slot.clone(),
             },
         );
-        self.replan(&mut state, inner, Some(id));
+        let moved = self.replan(&mut state, inner, Some(id));
         let hub = state.members.get(&id).map_or(scope, |m| m.hub.clone());
-        (id, rx, hub)
+        (id, moved.unwrap_or(placeholder), hub)
     }
 
     /// Unregisters a watch; a hub nobody needs any more stops at once.
@@ -582,7 +610,9 @@ impl Registry {
         let Some(gone) = state.members.remove(&id) else {
             return;
         };
-        gone.route.borrow().leave(&gone.scope);
+        if let Some(hub) = state.hubs.get(&gone.hub) {
+            hub.tx.routes().remove(&gone.scope, &gone.slot);
+        }
         let orphaned = match state.hubs.get_mut(&gone.hub) {
             Some(hub) => {
                 hub.members = hub.members.saturating_sub(1);
@@ -603,7 +633,9 @@ impl Registry {
     /// Starts the blocking loop of `scope` (none without a runtime: a
     /// stream dropped outside one; the next join or leave inside one
     /// re-plans).
-    fn start_hub(&self, inner: &Arc<Inner>, scope: &Scope) -> Option<Hub> {
+    /// With more `members` than the bound (when re-plans happen), the hub
+    /// settles before it blocks (see [`HUB_SETTLE`]).
+    fn start_hub(&self, inner: &Arc<Inner>, scope: &Scope, members: usize) -> Option<Hub> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let tx = Channel::new();
         let task = runtime
@@ -612,6 +644,7 @@ impl Registry {
                 scope.clone(),
                 tx.clone(),
                 self.recent.clone(),
+                members > self.limit,
             ))
             .abort_handle();
         Some(Hub {
@@ -623,12 +656,13 @@ impl Registry {
 
     /// Brings the hubs in line with the plan for the current watches:
     /// starts the hubs it adds, moves each watch to the hub covering it
-    /// (`fresh` is routed whether or not its hub changed), stops the rest.
-    fn replan(&self, state: &mut State, inner: &Arc<Inner>, fresh: Option<u64>) {
+    /// (`fresh` is routed whether or not its hub changed: its feed is
+    /// returned), stops the rest.
+    fn replan(&self, state: &mut State, inner: &Arc<Inner>, fresh: Option<u64>) -> Option<Feed> {
         let plan = plan(state.members.values().map(|m| &m.scope), self.limit);
         for scope in &plan {
             if !state.hubs.contains_key(scope)
-                && let Some(hub) = self.start_hub(inner, scope)
+                && let Some(hub) = self.start_hub(inner, scope, state.members.len())
             {
                 state.hubs.insert(scope.clone(), hub);
             }
@@ -636,19 +670,32 @@ impl Registry {
         for hub in state.hubs.values_mut() {
             hub.members = 0;
         }
+        let mut fresh_feed = None;
         let State { members, hubs, .. } = state;
         for (id, m) in members.iter_mut() {
             let Some(cover) = plan.iter().find(|c| c.covers(&m.scope)) else {
                 continue;
             };
+            let moving = *cover != m.hub || fresh == Some(*id);
+            if moving && let Some(old) = hubs.get(&m.hub) {
+                old.tx.routes().remove(&m.scope, &m.slot);
+            }
             let Some(hub) = hubs.get_mut(cover) else {
                 continue;
             };
             hub.members += 1;
-            if *cover != m.hub || fresh == Some(*id) {
+            if moving {
+                let feed = Feed::of(&hub.tx, &m.scope);
                 m.hub = cover.clone();
-                m.route.borrow().leave(&m.scope);
-                m.route.send_replace(Feed::of(&hub.tx, &m.scope));
+                let old = std::mem::replace(&mut m.slot, feed.slot.clone());
+                if fresh == Some(*id) {
+                    // Its stream does not exist yet: `join` hands it over.
+                    fresh_feed = Some(feed);
+                } else {
+                    // The stream applies what the old slot holds, then
+                    // moves (see `Stream::receive`).
+                    old.redirect(feed);
+                }
             }
         }
         self.running.store(
@@ -664,6 +711,7 @@ impl Registry {
             }
             keep
         });
+        fresh_feed
     }
 }
 
@@ -955,11 +1003,18 @@ enum Msg {
 /// time in which the agent holds no query for this scope (and writes in
 /// quick succession could be seen only as their result) is one round
 /// trip, however wide the scope, as for a single-key query.
-async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel, recent: Recent) {
+async fn run_hub(
+    inner: std::sync::Weak<Inner>,
+    scope: Scope,
+    tx: Channel,
+    recent: Recent,
+    settle: bool,
+) {
     let (queue, answers) = tokio::sync::mpsc::channel(ANSWER_QUEUE);
     // Ends once the queue is drained after this loop ends (abort included).
     tokio::spawn(publish(answers, tx, scope.clone(), recent));
     let mut cursor = Cursor::default();
+    let settled = tokio::time::Instant::now() + if settle { HUB_SETTLE } else { Duration::ZERO };
     let mut backoff = FIRST_BACKOFF;
     let mut failing = false;
     let mut outages = 0u64;
@@ -979,6 +1034,14 @@ async fn run_hub(inner: std::sync::Weak<Inner>, scope: Scope, tx: Channel, recen
                 .await;
             return;
         };
+        if cursor.ask > 0 && tokio::time::Instant::now() < settled {
+            // A young hub reads (`ask` 0) but does not block yet: see
+            // `HUB_SETTLE`. A write meanwhile shows in the first blocking
+            // query's answer, at once.
+            drop(store);
+            tokio::time::sleep_until(settled).await;
+            continue;
+        }
         let result = query(&store, &scope, &mut cursor).await;
         drop(store);
         let msg = match result {
@@ -1286,14 +1349,16 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
     let closed = inner.watches.closed.subscribe();
     // Subscribe first, read second: a snapshot published in between is
     // either older than the baseline (skipped) or newer (diffed).
-    let (id, mut route, hub) = inner.watches.join(inner, scope.clone());
+    let (id, joined, hub) = inner.watches.join(inner, scope.clone());
     let member = Membership {
         inner: Arc::downgrade(inner),
         id,
     };
-    let route_now = route.borrow_and_update().clone();
-    let slot = route_now.slot;
-    let feed = route_now.channel;
+    let Feed {
+        slot,
+        channel: feed,
+        at: _,
+    } = joined;
     let (epoch, outages) = feed.current().map_or((0, 0), |s| (s.epoch, s.outages));
     let (entries, index) = inner.watches.baseline(inner, hub, &scope).await?;
     let view: ViewMap = in_target(&entries, &target)
@@ -1314,7 +1379,6 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
     }
     let stream = Stream {
         _member: member,
-        route,
         feed,
         slot,
         closed,
@@ -1519,11 +1583,11 @@ impl Drop for Membership {
 /// latest answer and emits the differences (Converge).
 struct Stream {
     _member: Membership,
-    /// The feed of the hub serving this stream, replaced when the planner
-    /// moves the stream to another hub.
-    route: watch::Receiver<Feed>,
+    /// The channel of the hub serving this stream, replaced when the
+    /// planner moves the stream to another hub.
     feed: Channel,
-    /// This stream's mailbox at that hub.
+    /// This stream's mailbox at that hub (which also says where the
+    /// stream moved).
     slot: Arc<Slot>,
     closed: watch::Receiver<u64>,
     view: View,
@@ -1555,22 +1619,20 @@ impl Stream {
                         message: "the store was closed".into(),
                     }));
                 }
-                moved = self.route.changed() => {
-                    if moved.is_err() {
-                        self.done = true;
-                        return Some(Err(ended()));
-                    }
-                    self.receive();
-                    self.switch();
-                }
                 _ = slot.ready.notified() => {}
             }
         }
     }
 
-    /// Applies what the slot holds; whether there was anything.
+    /// Applies what the slot holds, and moves if the planner moved the
+    /// stream; whether there was anything.
     fn receive(&mut self) -> bool {
-        let (items, lagged) = self.slot.take();
+        let Taken {
+            items,
+            lagged,
+            moved,
+        } = self.slot.take();
+        let any = lagged || moved.is_some() || !items.is_empty();
         if lagged {
             // Fell more than the buffer behind (not read for a while):
             // re-sync to the latest answer (newer than anything queued,
@@ -1580,29 +1642,30 @@ impl Stream {
             if let Some(s) = self.feed.current() {
                 self.apply(&s);
             }
-            return true;
+        } else {
+            for c in items {
+                self.apply_change(&c);
+            }
         }
-        let any = !items.is_empty();
-        for c in items {
-            self.apply_change(&c);
+        if let Some(feed) = moved {
+            self.switch(feed);
         }
         any
     }
 
-    /// Moves to the hub the route names now. The view stays: indexes of
-    /// all hubs are Raft indexes, and a hub's answer at index `i` is the
-    /// state of its scope from `i` until it was read, so an answer not
-    /// above the view's index shows this target as the view has it. Only
-    /// the epoch (a hub's own count of resets) is the new hub's.
-    fn switch(&mut self) {
-        let route = self.route.borrow_and_update().clone();
-        self.slot = route.slot;
-        self.feed = route.channel;
-        let (epoch, outages) = route.at.as_ref().map_or((0, 0), |s| (s.epoch, s.outages));
+    /// Moves to the hub of `feed`. The view stays: indexes of all hubs are
+    /// Raft indexes, and a hub's answer at index `i` is the state of its
+    /// scope from `i` until it was read, so an answer not above the view's
+    /// index shows this target as the view has it. Only the epoch (a hub's
+    /// own count of resets) is the new hub's.
+    fn switch(&mut self, feed: Feed) {
+        self.slot = feed.slot;
+        self.feed = feed.channel;
+        let (epoch, outages) = feed.at.as_ref().map_or((0, 0), |s| (s.epoch, s.outages));
         self.view.epoch = epoch;
         self.outages = outages;
         // The hub's state when the stream moved, then its answers since.
-        if let Some(s) = route.at {
+        if let Some(s) = feed.at {
             self.apply(&s);
         }
     }
