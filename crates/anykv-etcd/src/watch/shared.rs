@@ -85,10 +85,14 @@ enum Phase {
     Detached,
 }
 
-/// One watch as the task keeps it.
+/// One watch as the task keeps it (boxed in the task's map, so that the
+/// map's spare capacity costs a pointer per slot, not a whole watch).
 struct Watch {
     slot: Arc<Slot>,
-    range: Range,
+    /// The first key of the watched range, exactly sized.
+    key: Box<[u8]>,
+    /// Its end (empty: the key alone).
+    end: Box<[u8]>,
     /// Every event up to this revision was delivered.
     last: u64,
     /// `Start::Now` not yet confirmed: create without a start revision.
@@ -102,13 +106,25 @@ struct Watch {
     /// Events at or below this revision were delivered before a re-create.
     floor: u64,
     phase: Phase,
-    /// Events of a fragmented response, until its last fragment.
-    fragments: Vec<PbEvent>,
     /// The caller of `watch`, until etcd confirms the watch.
     reply: Option<oneshot::Sender<Result<()>>>,
 }
 
 impl Watch {
+    fn new(slot: Arc<Slot>, range: Range, after: Option<u64>) -> Box<Watch> {
+        Box::new(Watch {
+            slot,
+            key: range.start.into_boxed_slice(),
+            end: range.end.into_boxed_slice(),
+            last: after.unwrap_or(0),
+            now: after.is_none(),
+            behind: 0,
+            floor: after.unwrap_or(0),
+            phase: Phase::Creating,
+            reply: None,
+        })
+    }
+
     fn options(&self, id: i64) -> WatchOptions {
         let mut opts = WatchOptions::new()
             .with_watch_id(id)
@@ -121,8 +137,8 @@ impl Watch {
             // instead of one message over the client's size limit, which
             // would fail the same way at every resume.
             .with_fragment();
-        if !self.range.end.is_empty() {
-            opts = opts.with_range(self.range.end.clone());
+        if !self.end.is_empty() {
+            opts = opts.with_range(self.end.to_vec());
         }
         if !self.now {
             opts = opts.with_start_revision(
@@ -161,7 +177,7 @@ impl Live {
         self.creating.push_back(id);
         let _ = self
             .requests
-            .send(Req::Create(w.range.start.clone(), w.options(id)));
+            .send(Req::Create(w.key.to_vec(), w.options(id)));
     }
 }
 
@@ -172,7 +188,10 @@ pub(crate) struct Task {
     cmds: mpsc::UnboundedReceiver<Cmd>,
     /// Watches on this stream, as counted by the hub.
     load: Arc<AtomicUsize>,
-    watches: HashMap<i64, Watch>,
+    watches: HashMap<i64, Box<Watch>>,
+    /// Events of a fragmented response per watch, until its last fragment
+    /// (rare: kept here rather than in every watch).
+    fragments: HashMap<i64, Vec<PbEvent>>,
     next_id: i64,
     /// Progress requests sent so far.
     tick: u64,
@@ -194,6 +213,7 @@ impl Task {
             cmds,
             load,
             watches: HashMap::new(),
+            fragments: HashMap::new(),
             next_id: 1,
             tick: 0,
         }
@@ -299,14 +319,14 @@ impl Task {
     /// Opens a gRPC stream and sends a create request for every watch not
     /// detached, each from its own resume point.
     async fn open(&mut self) -> Result<Live> {
+        self.fragments = HashMap::new();
         let mut creates: Vec<(i64, Vec<u8>, WatchOptions)> = self
             .watches
             .iter_mut()
             .filter(|(_, w)| w.phase != Phase::Detached)
             .map(|(id, w)| {
                 w.phase = Phase::Creating;
-                w.fragments.clear();
-                (*id, w.range.start.clone(), w.options(*id))
+                (*id, w.key.to_vec(), w.options(*id))
             })
             .collect();
         // Oldest first, as they were made.
@@ -366,17 +386,8 @@ impl Task {
             } => {
                 let id = self.fresh_id();
                 slot.id.store(id, Ordering::Relaxed);
-                let w = Watch {
-                    slot,
-                    range,
-                    last: after.unwrap_or(0),
-                    now: after.is_none(),
-                    behind: 0,
-                    floor: after.unwrap_or(0),
-                    phase: Phase::Creating,
-                    fragments: Vec::new(),
-                    reply: Some(reply),
-                };
+                let mut w = Watch::new(slot, range, after);
+                w.reply = Some(reply);
                 if let Some(l) = live {
                     l.create(id, &w);
                 }
@@ -428,7 +439,8 @@ impl Task {
     }
 
     /// Forgets a watch (its consumer is gone, or its stream ended).
-    fn remove(&mut self, id: i64) -> Option<Watch> {
+    fn remove(&mut self, id: i64) -> Option<Box<Watch>> {
+        self.fragments.remove(&id);
         let w = self.watches.remove(&id)?;
         self.load.fetch_sub(1, Ordering::Relaxed);
         Some(w)
@@ -469,11 +481,11 @@ impl Task {
             // The answer to a progress request: every event up to `header`
             // was sent, for each watch confirmed before the request went out.
             if let Some(asked_at) = l.progress.pop_front() {
-                for w in self.watches.values_mut() {
+                for (id, w) in self.watches.iter_mut() {
                     if let Phase::Active { since } = w.phase
                         && since < asked_at
                         && (w.behind == 0 || w.last > w.behind)
-                        && w.fragments.is_empty()
+                        && !self.fragments.contains_key(id)
                     {
                         w.last = w.last.max(header);
                     }
@@ -520,19 +532,21 @@ impl Task {
             return Ok(());
         }
         if resp.0.fragment {
-            w.fragments.append(&mut resp.0.events);
+            self.fragments
+                .entry(id)
+                .or_default()
+                .append(&mut resp.0.events);
             return Ok(());
         }
         let mut events = std::mem::take(&mut resp.0.events);
-        if !w.fragments.is_empty() {
-            w.fragments.append(&mut events);
-            events = std::mem::take(&mut w.fragments);
+        if let Some(mut first) = self.fragments.remove(&id) {
+            first.append(&mut events);
+            events = first;
         }
         if !deliver(w, header, events) {
             // The consumer is not reading: cut this watch off (only it),
             // until it has read its buffer.
             w.phase = Phase::Detached;
-            w.fragments = Vec::new();
             w.slot.lock().detached = true;
             tracing::debug!(id, last = w.last, "etcd watch consumer too slow; detached");
             let _ = l.requests.send(Req::Cancel(id));
@@ -548,8 +562,8 @@ impl Task {
                 w.phase = Phase::Creating;
                 w.floor = w.last;
             }
-            w.fragments = Vec::new();
         }
+        self.fragments = HashMap::new();
     }
 
     /// Tells every consumer once that the cluster has been unreachable for
@@ -716,20 +730,13 @@ mod tests {
     }
 
     fn watch(last: u64) -> Watch {
-        Watch {
-            slot: Slot::new(1),
-            range: Range {
-                start: b"a".to_vec(),
-                end: Vec::new(),
-            },
-            last,
-            now: false,
-            behind: 0,
-            floor: last,
-            phase: Phase::Active { since: 0 },
-            fragments: Vec::new(),
-            reply: None,
-        }
+        let range = Range {
+            start: b"a".to_vec(),
+            end: Vec::new(),
+        };
+        let mut w = *Watch::new(Slot::new(1), range, Some(last));
+        w.phase = Phase::Active { since: 0 };
+        w
     }
 
     fn drain(w: &Watch) -> Vec<(String, u64)> {
