@@ -16,7 +16,7 @@ use crate::{
     capability::Capabilities,
     error::{Error, Result},
     key::Key,
-    layer::{Layer, Next},
+    layer::{Context, Inner, Layer, Next, Standard},
     layers::request::{Request, Response},
     session::SessionBackend,
     types::{Condition, Op, Version},
@@ -29,6 +29,12 @@ pub struct ChecksLayer;
 #[async_trait]
 impl Layer for ChecksLayer {
     async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
+        self.around(req, next).await
+    }
+}
+
+impl Standard for ChecksLayer {
+    async fn around<N: Inner>(&self, req: Request, next: N) -> Result<Response> {
         let ctx = next.context();
         let check = Checks {
             backend: ctx.backend(),
@@ -49,6 +55,16 @@ impl Layer for ChecksLayer {
             other => Ok(other),
         }
     }
+}
+
+/// The checks layer's verdict on a request (the request if it may go on),
+/// for the fused fast path.
+pub(crate) fn check(ctx: &Context, req: Request) -> Result<Request> {
+    Checks {
+        backend: ctx.backend(),
+        caps: ctx.capabilities(),
+    }
+    .request(req)
 }
 
 struct Checks<'a> {

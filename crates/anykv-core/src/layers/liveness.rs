@@ -19,7 +19,7 @@ use futures::StreamExt;
 
 use crate::{
     error::{Error, Result},
-    layer::{Context, Layer, Next, WatchTicket},
+    layer::{Context, Inner, Layer, Next, Standard, WatchTicket},
     layers::request::{Request, Response},
     liveness::LivenessMonitor,
     store::{PairStream, WatchStream},
@@ -32,6 +32,12 @@ pub struct LivenessLayer;
 #[async_trait]
 impl Layer for LivenessLayer {
     async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
+        self.around(req, next).await
+    }
+}
+
+impl Standard for LivenessLayer {
+    async fn around<N: Inner>(&self, req: Request, next: N) -> Result<Response> {
         let ctx = next.context();
         let kind = req.kind();
         let outcome = next.run(req).await;

@@ -16,7 +16,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::{
     error::{Error, Result},
     key::{Key, Prefix, RESERVED_ROOT},
-    layer::{Layer, Next},
+    layer::{Inner, Layer, Next, Standard},
     layers::request::{Request, Response},
     session::SessionBackend,
     types::{Check, Condition, Event, KvPair, Op, Snapshot, Target, Version},
@@ -118,6 +118,12 @@ fn disjoint(mut prefixes: Vec<Prefix>) -> Vec<Prefix> {
 #[async_trait]
 impl Layer for NamespaceLayer {
     async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
+        self.around(req, next).await
+    }
+}
+
+impl Standard for NamespaceLayer {
+    async fn around<N: Inner>(&self, req: Request, next: N) -> Result<Response> {
         let namespace = &next.context().config().namespace;
         if namespace.is_root() {
             // The hot path: nothing to map for single-key reads and writes
@@ -142,8 +148,61 @@ impl Layer for NamespaceLayer {
     }
 }
 
+/// The namespace layer's mapping of a single-key `get`, `put`, `delete` or
+/// `exists` (the fused fast path); any other request comes back as `Err`.
+pub(crate) fn simple(
+    namespace: &Prefix,
+    req: Request,
+) -> std::result::Result<(Request, SimpleNs), Request> {
+    if namespace.is_root() {
+        // As the layer's hot path: nothing to map but hiding the reserved root.
+        return match req {
+            Request::Get { ref key } if reserved(key.as_str()) => Err(req),
+            Request::Get { .. }
+            | Request::Put { .. }
+            | Request::Delete { .. }
+            | Request::Exists { .. } => Ok((req, SimpleNs(None))),
+            other => Err(other),
+        };
+    }
+    let ns = Ns(namespace.clone());
+    let req = match req {
+        Request::Get { key } => Request::Get { key: ns.key(&key) },
+        Request::Put { key, value, opts } => Request::Put {
+            key: ns.key(&key),
+            value,
+            opts,
+        },
+        Request::Delete { key, condition } => Request::Delete {
+            key: ns.key(&key),
+            condition,
+        },
+        Request::Exists { key } => Request::Exists { key: ns.key(&key) },
+        other => return Err(other),
+    };
+    Ok((req, SimpleNs(Some(ns))))
+}
+
+/// How [`simple`] maps the answer back.
+pub(crate) struct SimpleNs(Option<Ns>);
+
+impl SimpleNs {
+    /// The caller's view of the driver's answer: pair and error keys
+    /// relative to the namespace.
+    pub(crate) fn answer(&self, out: Result<Response>) -> Result<Response> {
+        let Some(ns) = &self.0 else {
+            return out;
+        };
+        match out {
+            Ok(Response::Get(p)) => Ok(Response::Get(p.and_then(|p| ns.pair(p)))),
+            Ok(other) => Ok(other),
+            Err(e) => Err(ns.error(e)),
+        }
+    }
+}
+
 impl Ns {
-    async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
+    async fn call<N: Inner>(&self, req: Request, next: N) -> Result<Response> {
         let lock_key = |k: &Key| Key::lock_record(&self.0, k);
         let resp = match req {
             Request::Get { key } => match next
@@ -329,7 +388,7 @@ impl Ns {
 
     /// `delete_prefix` of the whole backend: deletes each top-level name but
     /// the reserved one, sparing anykv's own records (held locks).
-    async fn delete_all(&self, next: Next<'_>) -> Result<u64> {
+    async fn delete_all<N: Inner>(&self, next: N) -> Result<u64> {
         let names = match next
             .run(Request::Keys {
                 prefix: Prefix::root(),
@@ -363,7 +422,7 @@ impl Ns {
     }
 }
 
-fn unexpected(next: Next<'_>, got: &Response) -> Error {
+fn unexpected<N: Inner>(next: N, got: &Response) -> Error {
     Error::Backend {
         backend: next.context().backend(),
         message: format!("a layer answered with a {} response", got.kind()),

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 
 use crate::{
     error::{Error, Result},
-    layer::{Layer, Next},
+    layer::{Inner, Layer, Next, Standard},
     layers::request::{Request, Response},
 };
 
@@ -45,7 +45,8 @@ impl RetryPolicy {
         exp.min(self.max_backoff)
     }
 
-    fn should_retry(&self, e: &Error, idempotent: bool, attempt: u32) -> bool {
+    /// Whether attempt `attempt` failing with `e` is tried again.
+    pub(crate) fn should_retry(&self, e: &Error, idempotent: bool, attempt: u32) -> bool {
         (e.never_reached_server() || idempotent && e.is_retryable()) && attempt < self.max_attempts
     }
 }
@@ -58,6 +59,12 @@ pub struct RetryLayer;
 #[async_trait]
 impl Layer for RetryLayer {
     async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
+        self.around(req, next).await
+    }
+}
+
+impl Standard for RetryLayer {
+    async fn around<N: Inner>(&self, req: Request, next: N) -> Result<Response> {
         let policy = &next.context().config().retry;
         if matches!(req, Request::Lock { .. } | Request::Close) || policy.max_attempts <= 1 {
             return next.run(req).await;

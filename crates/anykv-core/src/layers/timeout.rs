@@ -6,7 +6,7 @@
 //! the final round trip and fails with `Timeout { after: d }`; `lock`
 //! without a wait and `close` are not bounded.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, task::Poll, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use crate::{
     error::{Error, Result},
     key::Key,
-    layer::{Layer, Next},
+    layer::{Inner, Layer, Next, Standard},
     layers::request::{Request, Response},
     session::SessionBackend,
     types::{Condition, Version},
@@ -28,6 +28,12 @@ pub struct TimeoutLayer;
 #[async_trait]
 impl Layer for TimeoutLayer {
     async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
+        self.around(req, next).await
+    }
+}
+
+impl Standard for TimeoutLayer {
+    async fn around<N: Inner>(&self, req: Request, next: N) -> Result<Response> {
         let ctx = next.context();
         let timeout = ctx.config().timeout;
         let operation = req.name();
@@ -59,21 +65,35 @@ impl Layer for TimeoutLayer {
     }
 }
 
-async fn bounded<T>(
+/// `fut` bounded by `limit`, failing with `Timeout { after }`. The timer is
+/// armed only if `fut` is not ready at its first poll (a local store mostly
+/// answers at once), from that poll on.
+pub(crate) async fn bounded<T>(
     backend: &'static str,
     operation: &'static str,
     limit: Duration,
     after: Duration,
     fut: impl Future<Output = Result<T>>,
 ) -> Result<T> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(Error::Timeout {
-            backend,
-            operation,
-            after,
-        }),
-    }
+    let mut fut = std::pin::pin!(fut);
+    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(out);
+        }
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep(limit)));
+        }
+        match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(Error::Timeout {
+                backend,
+                operation,
+                after,
+            })),
+            _ => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// A session's puts and close, each bounded by the timeout.

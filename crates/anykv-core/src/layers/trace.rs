@@ -7,7 +7,7 @@ use tracing::Instrument;
 
 use crate::{
     error::Result,
-    layer::{Layer, Next},
+    layer::{Inner, Layer, Next, Standard},
     layers::request::{Request, Response},
 };
 
@@ -18,6 +18,15 @@ pub struct TracingLayer;
 #[async_trait]
 impl Layer for TracingLayer {
     async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
+        self.around(req, next).await
+    }
+}
+
+impl Standard for TracingLayer {
+    async fn around<N: Inner>(&self, req: Request, next: N) -> Result<Response> {
+        if !interested() {
+            return next.run(req).await;
+        }
         let span = tracing::debug_span!(
             "anykv",
             backend = next.context().backend(),
@@ -37,4 +46,10 @@ impl Layer for TracingLayer {
         .instrument(span)
         .await
     }
+}
+
+/// Whether a subscriber may record this layer's span or events: without
+/// one (or with DEBUG filtered out everywhere) the layer costs nothing.
+pub(crate) fn interested() -> bool {
+    tracing::level_enabled!(tracing::Level::DEBUG)
 }
