@@ -86,16 +86,29 @@
 //!   longest common prefix of their paths (`?recurse` on a string prefix:
 //!   `app/g1` covers `app/g1/…` and `app/g10/…`), splitting the busiest
 //!   scope first (see `watch.rs`), so 2,000 watches on one handle cost 16
-//!   queries. It re-plans when a watch opens (if no running query covers it)
-//!   or closes: a query nobody needs ends at once (its connection with it),
-//!   and watches move to the scopes of the new plan without a gap (each
-//!   stream keeps its state; every hub's index is a Raft index).
-//!   Each answer is *fanned out*: every stream compares the entries of its
-//!   own target (a lookup for a key, a range for a prefix) with what it
-//!   last delivered, by `ModifyIndex`, so a wake that changed nothing for a
-//!   watch costs that watch no request and no event; a key that does not
-//!   exist yet costs nothing more than the shared query (no longer one
-//!   query per key woken by every KV write). The price of sharing: a scope's
+//!   queries. A new watch joins a running query that covers it, or gets one
+//!   of its own while the bound allows; only when neither is possible does
+//!   it re-plan (O(watches), rare: the new plan's scopes cover most of the
+//!   watches that follow). When a watch closes, a query nobody needs ends
+//!   at once (its connection with it); watches move to the scopes of a new
+//!   plan without a gap (each stream keeps its state; every hub's index is
+//!   a Raft index). Consul 1.8 does not end a blocking query whose client
+//!   went away (the agent holds it, and counts its connection against
+//!   `http_max_conns_per_client`, until its wait runs out), so a query
+//!   started while more watches than the bound are open (when plans
+//!   change) waits 250 ms after its first read before it blocks: the
+//!   queries a burst of new watches makes and retires at once leave
+//!   nothing behind on the agent.
+//!   Each answer is *fanned out* by key: the hub indexes its streams by
+//!   key and by directory, and hands what an answer changed only to the
+//!   streams whose target a changed key is in; each compares the entries
+//!   of its own target with what it last delivered, by `ModifyIndex`. So
+//!   a write wakes the watches it concerns, not every watch of the query,
+//!   and a key that does not exist yet costs nothing more than the shared
+//!   query (Consul answers a query on an absent key or an empty directory
+//!   with the index of the whole KV table, so every KV write wakes such a
+//!   query: one request per query, no stream woken). The price of sharing:
+//!   a scope's
 //!   query returns every pair under it on each change (a wide scope under
 //!   heavy writes moves more bytes; only changed values are decoded), and
 //!   writes landing while a shared query is re-sent (one round trip) are
@@ -104,10 +117,11 @@
 //!   state they made (in revision order) when its answer already shows a
 //!   later one. Writes of other clients follow Converge as before: if
 //!   several land between two answers, only the resulting state is seen.
-//!   Each hub keeps its last 1,024 answers for its streams, as the changes
-//!   each made (so the window costs the size of the changes, not of the
-//!   scope); a stream that is not read falls out of that window alone (the
-//!   query never waits for it, memory stays bounded) and, when read again,
+//!   Each stream's mailbox at its hub keeps up to 1,024 answers routed to
+//!   it, as the changes each made (shared with the other streams they
+//!   went to, so the window costs the size of the changes, not of the
+//!   scope); a stream that is not read overflows it alone (the query
+//!   never waits for it, memory stays bounded) and, when read again,
 //!   re-syncs to the latest answer and emits the differences (Converge),
 //!   never an error. Measured (debug build, one handle, agent with default
 //!   limits): 2,000 key watches, half on absent keys, 4,000 puts from the

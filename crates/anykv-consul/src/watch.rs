@@ -221,6 +221,8 @@ struct Channel {
 struct Change {
     index: u64,
     epoch: u64,
+    /// The index of the previous answer `changes` are relative to.
+    from: u64,
     /// Keys changed since the previous answer: the new entry, or `None`
     /// for a key gone.
     changes: Vec<(Key, Option<KvPair>)>,
@@ -250,14 +252,12 @@ fn delta(old: &BTreeMap<Key, KvPair>, new: &BTreeMap<Key, KvPair>) -> Vec<(Key, 
 /// One stream's mailbox at the hub serving it: the answers that touch its
 /// target, in order. The hub never waits for it: past [`FAN_OUT_BUFFER`]
 /// answers it drops them and marks the slot `lagged`.
-#[derive(Default)]
 struct Slot {
     queue: Mutex<SlotQueue>,
     /// Wakes the stream (a permit is kept if it is not waiting).
     ready: tokio::sync::Notify,
 }
 
-#[derive(Default)]
 struct SlotQueue {
     items: VecDeque<Arc<Change>>,
     /// Answers were dropped: re-sync to the hub's latest one.
@@ -265,6 +265,10 @@ struct SlotQueue {
     /// The planner moved the stream to another hub: its feed there (the
     /// old hub pushes nothing after this).
     moved: Option<Feed>,
+    /// The index of the stream's view when it came here (`u64::MAX` until
+    /// known): the hub pushes every answer to the slot until one above it
+    /// (see [`Routes::fresh`]).
+    until: u64,
 }
 
 /// What a stream takes from its slot at once.
@@ -275,6 +279,27 @@ struct Taken {
 }
 
 impl Slot {
+    fn new() -> Slot {
+        Slot {
+            queue: Mutex::new(SlotQueue {
+                items: VecDeque::new(),
+                lagged: false,
+                moved: None,
+                until: u64::MAX,
+            }),
+            ready: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, SlotQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stream's view is at `index` now that it came here.
+    fn arrived_at(&self, index: u64) {
+        self.queue().until = index;
+    }
+
     fn push(&self, change: &Arc<Change>) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         if q.items.back().is_some_and(|last| Arc::ptr_eq(last, change)) {
@@ -321,6 +346,12 @@ impl Slot {
 struct Routes {
     keys: HashMap<String, Vec<Arc<Slot>>>,
     dirs: HashMap<String, Vec<Arc<Slot>>>,
+    /// Slots of streams that came here and have not been pushed an answer
+    /// newer than their view yet: they get every answer, whatever it
+    /// changed, until one is (a stream's baseline can be newer than the
+    /// answer the next one's changes are relative to; see
+    /// `View::advance_by`).
+    fresh: Vec<Arc<Slot>>,
 }
 
 impl Routes {
@@ -333,6 +364,7 @@ impl Routes {
     }
 
     fn add(&mut self, scope: &Scope, slot: Arc<Slot>) {
+        self.fresh.push(slot.clone());
         self.table(scope)
             .entry(scope.path.clone())
             .or_default()
@@ -340,6 +372,9 @@ impl Routes {
     }
 
     fn remove(&mut self, scope: &Scope, slot: &Arc<Slot>) {
+        if !self.fresh.is_empty() {
+            self.fresh.retain(|s| !Arc::ptr_eq(s, slot));
+        }
         let table = self.table(scope);
         if let Some(slots) = table.get_mut(&scope.path) {
             slots.retain(|s| !Arc::ptr_eq(s, slot));
@@ -349,7 +384,13 @@ impl Routes {
         }
     }
 
-    fn deliver(&self, change: &Arc<Change>) {
+    fn deliver(&mut self, change: &Arc<Change>) {
+        if change.fault.is_none() && !self.fresh.is_empty() {
+            self.fresh.retain(|slot| {
+                slot.push(change);
+                change.index <= slot.queue().until
+            });
+        }
         if change.full.is_some() || change.fault.is_some() {
             for slot in self.keys.values().chain(self.dirs.values()).flatten() {
                 slot.push(change);
@@ -385,16 +426,17 @@ impl Channel {
 
     fn send(&self, snapshot: Snapshot) {
         let previous = self.current();
-        let (changes, full) = match &previous {
-            _ if snapshot.fault.is_some() => (Vec::new(), None),
+        let (changes, full, from) = match &previous {
+            _ if snapshot.fault.is_some() => (Vec::new(), None, 0),
             Some(p) if p.epoch == snapshot.epoch && p.index > 0 => {
-                (delta(&p.entries, &snapshot.entries), None)
+                (delta(&p.entries, &snapshot.entries), None, p.index)
             }
-            _ => (Vec::new(), Some(snapshot.entries.clone())),
+            _ => (Vec::new(), Some(snapshot.entries.clone()), 0),
         };
         let change = Arc::new(Change {
             index: snapshot.index,
             epoch: snapshot.epoch,
+            from,
             changes,
             full,
             fault: snapshot.fault.clone(),
@@ -431,7 +473,7 @@ struct Feed {
 impl Feed {
     /// Registers a slot for a watch of `scope` at `channel`'s hub.
     fn of(channel: &Channel, scope: &Scope) -> Feed {
-        let slot = Arc::new(Slot::default());
+        let slot = Arc::new(Slot::new());
         channel.routes().add(scope, slot.clone());
         Feed {
             slot,
@@ -1377,6 +1419,7 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
             })
         }));
     }
+    slot.arrived_at(index);
     let stream = Stream {
         _member: member,
         feed,
@@ -1513,15 +1556,33 @@ impl View {
     /// previous answer. The view is at least as new as that answer (older
     /// answers are skipped by index), so keys not among the changes are
     /// as the view has them.
+    ///
+    /// `from` is the index of the answer the changes are relative to. A
+    /// view newer than it (a baseline read after that answer) may hold a
+    /// key that came after it and is gone by `index`, which the changes do
+    /// not name: any key of the view written after `from` would be among
+    /// the changes if it still existed, so one that is not is deleted.
     fn advance_by(
         &mut self,
         index: u64,
         epoch: u64,
+        from: u64,
         changes: &[(Key, Option<KvPair>)],
     ) -> Vec<Event> {
         if epoch == self.epoch && index <= self.index {
             return Vec::new();
         }
+        let gone: Vec<Key> = if from < self.index {
+            let named: std::collections::HashSet<&str> =
+                changes.iter().map(|(k, _)| k.as_str()).collect();
+            self.entries
+                .values()
+                .filter(|p| p.mod_revision > from && !named.contains(p.key.as_str()))
+                .map(|p| p.key.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut puts = Vec::new();
         let mut deletes = Vec::new();
         for (k, new) in changes.iter().filter(|(k, _)| self.target.matches(k)) {
@@ -1544,6 +1605,14 @@ impl View {
                         });
                     }
                 }
+            }
+        }
+        for k in gone {
+            if self.entries.remove(&k).is_some() {
+                deletes.push(Event::Delete {
+                    key: k,
+                    revision: index.max(self.index),
+                });
             }
         }
         puts.sort_by_key(Event::revision);
@@ -1668,6 +1737,7 @@ impl Stream {
         if let Some(s) = feed.at {
             self.apply(&s);
         }
+        self.slot.arrived_at(self.view.index);
     }
 
     /// Applies one answer of the slot: its changes, or its whole state.
@@ -1688,7 +1758,7 @@ impl Stream {
         let events = match &c.full {
             Some(full) => self.view.advance(c.index, c.epoch, full),
             None if c.epoch == self.view.epoch => {
-                self.view.advance_by(c.index, c.epoch, &c.changes)
+                self.view.advance_by(c.index, c.epoch, c.from, &c.changes)
             }
             // A reset this stream did not see the state of: re-sync.
             None => match self.feed.current() {
@@ -1902,8 +1972,8 @@ mod tests {
                 index: 10,
                 epoch: 0,
             };
-            let mut events = view.advance_by(12, 0, &delta(&prev, &mids[0].1));
-            events.extend(view.advance_by(15, 0, &delta(&mids[0].1, &new)));
+            let mut events = view.advance_by(12, 0, 10, &delta(&prev, &mids[0].1));
+            events.extend(view.advance_by(15, 0, 12, &delta(&mids[0].1, &new)));
             let revs: Vec<u64> = events.iter().map(Event::revision).collect();
             assert!(revs.windows(2).all(|w| w[0] <= w[1]), "{events:?}");
             assert!(
@@ -1941,6 +2011,120 @@ mod tests {
         let many: ViewMap = (0..30).map(|i| pair(&format!("x{i:02}"), "v", i)).collect();
         assert_eq!(many.values().count(), 30);
         assert!(matches!(many, ViewMap::Many(_)));
+    }
+
+    fn snapshot(index: u64, pairs: &[(&str, u64)]) -> Snapshot {
+        Snapshot {
+            index,
+            epoch: 0,
+            entries: state(pairs),
+            fault: None,
+            outages: 0,
+            last_fault: None,
+        }
+    }
+
+    fn stream_at(channel: &Channel, target: Target, index: u64, view: &[(&str, u64)]) -> Stream {
+        let feed = Feed::of(channel, &Scope::of(&target));
+        feed.slot.arrived_at(index);
+        Stream {
+            _member: Membership {
+                inner: std::sync::Weak::new(),
+                id: 0,
+            },
+            feed: feed.channel,
+            slot: feed.slot,
+            closed: watch::channel(0).1,
+            view: View {
+                entries: (*state(view)).clone().into_iter().collect(),
+                target,
+                index,
+                epoch: 0,
+            },
+            outages: 0,
+            pending: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    fn events(s: &mut Stream) -> Vec<(String, u64, bool)> {
+        s.receive();
+        s.pending
+            .drain(..)
+            .map(|e| {
+                let e = e.unwrap();
+                let put = matches!(e, Event::Put { .. });
+                (e.key().to_string(), e.revision(), put)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn answers_reach_only_the_streams_they_concern() {
+        let ch = Channel::new();
+        ch.send(snapshot(10, &[("a/x", 5)]));
+        let key = |k: &str| Target::Key(Key::new(k).unwrap());
+        let mut on_x = stream_at(&ch, key("a/x"), 10, &[("a/x", 5)]);
+        let mut on_y = stream_at(&ch, key("a/y"), 10, &[]);
+        let mut on_a = stream_at(
+            &ch,
+            Target::Prefix(anykv_core::Prefix::new("a").unwrap()),
+            10,
+            &[("a/x", 5)],
+        );
+        // The first answer after they joined reaches every new stream.
+        ch.send(snapshot(11, &[("a/x", 5)]));
+        for s in [&mut on_x, &mut on_y, &mut on_a] {
+            assert!(events(s).is_empty());
+        }
+        // Then only those whose target changed.
+        ch.send(snapshot(12, &[("a/x", 12)]));
+        ch.send(snapshot(13, &[("a/x", 12)])); // an absent key's wake-up
+        assert!(on_y.slot.take().items.is_empty(), "a/y not woken");
+        assert_eq!(events(&mut on_x), [("a/x".to_owned(), 12, true)]);
+        assert_eq!(events(&mut on_a), [("a/x".to_owned(), 12, true)]);
+        ch.send(snapshot(14, &[("a/x", 12), ("a/y", 14)]));
+        assert!(on_x.slot.take().items.is_empty(), "a/x not woken");
+        assert_eq!(events(&mut on_y), [("a/y".to_owned(), 14, true)]);
+        assert_eq!(events(&mut on_a), [("a/y".to_owned(), 14, true)]);
+    }
+
+    #[test]
+    fn a_key_that_came_and_went_after_the_hubs_answer_is_deleted() {
+        // The hub answered at 10 (no x). A stream's baseline read at 12
+        // shows x (created at 11); x is deleted at 13, and the hub's next
+        // answer (14) is the same as its previous one: no change names x.
+        let ch = Channel::new();
+        ch.send(snapshot(10, &[("a", 5)]));
+        let all = Target::Prefix(anykv_core::Prefix::root());
+        let mut s = stream_at(&ch, all, 12, &[("a", 5), ("x", 11)]);
+        ch.send(snapshot(14, &[("a", 5)]));
+        assert_eq!(events(&mut s), [("x".to_owned(), 14, false)]);
+        // The same when the hub's first answer after the stream came is
+        // older than its baseline: the next one (which changes nothing
+        // either) still reaches it.
+        let ch = Channel::new();
+        ch.send(snapshot(8, &[("a", 5)]));
+        let all = Target::Prefix(anykv_core::Prefix::root());
+        let mut s = stream_at(&ch, all, 12, &[("a", 5), ("b", 10), ("x", 11)]);
+        ch.send(snapshot(10, &[("a", 5), ("b", 10)]));
+        assert!(events(&mut s).is_empty(), "older than the view");
+        ch.send(snapshot(14, &[("a", 5), ("b", 10)]));
+        assert_eq!(events(&mut s), [("x".to_owned(), 14, false)]);
+        ch.send(snapshot(15, &[("a", 5), ("b", 10)]));
+        assert!(s.slot.take().items.is_empty(), "no longer fresh");
+    }
+
+    #[test]
+    fn a_stream_that_falls_behind_resyncs_to_the_latest_answer() {
+        let ch = Channel::new();
+        ch.send(snapshot(10, &[]));
+        let mut s = stream_at(&ch, Target::Key(Key::new("k").unwrap()), 10, &[]);
+        for i in 0..(FAN_OUT_BUFFER as u64 + 5) {
+            ch.send(snapshot(11 + i, &[("k", 11 + i)]));
+        }
+        let last = 10 + FAN_OUT_BUFFER as u64 + 5;
+        assert_eq!(events(&mut s), [("k".to_owned(), last, true)]);
     }
 
     #[test]
