@@ -11,32 +11,38 @@
 //! Taken only while no tracing subscriber wants the span (the tracing layer
 //! then does nothing); every other request runs through the layers.
 
+use std::future::Future;
+
 use crate::{
     error::Result,
     layer::{Next, Request, Response, standard::StandardRun},
     layers::{checks, namespace, timeout, trace},
 };
 
-/// Runs `req` on the fast path, or hands it back when it does not qualify.
-pub(super) async fn run(
+/// The fast path's future for `req`, or `req` back when it does not
+/// qualify (decided before any await, so the request is held once).
+pub(super) fn prepare<'a>(
     stack: &StandardRun,
     req: Request,
-    next: Next<'_>,
-) -> std::result::Result<Result<Response>, Request> {
+    next: Next<'a>,
+) -> std::result::Result<impl Future<Output = Result<Response>> + Send + 'a, Request> {
     if !stack.is_full() || trace::interested() {
         return Err(req);
     }
     let ctx = next.ctx;
     let (req, ns) = namespace::simple(&ctx.config().namespace, req)?;
-    let out = async {
-        let req = checks::check(ctx, req)?;
-        let outcome = retried(&req, next).await;
-        // The kinds taken here all feed liveness (no lock, no close).
-        ctx.liveness().record(&outcome);
-        outcome
-    }
-    .await;
-    Ok(ns.answer(out))
+    Ok(async move {
+        let out = match checks::check(ctx, req) {
+            Ok(req) => {
+                let outcome = retried(&req, next).await;
+                // The kinds taken here all feed liveness (no lock, no close).
+                ctx.liveness().record(&outcome);
+                outcome
+            }
+            Err(e) => Err(e),
+        };
+        ns.answer(out)
+    })
 }
 
 /// The retry layer's loop over timed attempts.
@@ -51,7 +57,8 @@ async fn retried(req: &Request, next: Next<'_>) -> Result<Response> {
         match out {
             Err(e) if policy.should_retry(&e, idempotent, attempt) => {
                 tracing::debug!(attempt, error = %e, "retrying");
-                tokio::time::sleep(policy.backoff(attempt)).await;
+                // Boxed: rare, and kept out of the common case's future.
+                Box::pin(tokio::time::sleep(policy.backoff(attempt))).await;
                 attempt += 1;
             }
             other => return other,

@@ -1,10 +1,11 @@
 //! [`Kv`]: the handle applications use, and its [`Store`] impl (each call a
 //! [`Request`] through the layers).
 
-use std::{any::Any, sync::Arc, time::Duration};
+use std::{any::Any, future::Future, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::future::Either;
 
 use crate::{
     capability::Capabilities,
@@ -132,21 +133,21 @@ impl Kv {
 
     /// Runs one request through this handle's layers. A standard run on
     /// top (the default stack) is awaited inline: no box for it.
-    async fn run(&self, req: Request) -> Result<Response> {
-        if self.inner.is_closed() {
-            return Err(self.inner.closed_error());
-        }
+    fn run(&self, req: Request) -> impl Future<Output = Result<Response>> + Send + '_ {
         let ctx = &*self.inner;
+        if ctx.is_closed() {
+            return Either::Left(std::future::ready(Err(ctx.closed_error())));
+        }
         if let Some((first, rest)) = ctx.layers.split_first()
             && let Some(run) = (&**first as &dyn Any).downcast_ref::<StandardRun>()
         {
-            return run.run(req, Next { layers: rest, ctx }).await;
+            return Either::Right(Either::Left(run.run(req, Next { layers: rest, ctx })));
         }
         let next = Next {
             layers: &ctx.layers,
             ctx,
         };
-        next.run_unboxed(req).await
+        Either::Right(Either::Right(next.run_unboxed(req)))
     }
 
     /// Registers a guard with this handle (see [`HeldLocks`]).

@@ -10,6 +10,7 @@
 use std::{any::Any, future::Future};
 
 use async_trait::async_trait;
+use futures::future::Either;
 
 use crate::{
     error::Result,
@@ -135,10 +136,14 @@ impl StandardRun {
     /// Runs `req` through the run, then `next`: on the fast path when it
     /// qualifies, else through the composed layers (boxed, so that the
     /// common case's future stays small).
-    pub(crate) async fn run<'a>(&'a self, req: Request, next: Next<'a>) -> Result<Response> {
-        match super::fast_path::run(self, req, next).await {
-            Ok(out) => out,
-            Err(req) => Box::pin(self.compose(req, next)).await,
+    pub(crate) fn run<'a>(
+        &'a self,
+        req: Request,
+        next: Next<'a>,
+    ) -> impl Future<Output = Result<Response>> + Send + 'a {
+        match super::fast_path::prepare(self, req, next) {
+            Ok(fast) => Either::Left(fast),
+            Err(req) => Either::Right(Box::pin(self.compose(req, next))),
         }
     }
 

@@ -6,7 +6,7 @@
 //! the final round trip and fails with `Timeout { after: d }`; `lock`
 //! without a wait and `close` are not bounded.
 
-use std::{future::Future, sync::Arc, task::Poll, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -67,7 +67,8 @@ impl Standard for TimeoutLayer {
 
 /// `fut` bounded by `limit`, failing with `Timeout { after }`. The timer is
 /// armed only if `fut` is not ready at its first poll (a local store mostly
-/// answers at once), from that poll on.
+/// answers at once), from that poll on; boxed then, so that the future of
+/// an operation answered at once stays small.
 pub(crate) async fn bounded<T>(
     backend: &'static str,
     operation: &'static str,
@@ -76,21 +77,19 @@ pub(crate) async fn bounded<T>(
     fut: impl Future<Output = Result<T>>,
 ) -> Result<T> {
     let mut fut = std::pin::pin!(fut);
-    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(out);
         }
-        if timer.is_none() {
-            timer.set(Some(tokio::time::sleep(limit)));
-        }
-        match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Err(Error::Timeout {
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Error::Timeout {
                 backend,
                 operation,
                 after,
             })),
-            _ => Poll::Pending,
+            Poll::Pending => Poll::Pending,
         }
     })
     .await
