@@ -112,15 +112,19 @@
 //!   prefix). `cargo xtask bench watch zookeeper` (10,000 watches on one
 //!   `anykv::open` handle, 100 opened at a time, each on its own key or
 //!   prefix, standalone server, loaded 2-core VM) measured a setup of
-//!   0.15–0.56 s (80–150 ms of client CPU) and 1.5–1.8 KiB of client RSS
-//!   per watch, layers and the bench's consumer included. At 500 puts/s
-//!   the event followed the put's acknowledgement by 0.2–0.4 ms at p50 and
-//!   4–16 ms at p99: the hub reads the znode after the notification, and a
-//!   standalone server passes reads through its transaction log's queue,
-//!   so that read waits for the writes queued before it to be synced to
-//!   disk (the tail follows the server's write latency).
-//!   ZooKeeper 3.8 notifications carry no data and no zxid, so the hub reads each notified path once for all watches on it (a
-//!   delete needs no read) and emits each watch's differences from what it
+//!   0.13–0.63 s (70–230 ms of client CPU; up to 1.7 s of wall time while
+//!   the disk was saturated) and 1.5–1.8 KiB of client RSS per watch,
+//!   layers and the bench's consumer included. At 500 puts/s the event
+//!   followed the put's acknowledgement by 0.2–0.5 ms at p50; at p99 by
+//!   1.4–8 ms while the server's own put p99 stayed under 20 ms, and by as
+//!   much as the server's write stalls otherwise: the hub must read the
+//!   znode after the notification, and a standalone server holds a read
+//!   while writes wait for their log sync (its `SyncRequestProcessor`), so
+//!   the tail follows the server's write latency. Those reads go out as
+//!   soon as notifications arrive (up to four reads in flight).
+//!   ZooKeeper 3.8 notifications carry no data and no zxid, so the hub
+//!   reads each notified path once for all watches on it (a delete needs
+//!   no read) and emits each watch's differences from what it
 //!   delivered before, in revision order: a put when every earlier change
 //!   is known read (notifications arrive in zxid order before any reply
 //!   that reflects them), a delete at a revision at or below its real zxid

@@ -59,6 +59,43 @@ struct Sub {
     share: ServerKey,
 }
 
+/// The watches on one path (most paths have one: no allocation then).
+enum Ids {
+    One(u64),
+    Many(Vec<u64>),
+}
+
+impl Ids {
+    fn push(&mut self, id: u64) {
+        match self {
+            Ids::One(first) => *self = Ids::Many(vec![*first, id]),
+            Ids::Many(ids) => ids.push(id),
+        }
+    }
+
+    /// Removes `id`; true when no watch is left.
+    fn remove(&mut self, id: u64) -> bool {
+        match self {
+            Ids::One(only) => *only == id,
+            Ids::Many(ids) => {
+                ids.retain(|&i| i != id);
+                if let [only] = ids[..] {
+                    *self = Ids::One(only);
+                    return false;
+                }
+                ids.is_empty()
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        match self {
+            Ids::One(id) => std::slice::from_ref(id).iter().copied(),
+            Ids::Many(ids) => ids.iter().copied(),
+        }
+    }
+}
+
 /// A path notified since it was last read.
 #[derive(Clone, Copy)]
 struct Dirty {
@@ -103,12 +140,14 @@ pub(crate) struct Hub {
     closed: tokio_watch::Receiver<u64>,
     session: Option<Arc<Session>>,
     servers: Servers,
-    subs: HashMap<u64, Sub>,
+    /// Boxed: a `Sub` is about 100 bytes, and the table keeps up to twice
+    /// as many slots as watches.
+    subs: HashMap<u64, Box<Sub>>,
     next_id: u64,
     /// key path → watches on that key.
-    by_key: HashMap<String, Vec<u64>>,
+    by_key: HashMap<String, Ids>,
     /// prefix base path → watches below it.
-    by_base: HashMap<String, Vec<u64>>,
+    by_base: HashMap<String, Ids>,
     /// parent znode → watches whose key or prefix base is its child.
     crowd: HashMap<String, usize>,
     dirty: BTreeMap<String, Dirty>,
@@ -322,10 +361,14 @@ impl Hub {
 
     /// Routes the notifications of `range` to watch `id`.
     fn index(&mut self, id: u64, range: &Range) {
-        match range {
-            Range::Key(p) => self.by_key.entry(p.clone()).or_default().push(id),
-            Range::Below(b) => self.by_base.entry(b.clone()).or_default().push(id),
-        }
+        let index = match range {
+            Range::Key(_) => &mut self.by_key,
+            Range::Below(_) => &mut self.by_base,
+        };
+        index
+            .entry(range.path().to_owned())
+            .and_modify(|ids| ids.push(id))
+            .or_insert(Ids::One(id));
         if let Some(parent) = shared_parent(range) {
             *self.crowd.entry(parent.to_owned()).or_default() += 1;
         }
@@ -337,14 +380,13 @@ impl Hub {
             Range::Key(p) => self.by_key.get_mut(p),
             Range::Below(b) => self.by_base.get_mut(b),
         };
-        if let Some(ids) = index {
-            ids.retain(|&i| i != id);
-            if ids.is_empty() {
-                match range {
-                    Range::Key(p) => self.by_key.remove(p),
-                    Range::Below(b) => self.by_base.remove(b),
-                };
-            }
+        if let Some(ids) = index
+            && ids.remove(id)
+        {
+            match range {
+                Range::Key(p) => self.by_key.remove(p),
+                Range::Below(b) => self.by_base.remove(b),
+            };
         }
         if let Some(parent) = shared_parent(range)
             && let Some(n) = self.crowd.get_mut(parent)
@@ -360,21 +402,21 @@ impl Hub {
     fn route(&self, path: &str) -> Vec<u64> {
         let mut out = Vec::new();
         if let Some(ids) = self.by_key.get(path) {
-            out.extend(ids);
+            out.extend(ids.iter());
         }
         if self.by_base.is_empty() {
             return out;
         }
         for a in codec::ancestors(path) {
             if let Some(ids) = self.by_base.get(a) {
-                out.extend(ids);
+                out.extend(ids.iter());
             }
         }
         if path != "/"
             && !codec::is_system(path)
             && let Some(ids) = self.by_base.get("/")
         {
-            out.extend(ids);
+            out.extend(ids.iter());
         }
         out
     }
@@ -777,12 +819,12 @@ impl Hub {
             };
             self.subs.insert(
                 id,
-                Sub {
+                Box::new(Sub {
                     range,
                     view,
                     shared: shared.clone(),
                     share,
-                },
+                }),
             );
             self.hold(held, watermark);
             if reply.send(Ok((id, shared))).is_err() {
@@ -1317,4 +1359,31 @@ async fn read_ranges(
         out.bases.insert(base, pairs);
     }
     Ok((out, seen))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_hold_one_or_many_and_say_when_empty() {
+        let mut ids = Ids::One(1);
+        ids.push(2);
+        ids.push(3);
+        assert_eq!(ids.iter().collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(!ids.remove(2));
+        assert!(!ids.remove(1));
+        assert!(matches!(ids, Ids::One(3)));
+        assert!(!ids.remove(7), "another id leaves it as it was");
+        assert_eq!(ids.iter().collect::<Vec<_>>(), [3]);
+        assert!(ids.remove(3));
+    }
+
+    #[test]
+    fn the_shared_parent_is_never_the_root() {
+        assert_eq!(shared_parent(&Range::Key("/ns/k/1".into())), Some("/ns/k"));
+        assert_eq!(shared_parent(&Range::Below("/ns/p".into())), Some("/ns"));
+        assert_eq!(shared_parent(&Range::Key("/k".into())), None);
+        assert_eq!(shared_parent(&Range::Below("/".into())), None);
+    }
 }
