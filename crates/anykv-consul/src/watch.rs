@@ -84,13 +84,12 @@ use crate::{
 /// one request per second or less.
 const BLOCK_WAIT: Duration = Duration::from_secs(10);
 /// How long a new hub started while more watches than `max_watch_conns`
-/// are open (so while the plan can change) waits after its first
-/// (non-blocking) read before it parks a blocking query. Consul 1.8 does not end a blocking query whose
+/// are open (so while the plan can change) waits before its first query. Consul 1.8 does not end a blocking query whose
 /// client went away: the agent keeps it, and counts its connection against
 /// `http_max_conns_per_client` (200 by default), until the wait runs out.
 /// While many watches open at once the plan changes often and most new
 /// hubs are retired within milliseconds; waiting a moment means those
-/// leave nothing behind on the agent (measured: of ~1,000 hubs started
+/// cost no request and leave nothing behind on the agent (measured: of ~1,000 hubs started
 /// while 10,000 key watches opened, ~40 lived longer than 300 joins). The
 /// price: a write in a hub's first moment reaches its streams up to this
 /// much later (and a hub that settles is not told of an agent restart in
@@ -1076,10 +1075,10 @@ async fn run_hub(
                 .await;
             return;
         };
-        if cursor.ask > 0 && tokio::time::Instant::now() < settled {
-            // A young hub reads (`ask` 0) but does not block yet: see
-            // `HUB_SETTLE`. A write meanwhile shows in the first blocking
-            // query's answer, at once.
+        if tokio::time::Instant::now() < settled {
+            // A young hub does not query yet: see `HUB_SETTLE`. Its
+            // streams have their baselines; its first answer brings them
+            // what changed since.
             drop(store);
             tokio::time::sleep_until(settled).await;
             continue;
