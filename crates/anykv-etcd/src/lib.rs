@@ -126,13 +126,14 @@
 //! pipelined (each is sent at once, answers are matched in order), but etcd
 //! 3.4 reads the store revision for every create through a concurrent read
 //! transaction (`watchStream.Rev()`), which copies its whole write-back
-//! buffer; that buffer keeps the length of the largest batch of writes since
-//! the member started or was last defragmented. After a `delete_prefix` of
-//! 10,000 keys, each create cost etcd about 0.45 ms of CPU, so 10,000
-//! watches took 4-6 s whatever the client (the raw etcd-client on one
-//! stream alike; spreading the creates over several streams did not help on
-//! 2 cores); `etcdctl defrag` brought 3,000 creates from 1.27 s of etcd CPU
-//! back to 20 ms.
+//! buffer (its full length, not only the part in use); the buffer grows with
+//! the largest batch of writes etcd committed and stays that long while
+//! writes go on, until a defrag. After a `delete_prefix` of 10,000 keys,
+//! each create cost etcd about 0.45 ms of CPU, so 10,000 watches took
+//! 4-6 s whatever the client (the raw etcd-client on one stream alike;
+//! spreading the creates over several streams did not help on 2 cores);
+//! `etcdctl defrag` brought 3,000 creates from 1.27 s of etcd CPU back to
+//! 20 ms.
 //!
 //! etcd 3.4 answers a progress request with one response for the whole
 //! stream (watch id -1, the current revision), which advances the resume
