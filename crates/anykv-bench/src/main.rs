@@ -26,14 +26,18 @@
 //! target) or `p/NNNNN` (prefix target, whose put goes to `p/NNNNN/x`).
 //! Phases, in order:
 //!
-//! 1. pre-create the N put keys (existing cases only), 32 at a time;
+//! 1. pre-create the N put keys (existing cases only), 32 at a time
+//!    (after the case, every key it wrote is deleted one by one, 32 at a
+//!    time: see `Names::case_key` on why never as one range);
 //! 2. **no-watch put baseline**: `--base-puts` puts of unwatched keys at the
 //!    writer's pace, no watch open: put latency p50 / p99;
 //! 3. **setup**: open the N watches, `--setup-concurrency` (100) at a time,
 //!    wall time and client CPU time until the last `watch()` returned (raw
 //!    etcd: until the server confirmed every watch with `created`);
 //! 4. **memory per watch**: (RSS after setup − RSS before setup) / N, RSS
-//!    from `/proc/self/statm`, each read after a 300 ms settle. Includes
+//!    from `/proc/self/statm`, each read after a 300 ms settle; the
+//!    watching handle made one request before, so its connection is not
+//!    counted as the watches' (the writer's is in use already). Includes
 //!    what the process holds per watch: driver state, streams and the
 //!    bench's one consumer (a `select_all` over the N streams);
 //! 5. **sockets**: entries of `/proc/self/fd` that are sockets, before and

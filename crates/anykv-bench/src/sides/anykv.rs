@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use anykv::{Key, Kv, Prefix, Start, Store, StoreExt, Target, WatchStream};
+use anykv::{Condition, Key, Kv, Prefix, Start, Store, StoreExt, Target, WatchStream};
 use futures::{StreamExt, future::BoxFuture};
 
 use crate::{
@@ -16,6 +16,8 @@ use crate::{
 
 /// Concurrency of key pre-creation.
 const PREPARE_CONCURRENCY: usize = 32;
+/// Concurrency of the deletes after a case (see [`Names::case_key`]).
+const CLEANUP_CONCURRENCY: usize = 32;
 
 /// The watching handle and the writing handle of one case.
 pub struct AnykvClient {
@@ -24,6 +26,7 @@ pub struct AnykvClient {
     names: Arc<Names>,
     n: usize,
     existing: bool,
+    base_puts: usize,
     setup_concurrency: usize,
 }
 
@@ -38,12 +41,20 @@ impl AnykvClient {
         let writer = anykv::open(&url)
             .await
             .with_context(|| format!("opening {} (writer)", spec.url))?;
+        // Connected before the memory baseline: the connection is the
+        // handle's, not a cost of its watches (network drivers connect on
+        // first use).
+        watcher
+            .probe()
+            .await
+            .context("first request of the watcher")?;
         Ok(AnykvClient {
             watcher,
             writer,
             names: Arc::new(Names { kind: spec.kind }),
             n: spec.n,
             existing: spec.existing,
+            base_puts: spec.base_puts,
             setup_concurrency: spec.setup_concurrency,
         })
     }
@@ -117,7 +128,16 @@ impl Client for AnykvClient {
 
     fn cleanup(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let _ = self.writer.delete_prefix(&Prefix::root()).await;
+            let _ =
+                measure::for_each_concurrent(self.n + self.base_puts, CLEANUP_CONCURRENCY, |i| {
+                    let key = self.names.case_key(i, self.n);
+                    let writer = self.writer.clone();
+                    async move {
+                        writer.delete(&Key::new(key)?, Condition::Always).await?;
+                        Ok(())
+                    }
+                })
+                .await;
             let _ = self.watcher.close().await;
             let _ = self.writer.close().await;
         })

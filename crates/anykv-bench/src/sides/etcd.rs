@@ -23,6 +23,7 @@ pub struct EtcdRaw {
     names: Arc<Names>,
     n: usize,
     existing: bool,
+    base_puts: usize,
     one_stream: bool,
     setup_concurrency: usize,
 }
@@ -44,6 +45,7 @@ impl EtcdRaw {
             names: Arc::new(Names { kind: spec.kind }),
             n: spec.n,
             existing: spec.existing,
+            base_puts: spec.base_puts,
             one_stream: spec.side == Side::EtcdOneStream,
             setup_concurrency: spec.setup_concurrency,
         })
@@ -194,11 +196,17 @@ impl Client for EtcdRaw {
     }
 
     fn cleanup(&self) -> BoxFuture<'_, ()> {
-        let mut kv = self.writer.kv_client();
-        let root = self.root.clone();
         Box::pin(async move {
-            let opts = etcd_client::DeleteOptions::new().with_prefix();
-            let _ = kv.delete(root, Some(opts)).await;
+            // One key at a time, as the anykv side (see `Names::case_key`).
+            let _ = measure::for_each_concurrent(self.n + self.base_puts, 32, |i| {
+                let mut kv = self.writer.kv_client();
+                let key = format!("{}{}", self.root, self.names.case_key(i, self.n));
+                async move {
+                    kv.delete(key, None).await?;
+                    Ok(())
+                }
+            })
+            .await;
         })
     }
 }
