@@ -57,6 +57,8 @@ async fn retried(req: &Request, next: Next<'_>) -> Result<Response> {
         match out {
             Err(e) if policy.should_retry(&e, idempotent, attempt) => {
                 tracing::debug!(attempt, error = %e, "retrying");
+                // Not held across the wait: the future stays smaller.
+                drop(e);
                 // Boxed: rare, and kept out of the common case's future.
                 Box::pin(tokio::time::sleep(policy.backoff(attempt))).await;
                 attempt += 1;

@@ -9,8 +9,7 @@
 
 use std::{any::Any, future::Future};
 
-use async_trait::async_trait;
-use futures::future::Either;
+use futures::future::{BoxFuture, Either};
 
 use crate::{
     error::Result,
@@ -177,9 +176,24 @@ impl StandardRun {
     }
 }
 
-#[async_trait]
+// By hand rather than through `#[async_trait]`: the fast path's future
+// is boxed as is and the composed one's box is handed on, with no wrapper
+// future holding the request again (this is the signature the macro
+// writes).
 impl Layer for StandardRun {
-    async fn call(&self, req: Request, next: Next<'_>) -> Result<Response> {
-        self.run(req, next).await
+    fn call<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        req: Request,
+        next: Next<'life1>,
+    ) -> BoxFuture<'async_trait, Result<Response>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        match super::fast_path::prepare(self, req, next) {
+            Ok(fast) => Box::pin(fast),
+            Err(req) => Box::pin(self.compose(req, next)),
+        }
     }
 }
