@@ -161,6 +161,56 @@ async fn timeout_applies_to_each_attempt_inside_retry() {
     assert!(kv.liveness().is_alive());
 }
 
+/// The default stack's layers composed one over the other (a replaced
+/// layer splits the fused run, so no operation takes the fast path): the
+/// same behaviour as the fast path's.
+fn composed(fake: Arc<Fake>) -> Kv {
+    let cfg = LayerConfig {
+        timeout: Duration::from_secs(1),
+        ..LayerConfig::default()
+    };
+    Kv::builder_for(fake)
+        .config(cfg)
+        .replace(
+            crate::StandardLayer::Tracing,
+            crate::layers::trace::TracingLayer,
+        )
+        .build()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_composed_layers_answer_as_the_fast_path() {
+    for (path, kv_of) in [
+        ("fast", layered as fn(Arc<Fake>) -> Kv),
+        ("composed", composed),
+    ] {
+        let fake = Arc::new(Fake::default());
+        fake.hang.store(2, Ordering::SeqCst);
+        let kv = kv_of(fake.clone());
+        let started = Instant::now();
+        assert_eq!(kv.get(&k()).await.unwrap(), None, "{path}");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 3, "{path}");
+        assert_eq!(started.elapsed(), Duration::from_millis(2150), "{path}");
+        fake.fail.store(10, Ordering::SeqCst);
+        let e = kv.put(&k(), "v".into(), PutOptions::if_absent()).await;
+        assert_eq!(e.unwrap_err().kind(), ErrorKind::Unavailable, "{path}");
+        assert_eq!(
+            fake.calls.load(Ordering::SeqCst),
+            4,
+            "{path}: put tried once"
+        );
+        assert!(!kv.liveness().is_alive(), "{path}");
+        let big = Bytes::from(vec![0u8; 9]);
+        let e = kv.put(&k(), big, PutOptions::default()).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ValueTooLarge, "{path}");
+        assert_eq!(
+            fake.calls.load(Ordering::SeqCst),
+            4,
+            "{path}: checked first"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn retries_give_up_with_the_last_error() {
     let fake = Arc::new(Fake::default());
