@@ -86,6 +86,14 @@ pub async fn elect(kv: &Kv, plan: ElectPlan) -> Result<u8, Failure> {
                     format!("not elected: {}{after}{}", plan.name, leader_note(&election.leader().await)),
                 ));
             }
+            // The candidate's key or session went away before it led (a
+            // delete from outside, an expired session): never elected.
+            Err(e @ Error::LockLost { .. }) => {
+                return Err(Failure::new(
+                    exit::LOCK,
+                    format!("candidacy lost while campaigning in {}: {e}; the command was not run", plan.name),
+                ));
+            }
             Err(e) => return Err(e.into()),
         },
         s = signals.next() => {
@@ -401,19 +409,23 @@ mod in_process {
     async fn elect_kills_the_command_when_leadership_is_lost() {
         let (kv, _) = store("cli-elect-2").await;
         let name = Key::new("leaders/b").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let started = dir.path().join("started");
         let plan = ElectPlan {
             name: name.clone(),
             value: Bytes::from_static(b"me"),
             ttl: Duration::from_secs(5),
             wait: None,
-            command: sh("exec sleep 60"),
+            command: sh(&format!("touch {}; exec sleep 60", started.display())),
         };
         let task = tokio::spawn({
             let kv = kv.clone();
             async move { elect(&kv, plan).await }
         });
         let election = kv.election(&name);
-        until(|| async { election.leader().await.unwrap().is_some() }).await;
+        // The command runs only once the campaign has returned: the key is
+        // then this process's leadership, not a candidacy still settling.
+        until(|| async { started.exists() }).await;
         let leader = election.leader().await.unwrap().unwrap();
         assert_eq!(&leader.value[..], b"me");
         let started = std::time::Instant::now();
