@@ -18,13 +18,7 @@
 //!   operation (the counting global allocator), which noise does not move;
 //! - **extra CPU**: CPU ns/op minus the default stack's.
 
-use std::{
-    fmt::Write as _,
-    path::{Path, PathBuf},
-    process::Command,
-    sync::Arc,
-    time::Instant,
-};
+use std::{fmt::Write as _, path::PathBuf, sync::Arc, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 use anykv::{
@@ -269,24 +263,12 @@ fn cpu_ns() -> Result<u64> {
 }
 
 fn header(args: &LayersArgs) -> String {
-    let run = |cmd: &str, a: &[&str]| {
-        Command::new(cmd)
-            .args(a)
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
-    };
-    let code = match &args.label {
-        Some(label) => label.clone(),
-        None => format!(
-            "HEAD `{}` (plus uncommitted work of the tree)",
-            run("git", &["log", "-1", "--format=%h %s"])
-        ),
-    };
-    let date = run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-    let load = std::fs::read_to_string(Path::new("/proc/loadavg")).unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let crate::RunInfo {
+        code,
+        date,
+        load,
+        cpus,
+    } = crate::RunInfo::now(args.label.as_deref());
     format!(
         "# anykv layers bench\n\n\
          Run {date}; code: {code}; release build; {cpus} CPUs, load average at the start {}.\n\n\

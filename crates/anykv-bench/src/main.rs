@@ -510,31 +510,50 @@ fn progress(row: &Row) {
     );
 }
 
+/// What a bench report's header says of the run: the code measured, when,
+/// and the machine's state.
+pub(crate) struct RunInfo {
+    pub code: String,
+    pub date: String,
+    pub load: String,
+    pub cpus: usize,
+}
+
+impl RunInfo {
+    /// `label`, or the HEAD commit of the current directory's repository.
+    pub(crate) fn now(label: Option<&str>) -> RunInfo {
+        let run = |cmd: &str, a: &[&str]| {
+            Command::new(cmd)
+                .args(a)
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_default()
+        };
+        let code = match label {
+            Some(label) => label.to_owned(),
+            None => format!(
+                "HEAD `{}` (plus uncommitted work of the tree)",
+                run("git", &["log", "-1", "--format=%h %s"])
+            ),
+        };
+        RunInfo {
+            code,
+            date: run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            load: std::fs::read_to_string("/proc/loadavg").unwrap_or_default(),
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        }
+    }
+}
+
 /// Title, run parameters and machine state.
 fn header(args: &WatchArgs) -> String {
-    let git = |a: &[&str]| {
-        Command::new("git")
-            .args(a)
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
-    };
-    let code = match &args.label {
-        Some(label) => label.clone(),
-        None => format!(
-            "HEAD `{}` (plus uncommitted work of the tree)",
-            git(&["log", "-1", "--format=%h %s"])
-        ),
-    };
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let RunInfo {
+        code,
+        date,
+        load,
+        cpus,
+    } = RunInfo::now(args.label.as_deref());
     format!(
         "# anykv watch bench\n\n\
          Run {date}; code: {code}; release build. \
