@@ -53,31 +53,34 @@ pub struct Started {
 pub struct Ctx {
     /// `target/xtask`: caches, logs.
     pub work: PathBuf,
-    temps: Mutex<Vec<tempfile::TempDir>>,
+    /// `$TMPDIR/anykv-run-<pid>-…`: every server data dir of this run lives
+    /// under it, so one removal frees them all, and a later run can sweep the
+    /// remains of a run that was killed before it could clean up.
+    run: tempfile::TempDir,
 }
+
+/// Name prefix of a run's temp root; the owning process id follows.
+const RUN_PREFIX: &str = "anykv-run-";
 
 impl Ctx {
     /// A context rooted at the workspace.
     pub fn new(root: PathBuf) -> Result<Ctx> {
         let work = root.join("target").join("xtask");
         fs::create_dir_all(work.join("logs"))?;
-        Ok(Ctx {
-            work,
-            temps: Mutex::new(Vec::new()),
-        })
+        sweep_dead_runs(&std::env::temp_dir());
+        let run = tempfile::Builder::new()
+            .prefix(&format!("{RUN_PREFIX}{}-", std::process::id()))
+            .tempdir()?;
+        Ok(Ctx { work, run })
     }
 
     /// A fresh temp dir, removed when the context is dropped.
     pub fn tempdir(&self, name: &str) -> Result<PathBuf> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("anykv-{name}-"))
-            .tempdir()?;
-        let path = dir.path().to_owned();
-        self.temps
-            .lock()
-            .map_err(|_| anyhow::anyhow!("temp dir list poisoned"))?
-            .push(dir);
-        Ok(path)
+            .tempdir_in(self.run.path())?;
+        // Owned by `run` from here on: dropping the context removes it.
+        Ok(dir.keep())
     }
 
     /// Log file path for a process.
@@ -432,4 +435,51 @@ pub fn signal_group(pgid: i32, sig: &str) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// Removes the temp roots of runs whose process is gone. A run killed with
+/// SIGKILL (or a CI timeout) leaves its servers' data dirs behind — an etcd
+/// data dir alone is 120 MB of preallocated WAL — and enough of them fill the
+/// disk. Best effort: a root that cannot be read or removed is left alone.
+fn sweep_dead_runs(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(RUN_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_removes_only_the_roots_of_dead_runs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // Above Linux's pid_max (2^22): never a live process.
+        let dead = tmp.path().join(format!("{RUN_PREFIX}4294000000-abc"));
+        let live = tmp
+            .path()
+            .join(format!("{RUN_PREFIX}{}-def", std::process::id()));
+        let other = tmp.path().join("anykv-etcd-xyz");
+        for dir in [&dead, &live, &other] {
+            fs::create_dir_all(dir.join("data")).expect("mkdir");
+        }
+        sweep_dead_runs(tmp.path());
+        assert!(!dead.exists(), "a dead run's root is swept");
+        assert!(live.exists(), "a live run's root stays");
+        assert!(other.exists(), "what is not a run root stays");
+    }
 }
