@@ -163,6 +163,23 @@ impl State {
         applied.then_some(ev)
     }
 
+    /// True for a delete of a key the mirror holds that [`State::apply`]
+    /// would drop (at or below the watermark, or older than the key's
+    /// pair). On a [`Full`](crate::WatchHistory::Full) backend revisions
+    /// are exact and such a delete is a replay. On a
+    /// [`Converge`](crate::WatchHistory::Converge) backend a delete's
+    /// revision is only a lower bound (ZooKeeper reports no zxid for it), so
+    /// it may be a delete after the last snapshot all the same: only a new
+    /// snapshot can tell.
+    fn doubts(&self, ev: &Event) -> bool {
+        let Event::Delete { key, revision } = ev else {
+            return false;
+        };
+        self.entries
+            .get(key.as_str())
+            .is_some_and(|e| *revision <= self.watermark || e.mod_revision > *revision)
+    }
+
     /// Applies a snapshot of the whole mirrored prefix; returns the
     /// differences as events (puts with their previous pair, deletes at the
     /// snapshot's revision) when `diff` is asked for (someone listens).
@@ -488,7 +505,11 @@ impl<S: Store + Clone> Follower<S> {
         loop {
             tokio::select! {
                 item = stream.next() => match item {
-                    Some(Ok(ev)) => self.apply(ev),
+                    Some(Ok(ev)) => {
+                        if self.apply(ev) && self.resync().await.is_err() {
+                            behind = true;
+                        }
+                    }
                     Some(Err(e)) if e.kind() == ErrorKind::Unavailable => {
                         self.outage(e.to_string());
                         behind = true;
@@ -569,20 +590,25 @@ impl<S: Store + Clone> Follower<S> {
         Ok(())
     }
 
-    fn apply(&self, ev: Event) {
-        let applied = {
+    /// Applies one event; returns true when the mirror cannot tell whether
+    /// it must apply it (see [`State::doubts`]) and must take a snapshot.
+    fn apply(&self, ev: Event) -> bool {
+        let converge = self.store.capabilities().watch_history == WatchHistory::Converge;
+        let (applied, doubt) = {
             let mut state = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
+            let doubt = converge && state.doubts(&ev);
             let applied = state.apply(ev);
             self.shared.revision.send_if_modified(|r| {
                 let changed = *r < state.revision;
                 *r = state.revision;
                 changed
             });
-            applied
+            (applied, doubt)
         };
         if let Some(ev) = applied {
             let _ = self.shared.changes.send(Note::Applied(ev));
         }
+        doubt
     }
 
     fn apply_snapshot(&self, pairs: Vec<KvPair>, revision: Revision) {
@@ -795,6 +821,22 @@ mod tests {
         assert!(s.apply(del("p/c", 10)).is_none());
         assert!(s.apply(del("p/c", 11)).is_some());
         assert_eq!(s.revision, 12);
+    }
+
+    #[test]
+    fn a_delete_it_would_drop_while_holding_the_key_is_doubted() {
+        // The mirror's snapshot at 10 holds p/a; a Converge backend then
+        // reports the delete of p/a at a lower bound (8): dropped by the
+        // watermark rule, so only a snapshot can say whether it is a replay.
+        let mut s = State::load(vec![pair("p/a", "1", 5), pair("p/b", "1", 9)], 10);
+        assert!(s.doubts(&del("p/a", 8)), "at or below the watermark");
+        assert!(s.doubts(&del("p/b", 8)), "older than the key's pair");
+        assert!(!s.doubts(&del("p/a", 11)), "a later delete applies");
+        assert!(!s.doubts(&del("p/x", 8)), "a key it does not hold");
+        assert!(!s.doubts(&put("p/a", "2", 7)), "puts carry exact revisions");
+        assert!(s.apply(del("p/a", 8)).is_none());
+        s.apply_snapshot(vec![pair("p/b", "1", 9)], 12, false);
+        assert_eq!(values(&s), [("p/b".to_owned(), "1".to_owned())]);
     }
 
     #[test]
