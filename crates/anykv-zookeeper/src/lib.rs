@@ -98,19 +98,33 @@
 //!   key), shared: a watch under a recursive watch already registered (or
 //!   on a key already watched) uses it, and a new recursive watch takes
 //!   over the ones below it, so registrations never overlap and one server
-//!   watch serves many anykv watches, fanned out locally by path. Each
-//!   watch is its view of its range and a bounded queue (no task, channel
-//!   or timer of its own): measured 1.6 KB of RSS per watch with 10,000
-//!   watches of their own server watch each, zookeeper-client's share
-//!   included (`tests/watch_cost.rs`). Watches started together are set up
-//!   together: registrations, one `sync` and the reads sent back to back
-//!   (one round trip per batch, plus one per level of a prefix); 10,000
-//!   key watches started at once took 0.58 s on a loaded 2-core VM, started
-//!   one after another (a round trip each) 11.7 s. At 500 puts/s the event
-//!   followed the put's acknowledgement by 0.22 ms at p50, 13 ms at p99
-//!   (the puts themselves: 1.0 ms p50, 40 ms p99 on that machine). ZooKeeper 3.8 notifications carry no data and no zxid,
-//!   so the hub reads each notified path once for all watches on it (a
-//!   delete needs no read) and emits each watch's differences from what it
+//!   watch serves many anykv watches, fanned out locally by path. Once 64
+//!   watches have their key or prefix directly under one parent znode,
+//!   that parent gets one `PersistentRecursive` watch serving all of them
+//!   and any later one below it (a server watch of its own costs the client
+//!   about 0.8 KiB and the setup one request); the price is that changes to
+//!   unwatched znodes below that parent are notified too, and dropped by
+//!   the hub without a read. Each watch is its view of its range and a
+//!   bounded queue (no task, channel or timer of its own). Watches started
+//!   together are set up together: registrations, one `sync` and the reads
+//!   sent back to back, the prefixes of a batch read level by level in
+//!   shared multi-reads (one round trip per batch, plus one per level of a
+//!   prefix). `cargo xtask bench watch zookeeper` (10,000 watches on one
+//!   `anykv::open` handle, 100 opened at a time, each on its own key or
+//!   prefix, standalone server, loaded 2-core VM) measured a setup of
+//!   0.13–0.63 s (70–230 ms of client CPU; up to 1.7 s of wall time while
+//!   the disk was saturated) and 1.5–1.8 KiB of client RSS per watch,
+//!   layers and the bench's consumer included. At 500 puts/s the event
+//!   followed the put's acknowledgement by 0.2–0.5 ms at p50; at p99 by
+//!   1.4–8 ms while the server's own put p99 stayed under 20 ms, and by as
+//!   much as the server's write stalls otherwise: the hub must read the
+//!   znode after the notification, and a standalone server holds a read
+//!   while writes wait for their log sync (its `SyncRequestProcessor`), so
+//!   the tail follows the server's write latency. Those reads go out as
+//!   soon as notifications arrive (up to four reads in flight).
+//!   ZooKeeper 3.8 notifications carry no data and no zxid, so the hub
+//!   reads each notified path once for all watches on it (a delete needs
+//!   no read) and emits each watch's differences from what it
 //!   delivered before, in revision order: a put when every earlier change
 //!   is known read (notifications arrive in zxid order before any reply
 //!   that reflects them), a delete at a revision at or below its real zxid

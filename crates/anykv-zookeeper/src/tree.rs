@@ -134,6 +134,96 @@ pub(crate) async fn scan(client: &zk::Client, base: &str) -> Result<Vec<Scanned>
     Ok(out)
 }
 
+/// [`scan`] of several subtrees at once: each depth level of all of them in
+/// shared multi-reads of 64 znodes, all sent at once (pipelined). N small
+/// subtrees cost about 2N/64 requests and one round trip per level, instead
+/// of two requests and two round trips each. Returns one `Vec` per base, in
+/// the order of `bases`.
+pub(crate) async fn scan_many(
+    client: &zk::Client,
+    bases: &[String],
+) -> Result<Vec<Vec<Scanned>>, zk::Error> {
+    let mut out: Vec<Vec<Scanned>> = bases.iter().map(|_| Vec::new()).collect();
+    // (index of its base, path)
+    let mut level: Vec<(usize, String)> = Vec::new();
+    let mut pending = Vec::new();
+    for chunk in bases.chunks(READ_CHUNK) {
+        let mut reader = client.new_multi_reader();
+        for b in chunk {
+            reader.add_get_children(b)?;
+        }
+        pending.push(reader.commit());
+    }
+    for (c, results) in futures::future::join_all(pending)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        for (j, r) in results?.into_iter().enumerate() {
+            let i = c * READ_CHUNK + j;
+            let Some(base) = bases.get(i) else { break };
+            match r {
+                MultiReadResult::Children { children } => level.extend(
+                    children
+                        .iter()
+                        .map(|name| (i, codec::child_path(base, name)))
+                        .filter(|(_, p)| !codec::is_system(p)),
+                ),
+                MultiReadResult::Error {
+                    err: zk::Error::NoNode,
+                } => {}
+                MultiReadResult::Error { err } => return Err(err),
+                _ => {}
+            }
+        }
+    }
+    while !level.is_empty() {
+        let mut pending = Vec::new();
+        for chunk in level.chunks(READ_CHUNK) {
+            let mut reader = client.new_multi_reader();
+            for (_, p) in chunk {
+                reader.add_get_data(p)?;
+                reader.add_get_children(p)?;
+            }
+            pending.push(reader.commit());
+        }
+        let mut next = Vec::new();
+        for (chunk, results) in level
+            .chunks(READ_CHUNK)
+            .zip(futures::future::join_all(pending).await)
+        {
+            let mut results = results?.into_iter();
+            for (i, p) in chunk {
+                let (Some(data), Some(children)) = (results.next(), results.next()) else {
+                    break;
+                };
+                match (data, children) {
+                    (
+                        MultiReadResult::Data { data, stat },
+                        MultiReadResult::Children { children },
+                    ) => {
+                        next.extend(children.iter().map(|c| (*i, codec::child_path(p, c))));
+                        out[*i].push(Scanned {
+                            path: p.clone(),
+                            data,
+                            stat,
+                        });
+                    }
+                    (MultiReadResult::Error { err }, _) | (_, MultiReadResult::Error { err })
+                        if err != zk::Error::NoNode =>
+                    {
+                        return Err(err);
+                    }
+                    // Deleted since its parent was read.
+                    _ => {}
+                }
+            }
+        }
+        level = next;
+    }
+    Ok(out)
+}
+
 /// Reads a set of znodes in one consistent multi-read per 64 paths:
 /// `(data, stat)` for each that exists.
 pub(crate) async fn read_many(

@@ -204,3 +204,99 @@ async fn a_watch_across_an_outage_resumes_in_revision_order_and_converges() {
     assert_eq!(view, now, "the watch's view converges to the store");
     direct.delete_prefix(&Prefix::root()).await.unwrap();
 }
+
+/// 100 key watches sharing their parent's recursive server watch, across
+/// an outage with writers on their keys and on unwatched siblings: the
+/// shared watch is registered again, and every watch resumes by itself, in
+/// revision order, without duplicates, and ends on its key's last value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watches_sharing_a_parent_watch_resume_after_an_outage() {
+    const KEYS: u32 = 100;
+    let Some(url) = common::url("ANYKV_TEST_ZK") else {
+        return;
+    };
+    let (proxy, kv, direct) = stores(&url, "shared-outage").await;
+    let opened = futures::future::join_all(
+        (0..KEYS).map(|i| kv.watch(Target::Key(key(&format!("d/k{i}"))), Start::Now)),
+    )
+    .await;
+    let mut watches: Vec<_> = opened.into_iter().map(Result::unwrap).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for t in 0..4u32 {
+        let (direct, stop) = (direct.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let n = (t * 37 + i * 13) % (KEYS + 20);
+                // Keys past KEYS are unwatched siblings.
+                let k = if n < KEYS {
+                    key(&format!("d/k{n}"))
+                } else {
+                    key(&format!("d/other{n}"))
+                };
+                if i.is_multiple_of(9) {
+                    direct.delete(&k, Condition::Always).await.unwrap();
+                } else {
+                    direct
+                        .put(&k, format!("{t}-{i}").into(), PutOptions::default())
+                        .await
+                        .unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set_mode(Mode::Reset);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set_mode(Mode::Pass);
+    until_back(&kv).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for wr in writers {
+        wr.await.unwrap();
+    }
+    for i in 0..KEYS {
+        direct
+            .put(
+                &key(&format!("d/k{i}")),
+                format!("end-{i}").into(),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let checks = watches.iter_mut().enumerate().map(|(i, w)| async move {
+        let (mut last, mut puts) = (0, HashSet::new());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let item = tokio::time::timeout(left, w.next())
+                .await
+                .unwrap_or_else(|_| panic!("watch {i} never reached its last value"))
+                .expect("the watch stays open");
+            let e = match item {
+                Ok(e) => e,
+                Err(e) if e.indicates_unreachable() => continue,
+                Err(e) => panic!("watch {i}: {e}"),
+            };
+            assert_eq!(e.key().as_str(), format!("d/k{i}"), "{e:?}");
+            assert!(e.revision() >= last, "{e:?} goes back from {last}");
+            last = e.revision();
+            if let Event::Put { kv: p, .. } = e {
+                assert!(puts.insert(p.mod_revision), "duplicate {p:?}");
+                if p.value[..] == *format!("end-{i}").as_bytes() {
+                    return p.mod_revision;
+                }
+            }
+        }
+    });
+    let ends = futures::future::join_all(checks).await;
+    for (i, end) in ends.into_iter().enumerate() {
+        let now = direct.get(&key(&format!("d/k{i}"))).await.unwrap().unwrap();
+        assert_eq!(now.mod_revision, end, "key {i}");
+    }
+    direct.delete_prefix(&Prefix::root()).await.unwrap();
+}

@@ -321,3 +321,147 @@ async fn dropped_watches_are_removed_from_the_server() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Watches crowded under one parent znode (100 keys and 70 prefixes) share
+/// one recursive server watch on it each: every watch gets exactly its
+/// events, with the previous value, and none of the unwatched siblings'
+/// (which the server now notifies too); the shared watch stays while any
+/// watch uses it and goes with the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_under_one_parent_share_its_recursive_watch() {
+    let Some(url) = common::url("ANYKV_TEST_ZK") else {
+        return;
+    };
+    const KEYS: usize = 100;
+    const BASES: usize = 70;
+    let ns = common::unique("crowd");
+    let endpoint = common::endpoints(&url).remove(0);
+    let kv = common::open(&url, &ns, "").await;
+    let writer = common::open(&url, &ns, "").await;
+    let watched = || async { common::four_letter(&endpoint, "wchp").await };
+    for i in (0..KEYS).step_by(2) {
+        writer
+            .put(
+                &key(&format!("dev/d{i}")),
+                "0".into(),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let keys = futures::future::join_all(
+        (0..KEYS).map(|i| kv.watch(Target::Key(key(&format!("dev/d{i}"))), Start::Now)),
+    )
+    .await;
+    let mut keys: Vec<WatchStream> = keys.into_iter().map(Result::unwrap).collect();
+    let mut bases = Vec::new();
+    for b in 0..BASES {
+        // One after another: the first ones register their own watch,
+        // merged into the parent's once the parent is crowded.
+        let p = Prefix::new(format!("grp/b{b}")).unwrap();
+        bases.push(kv.watch(Target::Prefix(p), Start::Now).await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = watched().await;
+        let shared = out.contains(&format!("/{ns}/dev\n")) && out.contains(&format!("/{ns}/grp\n"));
+        let own = out.contains(&format!("/{ns}/dev/d")) || out.contains(&format!("/{ns}/grp/b"));
+        if shared && !own {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not shared: {out}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Watched and unwatched siblings written, every third watched key
+    // deleted.
+    for i in 0..KEYS {
+        writer
+            .put(
+                &key(&format!("dev/d{i}")),
+                format!("v{i}").into(),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        writer
+            .put(
+                &key(&format!("dev/other{i}")),
+                "x".into(),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    for b in 0..BASES {
+        writer
+            .put(
+                &key(&format!("grp/b{b}/k")),
+                format!("g{b}").into(),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        writer
+            .put(
+                &key(&format!("grp/c{b}/k")),
+                "x".into(),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    for i in (0..KEYS).step_by(3) {
+        writer
+            .delete(&key(&format!("dev/d{i}")), Condition::Always)
+            .await
+            .unwrap();
+    }
+    let checks = keys.iter_mut().enumerate().map(|(i, w)| async move {
+        let want = if i % 3 == 0 { 2 } else { 1 };
+        let got = take(w, want, Duration::from_secs(10)).await;
+        match &got[0] {
+            Event::Put { kv, prev } => {
+                assert_eq!(kv.key.as_str(), format!("dev/d{i}"));
+                assert_eq!(&kv.value[..], format!("v{i}").as_bytes());
+                assert_eq!(prev.is_some(), i % 2 == 0, "key {i}: {prev:?}");
+            }
+            other => panic!("key {i}: {other:?}"),
+        }
+        if i % 3 == 0 {
+            assert!(
+                matches!(&got[1], Event::Delete { key, .. } if key.as_str() == format!("dev/d{i}")),
+                "{:?}",
+                shown(&got)
+            );
+            assert!(got[1].revision() > got[0].revision(), "{:?}", shown(&got));
+        }
+        quiet(w, "key watch").await;
+    });
+    futures::future::join_all(checks).await;
+    let checks = bases.iter_mut().enumerate().map(|(b, w)| async move {
+        let got = take(w, 1, Duration::from_secs(10)).await;
+        assert_eq!(got[0].key().as_str(), format!("grp/b{b}/k"));
+        quiet(w, "prefix watch").await;
+    });
+    futures::future::join_all(checks).await;
+    // All but one dropped: the shared watch stays for the last one.
+    let last = keys.pop().unwrap();
+    drop(keys);
+    drop(bases);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while watched().await.contains(&format!("/{ns}/grp\n")) {
+        assert!(Instant::now() < deadline, "unused shared watch left behind");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        watched().await.contains(&format!("/{ns}/dev\n")),
+        "still used"
+    );
+    drop(last);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while watched().await.contains(&format!("/{ns}/")) {
+        assert!(Instant::now() < deadline, "server watches left behind");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    writer.delete_prefix(&Prefix::root()).await.unwrap();
+}

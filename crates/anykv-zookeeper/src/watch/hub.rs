@@ -2,13 +2,16 @@
 //! docs of `watch` for the protocol).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
 
 use anykv_core::{Error, ErrorKind, KvPair, Result, Start};
-use futures::future::join_all;
+use futures::{
+    FutureExt,
+    future::{BoxFuture, join_all},
+};
 use tokio::{
     sync::{mpsc, oneshot, watch as tokio_watch},
     time::Instant,
@@ -56,6 +59,43 @@ struct Sub {
     share: ServerKey,
 }
 
+/// The watches on one path (most paths have one: no allocation then).
+enum Ids {
+    One(u64),
+    Many(Vec<u64>),
+}
+
+impl Ids {
+    fn push(&mut self, id: u64) {
+        match self {
+            Ids::One(first) => *self = Ids::Many(vec![*first, id]),
+            Ids::Many(ids) => ids.push(id),
+        }
+    }
+
+    /// Removes `id`; true when no watch is left.
+    fn remove(&mut self, id: u64) -> bool {
+        match self {
+            Ids::One(only) => *only == id,
+            Ids::Many(ids) => {
+                ids.retain(|&i| i != id);
+                if let [only] = ids[..] {
+                    *self = Ids::One(only);
+                    return false;
+                }
+                ids.is_empty()
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        match self {
+            Ids::One(id) => std::slice::from_ref(id).iter().copied(),
+            Ids::Many(ids) => ids.iter().copied(),
+        }
+    }
+}
+
 /// A path notified since it was last read.
 #[derive(Clone, Copy)]
 struct Dirty {
@@ -71,6 +111,26 @@ struct Dirty {
     last: u64,
 }
 
+/// What [`read_paths`] returns.
+type ReadResult = Result<Vec<Result<Option<(Vec<u8>, zk::Stat)>, zk::Error>>, zk::Error>;
+
+/// Rounds in flight at most (see [`Hub::start_round`]).
+const PIPELINE: usize = 4;
+
+/// A round whose read is out.
+struct Round {
+    epoch: u64,
+    /// The notified paths it took.
+    batch: BTreeMap<String, Dirty>,
+    /// Its deletes, each with the zxid it is known to be above.
+    deletes: HashMap<String, u64>,
+    /// The paths read, then the parents of its deletes.
+    to_read: Vec<String>,
+    parents: Vec<String>,
+    sent: Instant,
+    read: BoxFuture<'static, ReadResult>,
+}
+
 /// The hub's state.
 pub(crate) struct Hub {
     /// Which hub of the store this is (see [`super::HubHandle`]).
@@ -80,13 +140,19 @@ pub(crate) struct Hub {
     closed: tokio_watch::Receiver<u64>,
     session: Option<Arc<Session>>,
     servers: Servers,
-    subs: HashMap<u64, Sub>,
+    /// Boxed: a `Sub` is about 100 bytes, and the table keeps up to twice
+    /// as many slots as watches.
+    subs: HashMap<u64, Box<Sub>>,
     next_id: u64,
     /// key path → watches on that key.
-    by_key: HashMap<String, Vec<u64>>,
+    by_key: HashMap<String, Ids>,
     /// prefix base path → watches below it.
-    by_base: HashMap<String, Vec<u64>>,
+    by_base: HashMap<String, Ids>,
+    /// parent znode → watches whose key or prefix base is its child.
+    crowd: HashMap<String, usize>,
     dirty: BTreeMap<String, Dirty>,
+    /// Rounds whose read is out, oldest first.
+    inflight: VecDeque<Round>,
     /// The largest zxid any reply showed (the connection's replies come
     /// after the notifications of every change they reflect).
     seen: u64,
@@ -158,7 +224,9 @@ impl Hub {
             next_id: 1,
             by_key: HashMap::new(),
             by_base: HashMap::new(),
+            crowd: HashMap::new(),
             dirty: BTreeMap::new(),
+            inflight: VecDeque::new(),
             seen: 0,
             cut: 0,
             drains: 1,
@@ -196,20 +264,23 @@ impl Hub {
             let waiting = self.not_before.is_some_and(|t| Instant::now() < t);
             if !waiting {
                 if self.session.is_none() && !self.subs.is_empty() {
+                    self.settle().await;
                     self.reopen().await;
                     continue;
                 }
                 if self.connected && self.resync_all {
+                    self.settle().await;
                     self.resync_everything().await;
                     continue;
                 }
                 if self.connected && !self.resync_some.is_empty() {
+                    self.settle().await;
                     let ids = std::mem::take(&mut self.resync_some);
                     self.resync(ids.into_iter().collect()).await;
                     continue;
                 }
-                if self.connected && !self.dirty.is_empty() {
-                    self.round().await;
+                if self.connected && !self.dirty.is_empty() && self.inflight.len() < PIPELINE {
+                    self.start_round();
                     continue;
                 }
             }
@@ -224,6 +295,11 @@ impl Hub {
                     }
                 }
                 n = self.servers.next() => self.note(n),
+                got = oldest(&mut self.inflight), if !self.inflight.is_empty() => {
+                    if let Some(round) = self.inflight.pop_front() {
+                        self.finish_round(round, got);
+                    }
+                }
                 _ = tokio::time::sleep_until(until), if self.not_before.is_some() => {
                     self.not_before = None;
                 }
@@ -267,6 +343,8 @@ impl Hub {
             next = self.cmds.try_recv().ok();
         }
         if !adds.is_empty() {
+            // New views start from the watermark: no round in flight.
+            self.settle().await;
             self.add(adds).await;
         }
     }
@@ -277,41 +355,68 @@ impl Hub {
             return;
         };
         self.resync_some.remove(&id);
-        let index = match &sub.range {
+        self.unindex(id, &sub.range);
+        self.servers.release(&sub.share);
+    }
+
+    /// Routes the notifications of `range` to watch `id`.
+    fn index(&mut self, id: u64, range: &Range) {
+        let index = match range {
+            Range::Key(_) => &mut self.by_key,
+            Range::Below(_) => &mut self.by_base,
+        };
+        index
+            .entry(range.path().to_owned())
+            .and_modify(|ids| ids.push(id))
+            .or_insert(Ids::One(id));
+        if let Some(parent) = shared_parent(range) {
+            *self.crowd.entry(parent.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Undoes [`Hub::index`].
+    fn unindex(&mut self, id: u64, range: &Range) {
+        let index = match range {
             Range::Key(p) => self.by_key.get_mut(p),
             Range::Below(b) => self.by_base.get_mut(b),
         };
-        if let Some(ids) = index {
-            ids.retain(|&i| i != id);
-            if ids.is_empty() {
-                match &sub.range {
-                    Range::Key(p) => self.by_key.remove(p),
-                    Range::Below(b) => self.by_base.remove(b),
-                };
+        if let Some(ids) = index
+            && ids.remove(id)
+        {
+            match range {
+                Range::Key(p) => self.by_key.remove(p),
+                Range::Below(b) => self.by_base.remove(b),
+            };
+        }
+        if let Some(parent) = shared_parent(range)
+            && let Some(n) = self.crowd.get_mut(parent)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.crowd.remove(parent);
             }
         }
-        self.servers.release(&sub.share);
     }
 
     /// The watches whose range holds `path`.
     fn route(&self, path: &str) -> Vec<u64> {
         let mut out = Vec::new();
         if let Some(ids) = self.by_key.get(path) {
-            out.extend(ids);
+            out.extend(ids.iter());
         }
         if self.by_base.is_empty() {
             return out;
         }
         for a in codec::ancestors(path) {
             if let Some(ids) = self.by_base.get(a) {
-                out.extend(ids);
+                out.extend(ids.iter());
             }
         }
         if path != "/"
             && !codec::is_system(path)
             && let Some(ids) = self.by_base.get("/")
         {
-            out.extend(ids);
+            out.extend(ids.iter());
         }
         out
     }
@@ -407,7 +512,8 @@ impl Hub {
             best = best.max(f.1);
             f.1 = best;
         }
-        for d in self.dirty.values_mut() {
+        let inflight = self.inflight.iter_mut().flat_map(|r| r.batch.values_mut());
+        for d in self.dirty.values_mut().chain(inflight) {
             // Facts from before the drain preceding its first notification.
             let i = facts.partition_point(|&(at, _)| at < d.first);
             if i > 0 {
@@ -416,11 +522,38 @@ impl Hub {
         }
     }
 
+    /// The notified paths not read yet: waiting, or in a round in flight.
+    fn unread(&self) -> impl Iterator<Item = (&String, &Dirty)> {
+        self.dirty
+            .iter()
+            .chain(self.inflight.iter().flat_map(|r| r.batch.iter()))
+    }
+
+    /// True when `path` has a notification not read yet that asks for a
+    /// read (a change but a delete).
+    fn read_pending(&self, path: &str) -> bool {
+        let pending = |d: &Dirty| d.read && d.last > 0;
+        self.dirty.get(path).is_some_and(pending)
+            || self
+                .inflight
+                .iter()
+                .any(|r| r.batch.get(path).is_some_and(pending))
+    }
+
     /// Every change at or below this zxid has been read (or is in views).
     fn watermark(&self) -> u64 {
-        self.dirty
-            .values()
-            .map(|d| d.above)
+        self.watermark_after(&HashSet::new())
+    }
+
+    /// [`Hub::watermark`] once the paths `read` were read: a put held back
+    /// on one of them (not notified since) was read again there, by a read
+    /// served after the one that held it back, so a copy of it still
+    /// waiting (or in a round in flight) bounds nothing. Without this, a
+    /// held path in two rounds in flight would hold itself back forever.
+    fn watermark_after(&self, read: &HashSet<&str>) -> u64 {
+        self.unread()
+            .filter(|(p, d)| d.last > 0 || !read.contains(p.as_str()))
+            .map(|(_, d)| d.above)
             .min()
             .map_or(self.seen, |m| m.min(self.seen))
     }
@@ -433,6 +566,7 @@ impl Hub {
         self.epoch += 1;
         self.resync_all = true;
         self.dirty.clear();
+        self.inflight.clear();
     }
 
     fn ended(&mut self) {
@@ -527,15 +661,36 @@ impl Hub {
         // Registrations, deduplicated.
         // (A key needed under a recursive watch needed in the same batch is
         // merged into it once both are registered.)
+        // A parent znode that holds many watched znodes gets one recursive
+        // watch for all of them (see `SHARE_AT`).
+        let mut crowd: HashMap<&str, usize> = HashMap::new();
+        for (range, _, _) in &adds {
+            if let Some(parent) = shared_parent(range) {
+                *crowd.entry(parent).or_default() += 1;
+            }
+        }
         let mut needed: Vec<ServerKey> = Vec::new();
         let mut asked: HashSet<ServerKey> = HashSet::new();
+        let mut wanted: Vec<Option<ServerKey>> = Vec::with_capacity(adds.len());
         for (range, _, _) in &adds {
-            if self.servers.covering(range).is_none() {
-                let own = servers::own_key(range);
-                if asked.insert(own.clone()) {
-                    needed.push(own);
-                }
+            if self.servers.covering(range).is_some() {
+                wanted.push(None);
+                continue;
             }
+            let key = match shared_parent(range) {
+                Some(parent)
+                    if self.crowd.get(parent).copied().unwrap_or(0)
+                        + crowd.get(parent).copied().unwrap_or(0)
+                        >= SHARE_AT =>
+                {
+                    (parent.to_owned(), true)
+                }
+                _ => servers::own_key(range),
+            };
+            if asked.insert(key.clone()) {
+                needed.push(key.clone());
+            }
+            wanted.push(Some(key));
         }
         // Registrations, one `sync` and the reads, sent back to back: one
         // round trip for the whole batch (plus one per level of a prefix).
@@ -557,7 +712,7 @@ impl Hub {
         let read = synced.and(read);
         let mut failed: HashMap<ServerKey, zk::Error> = HashMap::new();
         let mut recursive = Vec::new();
-        for (key, r) in needed.into_iter().zip(registered) {
+        for (key, r) in needed.iter().cloned().zip(registered) {
             match r {
                 // Users are counted below, one per watch.
                 Ok(w) => {
@@ -585,13 +740,12 @@ impl Hub {
             }
         }
         let mut ready = Vec::new();
-        for (range, start, reply) in adds {
+        for ((range, start, reply), key) in adds.into_iter().zip(wanted) {
             match self.servers.covering(&range) {
                 Some(share) => ready.push((range, start, reply, share)),
                 None => {
-                    let e = failed
-                        .get(&servers::own_key(&range))
-                        .cloned()
+                    let e = key
+                        .and_then(|k| failed.get(&k).cloned())
                         .unwrap_or(zk::Error::ConnectionLoss);
                     let _ = reply.send(Err(self.map_err(&session, e, &range)));
                 }
@@ -601,7 +755,7 @@ impl Hub {
         for (_, _, _, share) in &ready {
             self.servers.attach(share);
         }
-        self.servers.prune();
+        self.servers.prune(&needed);
         let reads = match read {
             Ok((reads, seen)) => {
                 self.seen = self.seen.max(seen);
@@ -618,9 +772,20 @@ impl Hub {
                 return;
             }
         };
+        // Routed before the drain: a notification taken by it may be for a
+        // change after the read, which the new watch must not miss. (One
+        // for a change before the read is read again: no harm.)
+        let mut ids = Vec::with_capacity(ready.len());
+        for (range, ..) in &ready {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.index(id, range);
+            ids.push(id);
+        }
         self.drain();
         if self.epoch != epoch {
-            for (_, _, reply, share) in ready {
+            for ((range, _, reply, share), id) in ready.into_iter().zip(ids) {
+                self.unindex(id, &range);
                 self.servers.release(&share);
                 let _ = reply.send(Err(conn::not_connected(
                     "the connection dropped while the watch started",
@@ -629,9 +794,7 @@ impl Hub {
             return;
         }
         let watermark = self.watermark();
-        for (range, start, reply, share) in ready {
-            let id = self.next_id;
-            self.next_id += 1;
+        for ((range, start, reply, share), id) in ready.into_iter().zip(ids) {
             let now = reads.of(&range);
             let shared = Shared::new();
             let mut view;
@@ -654,18 +817,14 @@ impl Hub {
                     applied.held
                 }
             };
-            match &range {
-                Range::Key(p) => self.by_key.entry(p.clone()).or_default().push(id),
-                Range::Below(b) => self.by_base.entry(b.clone()).or_default().push(id),
-            }
             self.subs.insert(
                 id,
-                Sub {
+                Box::new(Sub {
                     range,
                     view,
                     shared: shared.clone(),
                     share,
-                },
+                }),
             );
             self.hold(held, watermark);
             if reply.send(Ok((id, shared))).is_err() {
@@ -678,18 +837,23 @@ impl Hub {
         self.inner.fail(session, e, "watch", range.path())
     }
 
-    /// Paths whose value read lies above the watermark: read again.
-    fn hold(&mut self, held: Vec<String>, watermark: u64) {
-        for p in held {
+    /// Paths whose value read lies above the watermark: read again. The
+    /// change not emitted is exactly at the `mzxid` read (a later one is
+    /// notified on its own), so it is known to be above `mzxid - 1`: a
+    /// tighter bound than the watermark, without which two held paths in
+    /// different rounds in flight would hold each other back forever.
+    fn hold(&mut self, held: Vec<(String, u64)>, watermark: u64) {
+        for (p, mzxid) in held {
+            let above = mzxid.saturating_sub(1).max(watermark);
             self.dirty
                 .entry(p)
                 .and_modify(|d| {
                     d.read = true;
-                    d.above = d.above.min(watermark);
+                    d.above = d.above.min(above);
                     d.first = 0;
                 })
                 .or_insert(Dirty {
-                    above: watermark,
+                    above,
                     read: true,
                     first: 0,
                     last: 0,
@@ -697,19 +861,23 @@ impl Hub {
         }
     }
 
-    /// One round: reads the notified paths (deletes need no read), takes
-    /// the notifications that arrived meanwhile, and hands every watch the
-    /// changes up to the watermark.
-    async fn round(&mut self) {
+    /// Starts a round: takes the notified paths and sends their reads
+    /// (deletes need no read); [`Hub::finish_round`] takes it from there.
+    /// Up to [`PIPELINE`] rounds are in flight, so a notification that
+    /// arrives while a read is out is read at once, not after that reply.
+    fn start_round(&mut self) {
         let Some(session) = self.session.clone() else {
             return;
         };
         // Complete drain first: what arrives from here on arrived after
         // every notification of the batch (see `tighten`).
         self.drain();
+        if self.dirty.is_empty() {
+            return;
+        }
         let epoch = self.epoch;
         let batch = std::mem::take(&mut self.dirty);
-        let mut deletes: HashMap<String, u64> = batch
+        let deletes: HashMap<String, u64> = batch
             .iter()
             .filter(|(_, d)| !d.read)
             .map(|(p, d)| (p.clone(), d.above))
@@ -725,7 +893,49 @@ impl Hub {
         parents.sort();
         parents.dedup();
         let all: Vec<String> = to_read.iter().chain(&parents).cloned().collect();
-        let got = match read_paths(&session.client, &all).await {
+        let mut read: BoxFuture<'static, ReadResult> =
+            Box::pin(async move { read_paths(&session.client, &all).await });
+        // Polled once now so the requests go out now, in order with the
+        // other rounds (the client sends a request when it is made).
+        if let Some(done) = read.as_mut().now_or_never() {
+            read = Box::pin(std::future::ready(done));
+        }
+        self.inflight.push_back(Round {
+            epoch,
+            batch,
+            deletes,
+            to_read,
+            parents,
+            sent: Instant::now(),
+            read,
+        });
+    }
+
+    /// Waits for every round in flight and finishes it, in order.
+    async fn settle(&mut self) {
+        while let Some(mut round) = self.inflight.pop_front() {
+            let got = (&mut round.read).await;
+            self.finish_round(round, got);
+        }
+    }
+
+    /// Finishes the oldest round once its read is back: takes the
+    /// notifications that arrived meanwhile and hands every watch the
+    /// changes up to the watermark.
+    fn finish_round(&mut self, round: Round, got: ReadResult) {
+        let Round {
+            epoch,
+            batch,
+            mut deletes,
+            to_read,
+            parents,
+            sent,
+            read: _,
+        } = round;
+        if self.epoch != epoch {
+            return; // the resync takes over
+        }
+        let got = match got {
             Ok(got) => got,
             Err(e) => {
                 if let Stop::Transient(e) = self.stop(e) {
@@ -762,9 +972,12 @@ impl Hub {
             .map(|(p, d)| (p.clone(), d.last))
             .collect();
         let mut got = to_read.into_iter().zip(got);
+        // Per result: whether it was read (not a delete taken as such).
+        let mut got_read: Vec<bool> = Vec::with_capacity(batch.len());
         for (path, d) in batch {
             if !d.read {
                 results.push((path, None));
+                got_read.push(false);
                 continue;
             }
             match got.next() {
@@ -776,8 +989,12 @@ impl Hub {
                     }
                     let kv = super::to_pair(&path, data, &stat, now);
                     results.push((path, kv));
+                    got_read.push(true);
                 }
-                Some((_, Ok(None))) => results.push((path, None)),
+                Some((_, Ok(None))) => {
+                    results.push((path, None));
+                    got_read.push(true);
+                }
                 Some((p, Err(e))) => failed.push((p, e)),
                 None => {}
             }
@@ -792,7 +1009,7 @@ impl Hub {
         // reply, a delete reflected would have shown it missing).
         let mut facts: Vec<(u64, u64)> = found
             .into_iter()
-            .filter(|(i, _, _)| self.dirty.get(&results[*i].0).is_none_or(|d| !d.read))
+            .filter(|(i, _, _)| !self.read_pending(&results[*i].0))
             .map(|(_, last, mzxid)| (last, mzxid))
             .collect();
         // A delete that is the batch's only change below its parent, with
@@ -800,7 +1017,7 @@ impl Hub {
         // notified (inside a prefix watch): the parent's `pzxid` is exactly
         // the delete's zxid.
         let pending_parents: BTreeSet<String> =
-            self.dirty.keys().filter_map(|p| parent_of(p)).collect();
+            self.unread().filter_map(|(p, _)| parent_of(p)).collect();
         for (path, last) in delete_lasts {
             let Some(q) = parent_of(&path) else { continue };
             let Some(&pzxid) = pzxids.get(&q) else {
@@ -816,11 +1033,19 @@ impl Hub {
         }
         tracing::trace!(?facts, "zookeeper watches: facts");
         self.tighten(facts);
-        let watermark = self.watermark();
+        let read_now: HashSet<&str> = results
+            .iter()
+            .zip(&got_read)
+            .filter(|(_, ok)| **ok)
+            .map(|((p, _), _)| p.as_str())
+            .collect();
+        let watermark = self.watermark_after(&read_now);
         tracing::trace!(
             watermark,
             seen = self.seen,
             pending = self.dirty.len(),
+            inflight = self.inflight.len(),
+            read_us = sent.elapsed().as_micros() as u64,
             "zookeeper watches: round read"
         );
         // What each delete of the batch is known to be above.
@@ -973,9 +1198,25 @@ impl Hub {
     }
 }
 
+/// Watches whose key or prefix base share a parent znode, from which on
+/// that parent gets one `PersistentRecursive` watch serving all of them
+/// (and any later one below it) instead of one server watch each: a server
+/// watch costs the client about 0.8 KiB and the setup a request. The price
+/// is that changes to unwatched znodes below that parent are notified too
+/// (and dropped by the hub without a read).
+pub(crate) const SHARE_AT: usize = 64;
+
+/// The parent znode a watch counts towards (see [`SHARE_AT`]); never `/`,
+/// whose recursive watch would cover ZooKeeper's own subtree.
+fn shared_parent(range: &Range) -> Option<&str> {
+    let path = range.path();
+    let i = path.rfind('/')?;
+    (i > 0).then(|| &path[..i])
+}
+
 /// Hands a watch its whole range as read now: a key it knows and the read
 /// lacks is a delete (Converge).
-fn converge(sub: &mut Sub, reads: &RangeReads, watermark: u64) -> Vec<String> {
+fn converge(sub: &mut Sub, reads: &RangeReads, watermark: u64) -> Vec<(String, u64)> {
     let mut now = reads.of(&sub.range);
     for p in sub.view.paths() {
         if !now.contains_key(p) {
@@ -1038,13 +1279,18 @@ fn again(e: &Error) -> Error {
     }
 }
 
+/// The read of the oldest round in flight (pending forever if none).
+async fn oldest(inflight: &mut VecDeque<Round>) -> ReadResult {
+    match inflight.front_mut() {
+        Some(round) => (&mut round.read).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads paths with multi-reads of 64, all sent at once (pipelined on the
 /// connection): per path its data and stat, `None` if missing, or its own
 /// error.
-async fn read_paths(
-    client: &zk::Client,
-    paths: &[String],
-) -> Result<Vec<Result<Option<(Vec<u8>, zk::Stat)>, zk::Error>>, zk::Error> {
+async fn read_paths(client: &zk::Client, paths: &[String]) -> ReadResult {
     let chunks = paths.chunks(tree::READ_CHUNK).map(|chunk| async move {
         let mut reader = client.new_multi_reader();
         for p in chunk {
@@ -1069,7 +1315,7 @@ async fn read_paths(
 }
 
 /// Reads whole ranges: keys in pipelined multi-reads, each distinct prefix
-/// once (prefixes concurrently). Returns the reads and the largest `mzxid`.
+/// once (all prefixes level by level in shared multi-reads). Returns the reads and the largest `mzxid`.
 async fn read_ranges(
     client: &zk::Client,
     ranges: &[Range],
@@ -1086,10 +1332,7 @@ async fn read_ranges(
     keys.dedup();
     bases.sort();
     bases.dedup();
-    let (got, scans) = futures::join!(
-        read_paths(client, &keys),
-        join_all(bases.iter().map(|b| tree::scan(client, b)))
-    );
+    let (got, scans) = futures::join!(read_paths(client, &keys), tree::scan_many(client, &bases));
     let now = codec::now_millis();
     let mut seen = 0;
     let mut out = RangeReads::default();
@@ -1103,9 +1346,9 @@ async fn read_ranges(
         };
         out.keys.insert(path, kv);
     }
-    for (base, nodes) in bases.into_iter().zip(scans) {
+    for (base, nodes) in bases.into_iter().zip(scans?) {
         let mut pairs = Vec::new();
-        for n in nodes? {
+        for n in nodes {
             seen = seen.max(n.stat.mzxid as u64);
             if let Node::Key(value) = codec::classify(n.data, &n.stat, now)
                 && let Some(key) = codec::key_of(&n.path)
@@ -1116,4 +1359,31 @@ async fn read_ranges(
         out.bases.insert(base, pairs);
     }
     Ok((out, seen))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_hold_one_or_many_and_say_when_empty() {
+        let mut ids = Ids::One(1);
+        ids.push(2);
+        ids.push(3);
+        assert_eq!(ids.iter().collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(!ids.remove(2));
+        assert!(!ids.remove(1));
+        assert!(matches!(ids, Ids::One(3)));
+        assert!(!ids.remove(7), "another id leaves it as it was");
+        assert_eq!(ids.iter().collect::<Vec<_>>(), [3]);
+        assert!(ids.remove(3));
+    }
+
+    #[test]
+    fn the_shared_parent_is_never_the_root() {
+        assert_eq!(shared_parent(&Range::Key("/ns/k/1".into())), Some("/ns/k"));
+        assert_eq!(shared_parent(&Range::Below("/ns/p".into())), Some("/ns"));
+        assert_eq!(shared_parent(&Range::Key("/k".into())), None);
+        assert_eq!(shared_parent(&Range::Below("/".into())), None);
+    }
 }

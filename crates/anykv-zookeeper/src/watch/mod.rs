@@ -9,8 +9,13 @@
 //! watched) shares it, otherwise it registers its own (`Persistent` for a
 //! key, `PersistentRecursive` for a prefix). One server watch serves any
 //! number of anykv watches: the hub routes each notification to the
-//! watches whose range holds the path. Dropping a watch frees its share at
-//! once; the last user of a server watch removes it from the server.
+//! watches whose range holds the path. Once [`hub::SHARE_AT`] watches have
+//! their key or prefix base directly under one parent znode, that parent
+//! gets one `PersistentRecursive` watch instead, which takes over theirs
+//! (and serves every later one below it): far less client memory and setup
+//! requests per watch, for notifications of unwatched siblings too (dropped
+//! without a read). Dropping a watch frees its share at once; the last user
+//! of a server watch removes it from the server.
 //!
 //! Each watch is its view of its range (path → pair, [`view`]) and a
 //! bounded queue ([`sub`]): no task, channel or timer of its own, so an idle
@@ -23,7 +28,11 @@
 //! them in **rounds**, each one pipelined multi-read per 64 paths, shared by
 //! every watch on those paths; a delete needs no read (the path is gone, or
 //! a later notification asks for a read). Events are emitted after each
-//! round, so a change costs one read round trip before its event:
+//! round, so a change costs one read round trip before its event. Up to
+//! four rounds are in flight: a notification that arrives while a read is
+//! out is read at once (not after that reply), and rounds are finished in
+//! the order they were sent, each treating the paths of the later ones as
+//! not read yet:
 //!
 //! * ZooKeeper sends a session the notifications of a change before any
 //!   reply that reflects it, so a notification taken after a reply is for a
@@ -35,7 +44,9 @@
 //! * [`view::View::apply`] emits deletes (at one above the watch's previous
 //!   watermark: ZooKeeper does not report a delete's zxid before 3.9) and
 //!   the puts up to the watermark in `mzxid` order; a put above it is read
-//!   again in the next round. Revisions never go down.
+//!   again in the next round, known to be above its `mzxid - 1` (a held
+//!   path read again by a later round no longer bounds the watermark).
+//!   Revisions never go down.
 //!
 //! The argument needs every notification since the last round. A
 //! disconnection breaks it: persistent watches can miss events across it

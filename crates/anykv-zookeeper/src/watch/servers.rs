@@ -8,7 +8,7 @@
 //! which removes the watch from the server.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashSet},
     panic::AssertUnwindSafe,
     sync::{
         Arc,
@@ -58,7 +58,9 @@ pub(crate) type Notified = (u64, Option<zk::WatchedEvent>);
 /// The registered server watches.
 #[derive(Default)]
 pub(crate) struct Servers {
-    map: HashMap<ServerKey, Server>,
+    /// Sorted, so that the watches below a path are one range (see
+    /// [`Servers::merge_under`]).
+    map: BTreeMap<ServerKey, Server>,
     streams: SelectAll<Abortable<BoxStream<'static, Notified>>>,
     /// Generation of the current registrations.
     pub(crate) generation: u64,
@@ -96,7 +98,7 @@ impl Servers {
     }
 
     /// A newly registered watch, without users yet ([`Servers::attach`]
-    /// them, then [`Servers::prune`]).
+    /// them, then [`Servers::prune`] the new ones).
     pub(crate) fn insert(&mut self, key: ServerKey, watcher: PersistentWatcher) {
         let abort = self.add_stream(watcher);
         if let Some(old) = self.map.insert(key, Server { users: 0, abort }) {
@@ -109,17 +111,31 @@ impl Servers {
     /// never overlap, so no change is notified twice (zookeeper-client
     /// hands a notification to every local watcher it matches, and two
     /// copies could not be told from two changes). Returns the keys moved.
-    pub(crate) fn merge_under(&mut self, base: &ServerKey) -> Vec<ServerKey> {
+    pub(crate) fn merge_under(&mut self, base: &ServerKey) -> HashSet<ServerKey> {
         if !base.1 || !self.map.contains_key(base) {
-            return Vec::new();
+            return HashSet::new();
+        }
+        // The key on the base's own path, then everything below it: the
+        // paths that start with `base/` sort between `base/` and `base0`
+        // ('0' follows '/'). Only those are visited, not every watch.
+        let mut moved: HashSet<ServerKey> = HashSet::new();
+        let own = (base.0.clone(), false);
+        if self.map.contains_key(&own) {
+            moved.insert(own);
         }
         let inside = Range::Below(base.0.clone());
-        let moved: Vec<ServerKey> = self
-            .map
-            .keys()
-            .filter(|k| *k != base && (inside.contains(&k.0) || (k.0 == base.0 && !k.1)))
-            .cloned()
-            .collect();
+        let (from, to) = if base.0 == "/" {
+            ("/".to_owned(), "0".to_owned())
+        } else {
+            (format!("{}/", base.0), format!("{}0", base.0))
+        };
+        moved.extend(
+            self.map
+                .range((from, false)..(to, false))
+                .map(|(k, _)| k)
+                .filter(|k| *k != base && inside.contains(&k.0))
+                .cloned(),
+        );
         let mut users = 0;
         for k in &moved {
             if let Some(s) = self.map.remove(k) {
@@ -133,14 +149,16 @@ impl Servers {
         moved
     }
 
-    /// Removes the watches nobody uses.
-    pub(crate) fn prune(&mut self) {
-        self.map.retain(|_, s| {
-            if s.users == 0 {
+    /// Removes those of `keys` nobody uses (not every watch: this runs
+    /// once per batch of new watches).
+    pub(crate) fn prune<'k>(&mut self, keys: impl IntoIterator<Item = &'k ServerKey>) {
+        for key in keys {
+            if self.map.get(key).is_some_and(|s| s.users == 0)
+                && let Some(s) = self.map.remove(key)
+            {
                 s.abort.abort();
             }
-            s.users > 0
-        });
+        }
     }
 
     /// One user fewer; the last one removes the server watch.

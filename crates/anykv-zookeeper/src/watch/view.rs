@@ -131,8 +131,9 @@ pub(crate) type Reads = BTreeMap<String, Option<KvPair>>;
 pub(crate) struct Applied {
     /// Deletes first, then puts in revision order.
     pub(crate) events: Vec<Event>,
-    /// Paths whose new value lies above the watermark: read them again.
-    pub(crate) held: Vec<String>,
+    /// Paths whose new value lies above the watermark, with that value's
+    /// `mzxid`: read them again.
+    pub(crate) held: Vec<(String, u64)>,
 }
 
 /// One path's change, as [`View::classify`] finds it.
@@ -204,7 +205,7 @@ impl View {
                     deleted.push((revision, path));
                 }
                 Change::Put(kv) if kv.mod_revision <= watermark => puts.push((path, kv)),
-                Change::Put(_) => held.push(path),
+                Change::Put(kv) => held.push((path, kv.mod_revision)),
             }
         }
         deleted.sort();
@@ -237,8 +238,8 @@ impl View {
     }
 
     /// Like [`View::apply`] without events: the starting view of
-    /// `Start::Now`. Returns the held paths.
-    pub(crate) fn absorb(&mut self, reads: Reads, watermark: u64) -> Vec<String> {
+    /// `Start::Now`. Returns the held paths, as [`Applied::held`].
+    pub(crate) fn absorb(&mut self, reads: Reads, watermark: u64) -> Vec<(String, u64)> {
         let watermark = watermark.max(self.floor);
         let mut held = Vec::new();
         for (path, read) in reads {
@@ -250,7 +251,7 @@ impl View {
                 Change::Put(kv) if kv.mod_revision <= watermark => {
                     self.keys.insert(path, kv);
                 }
-                Change::Put(_) => held.push(path),
+                Change::Put(kv) => held.push((path, kv.mod_revision)),
             }
         }
         self.floor = watermark;
@@ -318,7 +319,7 @@ mod tests {
         let mut v = View::new(BTreeMap::new(), 10);
         let first = v.apply(reads(&[("a", Some(20)), ("b", Some(30))]), 20);
         assert_eq!(shown(&first.events), ["put a@20"]);
-        assert_eq!(first.held, ["/b"]);
+        assert_eq!(first.held, [("/b".to_owned(), 30)]);
         // The next batch reads the held path and the pending one.
         let second = v.apply(reads(&[("b", Some(30)), ("c", Some(25))]), 30);
         assert_eq!(shown(&second.events), ["put c@25", "put b@30"]);
@@ -387,7 +388,7 @@ mod tests {
     fn absorbing_emits_nothing_and_raises_the_floor() {
         let mut v = View::default();
         let held = v.absorb(reads(&[("a", Some(5)), ("b", Some(9))]), 7);
-        assert_eq!(held, ["/b"]);
+        assert_eq!(held, [("/b".to_owned(), 9)]);
         assert_eq!(v.floor(), 7);
         assert_eq!(v.paths().collect::<Vec<_>>(), ["/a"]);
         // The held key shows up as a put once read again, above the floor.
@@ -449,7 +450,7 @@ mod tests {
                     still.values().min().map_or(zxid, |m| m - 1)
                 };
                 let out = view.apply(read, watermark);
-                for p in out.held {
+                for (p, _) in out.held {
                     still.entry(p).or_insert(watermark + 1);
                 }
                 pending = still;
