@@ -83,55 +83,8 @@ pub(crate) fn dir_options(acls: zk::Acls<'static>) -> CreateOptions<'static> {
 /// subtree is skipped. Not a snapshot: znodes changed during the scan show
 /// either state; znodes deleted during it are left out.
 pub(crate) async fn scan(client: &zk::Client, base: &str) -> Result<Vec<Scanned>, zk::Error> {
-    let children = match client.list_children(base).await {
-        Ok(c) => c,
-        Err(zk::Error::NoNode) => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut level: Vec<String> = children
-        .iter()
-        .map(|c| codec::child_path(base, c))
-        .filter(|p| !codec::is_system(p))
-        .collect();
-    let mut out = Vec::new();
-    while !level.is_empty() {
-        let mut next = Vec::new();
-        for chunk in level.chunks(READ_CHUNK) {
-            let mut reader = client.new_multi_reader();
-            for p in chunk {
-                reader.add_get_data(p)?;
-                reader.add_get_children(p)?;
-            }
-            let mut results = reader.commit().await?.into_iter();
-            for p in chunk {
-                let (Some(data), Some(children)) = (results.next(), results.next()) else {
-                    break;
-                };
-                match (data, children) {
-                    (
-                        MultiReadResult::Data { data, stat },
-                        MultiReadResult::Children { children },
-                    ) => {
-                        next.extend(children.iter().map(|c| codec::child_path(p, c)));
-                        out.push(Scanned {
-                            path: p.clone(),
-                            data,
-                            stat,
-                        });
-                    }
-                    (MultiReadResult::Error { err }, _) | (_, MultiReadResult::Error { err })
-                        if err != zk::Error::NoNode =>
-                    {
-                        return Err(err);
-                    }
-                    // Deleted since its parent was read.
-                    _ => {}
-                }
-            }
-        }
-        level = next;
-    }
-    Ok(out)
+    let bases = [base.to_owned()];
+    Ok(scan_many(client, &bases).await?.pop().unwrap_or_default())
 }
 
 /// [`scan`] of several subtrees at once: each depth level of all of them in

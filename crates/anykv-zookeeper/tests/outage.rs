@@ -48,6 +48,19 @@ async fn stores(url: &str, name: &str) -> (Proxy, Kv, Kv) {
     (proxy, via, direct)
 }
 
+/// Under writes: cuts `kv`'s connection for 2 s, then waits until it
+/// answers again and lets the writers go on for 500 ms. Returns how long
+/// `kv` took to answer once the connection was back.
+async fn outage_under_writes(proxy: &Proxy, kv: &Kv) -> Duration {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set_mode(Mode::Reset);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set_mode(Mode::Pass);
+    let back = until_back(kv).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    back
+}
+
 /// Waits until `kv` answers again after an outage.
 async fn until_back(kv: &Kv) -> Duration {
     let started = Instant::now();
@@ -139,13 +152,8 @@ async fn a_watch_across_an_outage_resumes_in_revision_order_and_converges() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    proxy.set_mode(Mode::Reset);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    proxy.set_mode(Mode::Pass);
-    let back = until_back(&kv).await;
+    let back = outage_under_writes(&proxy, &kv).await;
     eprintln!("watch store answering {back:?} after the restore");
-    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
     for wr in writers {
         wr.await.unwrap();
@@ -248,12 +256,7 @@ async fn watches_sharing_a_parent_watch_resume_after_an_outage() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    proxy.set_mode(Mode::Reset);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    proxy.set_mode(Mode::Pass);
-    until_back(&kv).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    outage_under_writes(&proxy, &kv).await;
     stop.store(true, Ordering::SeqCst);
     for wr in writers {
         wr.await.unwrap();

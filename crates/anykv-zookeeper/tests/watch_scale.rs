@@ -16,6 +16,13 @@ fn key(s: &str) -> Key {
     Key::new(s).unwrap()
 }
 
+/// Puts `v` at `k`, which must succeed.
+async fn put(kv: &impl Store, k: impl AsRef<str>, v: impl Into<bytes::Bytes>) {
+    kv.put(&key(k.as_ref()), v.into(), PutOptions::default())
+        .await
+        .unwrap();
+}
+
 fn shown(events: &[Event]) -> Vec<String> {
     events
         .iter()
@@ -39,6 +46,31 @@ async fn take(w: &mut WatchStream, n: usize, within: Duration) -> Vec<Event> {
         }
     }
     out
+}
+
+/// Checks key watch `i` on `name`: the put of `v{i}`, then, for every
+/// third key, its delete at a higher revision, and nothing more. Returns
+/// the events.
+async fn put_then_delete(w: &mut WatchStream, i: usize, name: &str) -> Vec<Event> {
+    let want = if i.is_multiple_of(3) { 2 } else { 1 };
+    let got = take(w, want, Duration::from_secs(10)).await;
+    match &got[0] {
+        Event::Put { kv, .. } => {
+            assert_eq!(kv.key.as_str(), name);
+            assert_eq!(&kv.value[..], format!("v{i}").as_bytes());
+        }
+        other => panic!("key {i}: {other:?}"),
+    }
+    if i.is_multiple_of(3) {
+        assert!(
+            matches!(&got[1], Event::Delete { key, .. } if key.as_str() == name),
+            "{:?}",
+            shown(&got)
+        );
+        assert!(got[1].revision() > got[0].revision(), "{:?}", shown(&got));
+    }
+    quiet(w, "key watch").await;
+    got
 }
 
 async fn quiet(w: &mut WatchStream, what: &str) {
@@ -109,24 +141,7 @@ async fn many_watches_on_one_handle_each_get_exactly_their_events() {
         }
     });
     let checks = keys.iter_mut().enumerate().map(|(i, w)| async move {
-        let want = if i % 3 == 0 { 2 } else { 1 };
-        let got = take(w, want, Duration::from_secs(10)).await;
-        match &got[0] {
-            Event::Put { kv, .. } => {
-                assert_eq!(kv.key.as_str(), name(i));
-                assert_eq!(&kv.value[..], format!("v{i}").as_bytes());
-            }
-            other => panic!("key {i}: {other:?}"),
-        }
-        if i % 3 == 0 {
-            assert!(
-                matches!(&got[1], Event::Delete { key, .. } if key.as_str() == name(i)),
-                "{:?}",
-                shown(&got)
-            );
-            assert!(got[1].revision() > got[0].revision(), "{:?}", shown(&got));
-        }
-        quiet(w, "key watch").await;
+        put_then_delete(w, i, &name(i)).await;
     });
     futures::future::join_all(checks).await;
     let checks = groups.iter_mut().enumerate().map(|(g, w)| async move {
@@ -179,14 +194,7 @@ async fn a_watch_that_is_not_read_does_not_delay_another() {
             let puts = futures::stream::iter(0..N).for_each_concurrent(16, |i| {
                 let writer = writer.clone();
                 async move {
-                    writer
-                        .put(
-                            &key(&format!("slow/k{}", i % 300)),
-                            format!("{i}").into(),
-                            PutOptions::default(),
-                        )
-                        .await
-                        .unwrap();
+                    put(&writer, format!("slow/k{}", i % 300), format!("{i}")).await;
                 }
             });
             puts.await;
@@ -196,10 +204,7 @@ async fn a_watch_that_is_not_read_does_not_delay_another() {
     let mut worst = Duration::ZERO;
     for i in 0..20 {
         let t = Instant::now();
-        writer
-            .put(&key("fast"), format!("{i}").into(), PutOptions::default())
-            .await
-            .unwrap();
+        put(&writer, "fast", format!("{i}")).await;
         let got = take(&mut fast, 1, Duration::from_secs(5)).await;
         worst = worst.max(t.elapsed());
         match &got[0] {
@@ -340,14 +345,7 @@ async fn watches_under_one_parent_share_its_recursive_watch() {
     let writer = common::open(&url, &ns, "").await;
     let watched = || async { common::four_letter(&endpoint, "wchp").await };
     for i in (0..KEYS).step_by(2) {
-        writer
-            .put(
-                &key(&format!("dev/d{i}")),
-                "0".into(),
-                PutOptions::default(),
-            )
-            .await
-            .unwrap();
+        put(&writer, format!("dev/d{i}"), "0").await;
     }
     let keys = futures::future::join_all(
         (0..KEYS).map(|i| kv.watch(Target::Key(key(&format!("dev/d{i}"))), Start::Now)),
@@ -375,40 +373,12 @@ async fn watches_under_one_parent_share_its_recursive_watch() {
     // Watched and unwatched siblings written, every third watched key
     // deleted.
     for i in 0..KEYS {
-        writer
-            .put(
-                &key(&format!("dev/d{i}")),
-                format!("v{i}").into(),
-                PutOptions::default(),
-            )
-            .await
-            .unwrap();
-        writer
-            .put(
-                &key(&format!("dev/other{i}")),
-                "x".into(),
-                PutOptions::default(),
-            )
-            .await
-            .unwrap();
+        put(&writer, format!("dev/d{i}"), format!("v{i}")).await;
+        put(&writer, format!("dev/other{i}"), "x").await;
     }
     for b in 0..BASES {
-        writer
-            .put(
-                &key(&format!("grp/b{b}/k")),
-                format!("g{b}").into(),
-                PutOptions::default(),
-            )
-            .await
-            .unwrap();
-        writer
-            .put(
-                &key(&format!("grp/c{b}/k")),
-                "x".into(),
-                PutOptions::default(),
-            )
-            .await
-            .unwrap();
+        put(&writer, format!("grp/b{b}/k"), format!("g{b}")).await;
+        put(&writer, format!("grp/c{b}/k"), "x").await;
     }
     for i in (0..KEYS).step_by(3) {
         writer
@@ -417,25 +387,11 @@ async fn watches_under_one_parent_share_its_recursive_watch() {
             .unwrap();
     }
     let checks = keys.iter_mut().enumerate().map(|(i, w)| async move {
-        let want = if i % 3 == 0 { 2 } else { 1 };
-        let got = take(w, want, Duration::from_secs(10)).await;
-        match &got[0] {
-            Event::Put { kv, prev } => {
-                assert_eq!(kv.key.as_str(), format!("dev/d{i}"));
-                assert_eq!(&kv.value[..], format!("v{i}").as_bytes());
-                assert_eq!(prev.is_some(), i % 2 == 0, "key {i}: {prev:?}");
-            }
-            other => panic!("key {i}: {other:?}"),
-        }
-        if i % 3 == 0 {
-            assert!(
-                matches!(&got[1], Event::Delete { key, .. } if key.as_str() == format!("dev/d{i}")),
-                "{:?}",
-                shown(&got)
-            );
-            assert!(got[1].revision() > got[0].revision(), "{:?}", shown(&got));
-        }
-        quiet(w, "key watch").await;
+        let got = put_then_delete(w, i, &format!("dev/d{i}")).await;
+        let Event::Put { prev, .. } = &got[0] else {
+            unreachable!("checked")
+        };
+        assert_eq!(prev.is_some(), i % 2 == 0, "key {i}: {prev:?}");
     });
     futures::future::join_all(checks).await;
     let checks = bases.iter_mut().enumerate().map(|(b, w)| async move {
