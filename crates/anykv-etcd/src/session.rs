@@ -23,12 +23,15 @@ use crate::{
 
 /// How long past its TTL a dead session's keys may survive. etcd checks for
 /// expired leases every 500 ms and deletes their keys in one raft entry
-/// (measured: 0.0-0.55 s past the TTL on etcd 3.4, `tests/driver.rs`
-/// `session_keys_expire_after_a_kill_figures`); the TTL counts whole seconds,
-/// so a TTL asked for with a fraction is rounded up by less than a second
+/// (measured: 0.0-0.55 s past the TTL on etcd 3.4 on a quiet machine,
+/// `tests/driver.rs` `session_keys_expire_after_a_kill_figures`, but 1.9 s
+/// once while two test runs loaded both cores: the sweep and its raft entry
+/// wait for CPU like everything else); the TTL counts whole seconds, so a
+/// TTL asked for with a fraction is rounded up by less than a second
 /// ([`Session::ttl`] reports the granted one). Below etcd's minimum (2 s with
-/// the default election timeout) the granted TTL is that minimum.
-pub(crate) const SESSION_GRANULARITY: Duration = Duration::from_millis(1500);
+/// the default election timeout) the granted TTL is that minimum. Declared
+/// as 3 s, the same margin as plain TTL keys (`lease::TTL_GRANULARITY`).
+pub(crate) const SESSION_GRANULARITY: Duration = lease::TTL_GRANULARITY;
 
 /// Starts a session: grants a lease of `opts.ttl` and renews it every third
 /// of the TTL the server granted.
