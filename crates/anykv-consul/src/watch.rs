@@ -174,7 +174,8 @@ impl Fault {
 }
 
 /// What a hub reads: one key, or everything below a directory (`path`
-/// then ends in `/`, or is empty for the root).
+/// then ends in `/`, or is empty for the root). A shared baseline read may
+/// also be recursive on any string prefix ([`Scope::with`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Scope {
     path: String,
@@ -192,6 +193,29 @@ impl Scope {
                 path: p.dir(),
                 recurse: true,
             },
+        }
+    }
+
+    /// The narrowest scope whose answers contain everything `self` and
+    /// `other` read: the same scope, or a recursive read of their longest
+    /// common prefix (Consul's `?recurse` matches a plain string prefix,
+    /// not only a directory). Keys opened together are usually neighbours,
+    /// so a batch of their baselines reads about as many entries as it has
+    /// watches, not its hub's whole scope.
+    fn with(&self, other: &Scope) -> Scope {
+        if self == other {
+            return self.clone();
+        }
+        let common = self
+            .path
+            .char_indices()
+            .zip(other.path.chars())
+            .take_while(|((_, a), b)| a == b)
+            .last()
+            .map_or(0, |((i, c), _)| i + c.len_utf8());
+        Scope {
+            path: self.path[..common].to_owned(),
+            recurse: true,
         }
     }
 
@@ -1291,9 +1315,9 @@ struct Baselines {
 
 /// Watches waiting for the same baseline read.
 struct Batch {
-    /// The first watch's own scope: a batch of one reads only that.
-    own: Scope,
-    count: usize,
+    /// What the batch reads: the narrowest scope covering every one of its
+    /// watches' targets ([`Scope::with`]).
+    reads: Scope,
     done: watch::Sender<Option<Arc<BaseRead>>>,
 }
 
@@ -1301,10 +1325,12 @@ impl Registry {
     /// A `consistent` read of `own` (the watch's target) that started after
     /// this call, shared with the other watches of hub `hub` that ask
     /// meanwhile: at most one read per hub runs; the watches that ask
-    /// while it runs share the next one, which reads the hub's whole scope
-    /// (one alone reads its own target). So opening many watches at once
-    /// costs a few reads per hub rather than one each, and every baseline
-    /// is still read after its `watch` was called.
+    /// while it runs share the next one, which reads the narrowest scope
+    /// covering all their targets (one alone reads its own target; keys
+    /// opened together, usually neighbours, their common prefix, not the
+    /// hub's whole scope). So opening many watches at once costs a few
+    /// small reads per hub rather than one each, and every baseline is
+    /// still read after its `watch` was called.
     async fn baseline(
         &self,
         inner: &Arc<Inner>,
@@ -1316,14 +1342,13 @@ impl Registry {
             let slot = all.entry(hub.clone()).or_default();
             let rx = match &mut slot.open {
                 Some(batch) => {
-                    batch.count += 1;
+                    batch.reads = batch.reads.with(own);
                     batch.done.subscribe()
                 }
                 None => {
                     let (done, rx) = watch::channel(None);
                     slot.open = Some(Batch {
-                        own: own.clone(),
-                        count: 1,
+                        reads: own.clone(),
                         done,
                     });
                     rx
@@ -1377,7 +1402,12 @@ async fn read_baselines(
         };
         // From here on new watches join the next batch: this read starts
         // after every watch of this one asked.
-        let scope = if batch.count == 1 { &batch.own } else { &hub };
+        // Never wider than the hub's scope (it covers every member).
+        let scope = if hub.covers(&batch.reads) {
+            &batch.reads
+        } else {
+            &hub
+        };
         let read = match inner
             .read_body(&scope.path, scope.recurse, ReadMode::CONSISTENT)
             .await
@@ -1897,6 +1927,18 @@ mod tests {
             path: path.into(),
             recurse: true,
         }
+    }
+
+    #[test]
+    fn a_batch_reads_the_common_prefix_of_its_targets() {
+        let k = key("ns/k/00100");
+        assert_eq!(k.with(&k), k, "one target: itself");
+        assert_eq!(k.with(&key("ns/k/00199")), dir("ns/k/001"));
+        assert_eq!(dir("ns/p/1/").with(&key("ns/p/2")), dir("ns/p/"));
+        assert_eq!(key("ns/é1").with(&key("ns/è2")), dir("ns/"), "whole chars");
+        let wide = key("a").with(&key("b"));
+        assert_eq!(wide, dir(""));
+        assert!(dir("ns/k/").covers(&key("ns/k/1").with(&key("ns/k/2"))));
     }
 
     #[test]
