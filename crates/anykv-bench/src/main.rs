@@ -7,7 +7,7 @@
 //! their process ids (`ANYKV_BENCH_<BACKEND>_PID`) and a note on their
 //! settings (`ANYKV_BENCH_<BACKEND>_NOTE`). memory and redb need no server.
 //! Options: `--sizes 100,1000,10000 --rate 500 --max-put-secs 10
-//! --idle-secs 5 --drain-secs 10 --no-raw --out FILE` (see `--help`).
+//! --idle-secs 15 --drain-secs 10 --no-raw --out FILE` (see `--help`).
 //!
 //! ## What a case is
 //!
@@ -46,7 +46,10 @@
 //!    time (user + system, `/proc/<pid>/stat`, 10 ms ticks) of the client
 //!    process and of the server process, per second of wall time. The
 //!    server's CPU with no client at all is measured once per backend and
-//!    shown above its table;
+//!    shown above its table; the targets count what the watches add to it.
+//!    The window (15 s by default) starts 300 ms after setup, so it holds
+//!    one renewal of each Consul blocking query (10 s wait) and the fading
+//!    aftermath of setup on the server;
 //! 7. **delivery**: the writer puts each watched key once, at `--rate`
 //!    (500/s) on schedule (up to 64 in flight), for at most
 //!    `--max-put-secs` (10 s: 5,000 of 10,000 keys), so "expected" is the
@@ -169,8 +172,10 @@ struct WatchArgs {
     /// At most this many seconds of puts per case (10,000 watches at 500/s: 5,000 puts).
     #[arg(long, default_value_t = 10.0)]
     max_put_secs: f64,
-    /// Idle window of the CPU figures, seconds.
-    #[arg(long, default_value_t = 5.0)]
+    /// Idle window of the CPU figures, seconds. Longer than Consul's
+    /// 10 s blocking wait, so each of its queries is renewed once in it,
+    /// and setup's aftermath (queries the agent still holds) fades.
+    #[arg(long, default_value_t = 15.0)]
     idle_secs: f64,
     /// Wait for late events after the last put, seconds.
     #[arg(long, default_value_t = 10.0)]
