@@ -148,28 +148,12 @@ impl Fault {
 
     fn to_error(&self) -> Error {
         let message = format!("watch: {}", self.message);
-        match self.kind {
-            ErrorKind::Unavailable | ErrorKind::Timeout => Error::Unavailable {
-                backend: BACKEND,
-                message,
-                source: None,
-            },
-            ErrorKind::PermissionDenied => Error::PermissionDenied {
-                backend: BACKEND,
-                message,
-                source: None,
-            },
-            ErrorKind::Unauthenticated => Error::Unauthenticated {
-                backend: BACKEND,
-                message,
-                source: None,
-            },
-            _ => Error::Backend {
-                backend: BACKEND,
-                message,
-                source: None,
-            },
-        }
+        // A query that timed out is the agent unreachable, as for any read.
+        let kind = match self.kind {
+            ErrorKind::Timeout => ErrorKind::Unavailable,
+            kind => kind,
+        };
+        Error::of_kind(kind, BACKEND, message)
     }
 }
 

@@ -351,6 +351,44 @@ impl Error {
         false
     }
 
+    /// An error of `kind` that carries only a message, for a driver that
+    /// reports one failure to several callers (errors are not `Clone`): the
+    /// kinds callers branch on keep their variant (`Unavailable`,
+    /// `PermissionDenied`, `Unauthenticated`); any other is
+    /// [`Error::Backend`].
+    ///
+    /// ```
+    /// use anykv_core::{Error, ErrorKind};
+    /// let e = Error::of_kind(ErrorKind::PermissionDenied, "consul", "watch: 403");
+    /// assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+    /// assert_eq!(Error::of_kind(ErrorKind::Codec, "consul", "x").kind(), ErrorKind::Backend);
+    /// ```
+    pub fn of_kind(kind: ErrorKind, backend: &'static str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        match kind {
+            ErrorKind::Unavailable => Error::Unavailable {
+                backend,
+                message,
+                source: None,
+            },
+            ErrorKind::PermissionDenied => Error::PermissionDenied {
+                backend,
+                message,
+                source: None,
+            },
+            ErrorKind::Unauthenticated => Error::Unauthenticated {
+                backend,
+                message,
+                source: None,
+            },
+            _ => Error::Backend {
+                backend,
+                message,
+                source: None,
+            },
+        }
+    }
+
     /// Shorthand for [`Error::Backend`] with a source.
     pub fn backend(
         backend: &'static str,

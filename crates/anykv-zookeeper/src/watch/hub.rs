@@ -1255,27 +1255,8 @@ fn again(e: &Error) -> Error {
         ErrorKind::Unavailable if e.never_reached_server() => {
             Error::not_sent(BACKEND, message.clone(), message)
         }
-        ErrorKind::Unavailable => Error::Unavailable {
-            backend: BACKEND,
-            message,
-            source: None,
-        },
         ErrorKind::Cancelled => super::cancelled(),
-        ErrorKind::Unauthenticated => Error::Unauthenticated {
-            backend: BACKEND,
-            message,
-            source: None,
-        },
-        ErrorKind::PermissionDenied => Error::PermissionDenied {
-            backend: BACKEND,
-            message,
-            source: None,
-        },
-        _ => Error::Backend {
-            backend: BACKEND,
-            message,
-            source: None,
-        },
+        kind => Error::of_kind(kind, BACKEND, message),
     }
 }
 
