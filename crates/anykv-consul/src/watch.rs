@@ -518,8 +518,30 @@ struct State {
     next_id: u64,
     /// Every open watch stream, by id.
     members: HashMap<u64, Member>,
+    /// The members' scopes, sorted, with how many members have each: what
+    /// [`plan`] reads, kept as members come and go rather than sorted
+    /// again for every re-plan.
+    scopes: BTreeMap<Scope, usize>,
     /// The hubs of the current plan.
     hubs: HashMap<Scope, Hub>,
+}
+
+impl State {
+    /// Registers member `id`.
+    fn add(&mut self, id: u64, member: Member) {
+        *self.scopes.entry(member.scope.clone()).or_default() += 1;
+        self.members.insert(id, member);
+    }
+
+    /// One member of `scope` fewer (its entry in `members` is gone).
+    fn forget(&mut self, scope: &Scope) {
+        if let Some(n) = self.scopes.get_mut(scope) {
+            *n -= 1;
+            if *n == 0 {
+                self.scopes.remove(scope);
+            }
+        }
+    }
 }
 
 /// One watch stream, as the planner sees it.
@@ -619,7 +641,7 @@ impl Registry {
             hub.members += 1;
             let feed = Feed::of(&hub.tx, &scope);
             let hub = cover.clone();
-            state.members.insert(
+            state.add(
                 id,
                 Member {
                     scope,
@@ -634,7 +656,7 @@ impl Registry {
         {
             let feed = Feed::of(&hub.tx, &scope);
             state.hubs.insert(scope.clone(), Hub { members: 1, ..hub });
-            state.members.insert(
+            state.add(
                 id,
                 Member {
                     hub: scope.clone(),
@@ -646,7 +668,7 @@ impl Registry {
         }
         // A placeholder, replaced by the plan right below.
         let placeholder = Feed::of(&Channel::new(), &scope);
-        state.members.insert(
+        state.add(
             id,
             Member {
                 scope: scope.clone(),
@@ -665,6 +687,7 @@ impl Registry {
         let Some(gone) = state.members.remove(&id) else {
             return;
         };
+        state.forget(&gone.scope);
         if let Some(hub) = state.hubs.get(&gone.hub) {
             hub.tx.routes().remove(&gone.scope, &gone.slot);
         }
@@ -714,7 +737,7 @@ impl Registry {
     /// (`fresh` is routed whether or not its hub changed: its feed is
     /// returned), stops the rest.
     fn replan(&self, state: &mut State, inner: &Arc<Inner>, fresh: Option<u64>) -> Option<Feed> {
-        let plan = plan(state.members.values().map(|m| &m.scope), self.limit);
+        let plan = plan(state.scopes.keys(), self.limit);
         for scope in &plan {
             if !state.hubs.contains_key(scope)
                 && let Some(hub) = self.start_hub(inner, scope, state.members.len())
@@ -790,15 +813,17 @@ impl Registry {
 /// writes race one query.
 fn plan<'a>(targets: impl Iterator<Item = &'a Scope>, limit: usize) -> Vec<Scope> {
     // Borrowed, not cloned: a re-plan of 10,000 watches splits groups of
-    // thousands several times over.
-    let all: Vec<&Scope> = targets
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    // thousands several times over. The registry hands them sorted and
+    // unique (`State::scopes`); sorting is the fallback.
+    let mut all: Vec<&Scope> = targets.collect();
+    if !all.is_sorted() {
+        all.sort_unstable();
+    }
+    all.dedup();
     if all.is_empty() {
         return Vec::new();
     }
-    let mut groups = vec![Group::new(all)];
+    let mut groups = vec![Group::new(&all)];
     loop {
         let mut order: Vec<usize> = (0..groups.len())
             .filter(|&i| groups[i].splittable())
@@ -823,36 +848,39 @@ fn plan<'a>(targets: impl Iterator<Item = &'a Scope>, limit: usize) -> Vec<Scope
     scopes
 }
 
-/// Targets that share one scope, and their longest common prefix.
+/// Targets that share one scope (a run of the sorted targets), and their
+/// longest common prefix.
 struct Group<'a> {
-    prefix: String,
-    targets: Vec<&'a Scope>,
+    prefix: &'a str,
+    targets: &'a [&'a Scope],
 }
 
 impl<'a> Group<'a> {
-    fn new(targets: Vec<&'a Scope>) -> Group<'a> {
-        let mut prefix = targets.first().map(|t| t.path.clone()).unwrap_or_default();
-        for t in &targets {
-            let common = prefix
-                .char_indices()
-                .zip(t.path.chars())
-                .find(|((_, a), b)| a != b)
-                .map_or(prefix.len().min(t.path.len()), |((i, _), _)| i);
-            let mut cut = common.min(t.path.len());
-            while !prefix.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            prefix.truncate(cut);
+    /// `targets` sorted: their common prefix is that of the first and the
+    /// last (whatever lies between shares it), so this is O(prefix), not
+    /// O(targets): a re-plan of 10,000 watches does it a few hundred times.
+    fn new(targets: &'a [&'a Scope]) -> Group<'a> {
+        let (first, last) = match targets {
+            [] => ("", ""),
+            [one, ..] => (one.path.as_str(), targets[targets.len() - 1].path.as_str()),
+        };
+        let common = first
+            .char_indices()
+            .zip(last.chars())
+            .find(|((_, a), b)| a != b)
+            .map_or(first.len().min(last.len()), |((i, _), _)| i);
+        Group {
+            prefix: &first[..common],
+            targets,
         }
-        Group { prefix, targets }
     }
 
     /// One target alone is read as itself; several, by their prefix.
     fn scope(&self) -> Scope {
-        match self.targets.as_slice() {
+        match self.targets {
             [one] => (*one).clone(),
             _ => Scope {
-                path: self.prefix.clone(),
+                path: self.prefix.to_owned(),
                 recurse: true,
             },
         }
@@ -867,14 +895,21 @@ impl<'a> Group<'a> {
     }
 
     /// The targets by the character after the prefix (a key equal to the
-    /// prefix has none: it is a group of its own).
+    /// prefix has none: it is a group of its own). Sorted targets that
+    /// share the prefix are sorted by that character too, so each group is
+    /// a run of them.
     fn split(&self) -> Vec<Group<'a>> {
-        let mut by_next: BTreeMap<Option<char>, Vec<&'a Scope>> = BTreeMap::new();
-        for t in &self.targets {
-            let next = t.path[self.prefix.len()..].chars().next();
-            by_next.entry(next).or_default().push(*t);
+        let next = |t: &Scope| t.path[self.prefix.len()..].chars().next();
+        let mut out = Vec::new();
+        let mut rest = self.targets;
+        while let [first, ..] = rest {
+            let c = next(first);
+            let run = rest.iter().take_while(|t| next(t) == c).count();
+            let (this, tail) = rest.split_at(run);
+            out.push(Group::new(this));
+            rest = tail;
         }
-        by_next.into_values().map(Group::new).collect()
+        out
     }
 }
 
