@@ -96,6 +96,7 @@ fn real_main() -> Result<()> {
             servers,
             cargo_args,
         } => {
+            warn_if_low_disk(&[root_target(&ctx), env::temp_dir()]);
             if !no_lint {
                 lint()?;
             }
@@ -571,4 +572,39 @@ fn path_without_protoc(farm: &Path) -> Result<std::ffi::OsString> {
         "a protoc is on PATH ({}); the install check needs it hidden",
         farm.display()
     )
+}
+
+/// `target/`, where builds and the server packages go.
+fn root_target(ctx: &Ctx) -> std::path::PathBuf {
+    ctx.work.parent().map_or_else(|| ctx.work.clone(), |p| p.to_path_buf())
+}
+
+/// Says so up front when a full run may not fit on the disk: a clean clone
+/// builds ~7 GB under `target/`, and each server's data dir (an etcd one
+/// preallocates 120 MB of WAL) lives in the temp dir. A run that fills the
+/// disk fails far from the cause (a CI run once died unpacking Consul).
+/// Only a warning: `df` may be missing, and the estimate is rough.
+fn warn_if_low_disk(paths: &[std::path::PathBuf]) {
+    const NEEDED_KIB: u64 = 10 * 1024 * 1024;
+    for path in paths {
+        let Ok(out) = Command::new("df").arg("-Pk").arg(path).output() else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Second line: filesystem, size, used, available, …
+        let available = text
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(kib) = available
+            && kib < NEEDED_KIB
+        {
+            eprintln!(
+                "xtask: warning: {:.1} GiB free under {}; a full run needs about 10 GiB",
+                kib as f64 / 1024.0 / 1024.0,
+                path.display()
+            );
+        }
+    }
 }
