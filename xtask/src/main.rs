@@ -576,7 +576,9 @@ fn path_without_protoc(farm: &Path) -> Result<std::ffi::OsString> {
 
 /// `target/`, where builds and the server packages go.
 fn root_target(ctx: &Ctx) -> std::path::PathBuf {
-    ctx.work.parent().map_or_else(|| ctx.work.clone(), |p| p.to_path_buf())
+    ctx.work
+        .parent()
+        .map_or_else(|| ctx.work.clone(), |p| p.to_path_buf())
 }
 
 /// Says so up front when a full run may not fit on the disk: a clean clone
