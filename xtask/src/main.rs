@@ -88,7 +88,7 @@ fn real_main() -> Result<()> {
     env::set_current_dir(&root)?;
     set_protoc()?;
     servers::stop_all_on_signal()?;
-    let ctx = Ctx::new(root)?;
+    let ctx = Ctx::new(root.clone())?;
     match cli.cmd {
         Cmd::Lint => lint(),
         Cmd::Test {
@@ -96,7 +96,7 @@ fn real_main() -> Result<()> {
             servers,
             cargo_args,
         } => {
-            warn_if_low_disk(&[root_target(&ctx), env::temp_dir()]);
+            warn_if_low_disk(&[root.join("target"), env::temp_dir()]);
             if !no_lint {
                 lint()?;
             }
@@ -572,13 +572,6 @@ fn path_without_protoc(farm: &Path) -> Result<std::ffi::OsString> {
         "a protoc is on PATH ({}); the install check needs it hidden",
         farm.display()
     )
-}
-
-/// `target/`, where builds and the server packages go.
-fn root_target(ctx: &Ctx) -> std::path::PathBuf {
-    ctx.work
-        .parent()
-        .map_or_else(|| ctx.work.clone(), |p| p.to_path_buf())
 }
 
 /// Says so up front when a full run may not fit on the disk: a clean clone

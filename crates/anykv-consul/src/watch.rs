@@ -190,15 +190,8 @@ impl Scope {
         if self == other {
             return self.clone();
         }
-        let common = self
-            .path
-            .char_indices()
-            .zip(other.path.chars())
-            .take_while(|((_, a), b)| a == b)
-            .last()
-            .map_or(0, |((i, c), _)| i + c.len_utf8());
         Scope {
-            path: self.path[..common].to_owned(),
+            path: common_prefix(&self.path, &other.path).to_owned(),
             recurse: true,
         }
     }
@@ -864,13 +857,8 @@ impl<'a> Group<'a> {
             [] => ("", ""),
             [one, ..] => (one.path.as_str(), targets[targets.len() - 1].path.as_str()),
         };
-        let common = first
-            .char_indices()
-            .zip(last.chars())
-            .find(|((_, a), b)| a != b)
-            .map_or(first.len().min(last.len()), |((i, _), _)| i);
         Group {
-            prefix: &first[..common],
+            prefix: common_prefix(first, last),
             targets,
         }
     }
@@ -911,6 +899,16 @@ impl<'a> Group<'a> {
         }
         out
     }
+}
+
+/// The longest common prefix of `a` and `b`, in whole characters.
+fn common_prefix<'a>(a: &'a str, b: &str) -> &'a str {
+    let end = a
+        .char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i);
+    &a[..end]
 }
 
 /// What the hub does with one answer of its blocking query.

@@ -337,7 +337,7 @@ impl Mirror {
             store,
             shared: shared.clone(),
         };
-        if follower.store.capabilities().watch_history == WatchHistory::Converge {
+        if follower.converges() {
             // Deletes between the snapshot and the watch's start are in no
             // event: a second snapshot, taken while the watch runs, has them.
             follower.resync().await?;
@@ -551,6 +551,13 @@ impl<S: Store + Clone> Follower<S> {
         }
     }
 
+    /// Whether the backend's watches only converge (see
+    /// [`WatchHistory::Converge`]): no replay from a revision, deletes at a
+    /// lower bound of theirs.
+    fn converges(&self) -> bool {
+        self.store.capabilities().watch_history == WatchHistory::Converge
+    }
+
     /// A new watch from the mirror's revision; from a new snapshot when that
     /// history is gone or the backend keeps none.
     async fn follow_again(&mut self) -> Result<WatchStream> {
@@ -575,7 +582,7 @@ impl<S: Store + Clone> Follower<S> {
             .watch(target, Start::After(snap.revision))
             .await?;
         self.apply_snapshot(snap.pairs, snap.revision);
-        if self.store.capabilities().watch_history == WatchHistory::Converge {
+        if self.converges() {
             self.resync().await?;
         }
         Ok(stream)
@@ -593,10 +600,9 @@ impl<S: Store + Clone> Follower<S> {
     /// Applies one event; returns true when the mirror cannot tell whether
     /// it must apply it (see [`State::doubts`]) and must take a snapshot.
     fn apply(&self, ev: Event) -> bool {
-        let converge = self.store.capabilities().watch_history == WatchHistory::Converge;
         let (applied, doubt) = {
             let mut state = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
-            let doubt = converge && state.doubts(&ev);
+            let doubt = state.doubts(&ev) && self.converges();
             let applied = state.apply(ev);
             self.shared.revision.send_if_modified(|r| {
                 let changed = *r < state.revision;
