@@ -191,6 +191,7 @@ async fn measured(
 
     tokio::time::sleep(SETTLE).await;
     r.rss_before = measure::rss_bytes();
+    let heap_before = crate::heap_bytes();
     r.sockets.0 = measure::sockets();
     let seen = Seen::new(spec.n);
     let span = Span::start();
@@ -205,6 +206,7 @@ async fn measured(
     tokio::time::sleep(SETTLE).await;
     let rss_after = measure::rss_bytes();
     r.rss_per_watch = Some((rss_after as f64 - r.rss_before as f64) / spec.n as f64);
+    r.heap_per_watch = Some((crate::heap_bytes() as f64 - heap_before as f64) / spec.n as f64);
     r.sockets.1 = measure::sockets();
 
     let (c0, s0, t0) = (

@@ -39,7 +39,11 @@
 //!    watching handle made one request before, so its connection is not
 //!    counted as the watches' (the writer's is in use already). Includes
 //!    what the process holds per watch: driver state, streams and the
-//!    bench's one consumer (a `select_all` over the N streams);
+//!    bench's one consumer (a `select_all` over the N streams). Beside it,
+//!    the same of live heap bytes (the counting global allocator): what
+//!    the watches hold, without the free memory the allocator keeps, which
+//!    RSS also counts (the difference is what setup's transient
+//!    allocations left behind);
 //! 5. **sockets**: entries of `/proc/self/fd` that are sockets, before and
 //!    after setup (both handles included);
 //! 6. **idle CPU**: `--idle-secs` with N watches open and no writes, CPU
@@ -496,7 +500,7 @@ fn run_child(spec: &CaseSpec, timeout: Duration) -> CaseResult {
 fn progress(row: &Row) {
     let (s, r) = (&row.spec, &row.result);
     eprintln!(
-        "anykv-bench: {} {} N={} {:?} {} — setup {:?} ms, delivered {}/{}, delay {:?}, B/watch {:?}, {:.0} s{}",
+        "anykv-bench: {} {} N={} {:?} {} — setup {:?} ms, delivered {}/{}, delay {:?}, B/watch {:?} (heap {:?}), {:.0} s{}",
         s.backend,
         s.side.label(),
         s.n,
@@ -507,6 +511,7 @@ fn progress(row: &Row) {
         r.expected,
         r.delay,
         r.rss_per_watch.map(|v| v.round()),
+        r.heap_per_watch.map(|v| v.round()),
         row.secs,
         r.error
             .as_deref()
@@ -565,7 +570,7 @@ fn header(args: &WatchArgs) -> String {
          {cpus} CPUs, load average at the end {}.\n\n\
          Parameters: N = {:?}, one put per watched key at {} puts/s for at most {} s, \
          idle window {} s, drain {} s, setup concurrency {}, {} no-watch puts, \
-         case timeout {} s. Times in ms; KiB/watch = (RSS after setup − before) / N. \
+         case timeout {} s. Times in ms; KiB/watch = (RSS after setup − before) / N, and in brackets the same of live heap bytes (a counting allocator: what the watches hold, without the allocator's free memory). \
          See `crates/anykv-bench/src/main.rs` for how each figure is measured.\n",
         load.split_whitespace()
             .take(3)

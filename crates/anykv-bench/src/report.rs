@@ -86,7 +86,7 @@ pub fn table(out: &mut String, info: &BackendInfo, rows: &[&Row]) {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| client | N | target | keys | setup ms (CPU ms) | delivered | delay p50 / p99 / max ms | KiB/watch | sockets before→after | idle CPU ms/s client / server | put p50 / p99 ms, watches open | put p50 / p99 ms, no watch | notes |"
+        "| client | N | target | keys | setup ms (CPU ms) | delivered | delay p50 / p99 / max ms | KiB/watch RSS (live heap) | sockets before→after | idle CPU ms/s client / server | put p50 / p99 ms, watches open | put p50 / p99 ms, no watch | notes |"
     );
     let _ = writeln!(
         out,
@@ -150,7 +150,10 @@ pub fn table(out: &mut String, info: &BackendInfo, rows: &[&Row]) {
             setup,
             delivered,
             triple(r.delay),
-            kib(r.rss_per_watch),
+            match r.heap_per_watch {
+                Some(_) => format!("{} ({})", kib(r.rss_per_watch), kib(r.heap_per_watch)),
+                None => kib(r.rss_per_watch),
+            },
             sockets,
             opt(r.idle_client_cpu),
             opt(r.idle_server_cpu),

@@ -108,6 +108,10 @@ pub struct CaseResult {
     pub rss_per_watch: Option<f64>,
     /// RSS before setup, bytes.
     pub rss_before: u64,
+    /// (live heap bytes after setup − before) / N: what the watches hold,
+    /// without the allocator's free memory that RSS also counts.
+    #[serde(default)]
+    pub heap_per_watch: Option<f64>,
     /// Sockets of the process before setup / after setup.
     pub sockets: (u64, u64),
     /// Client CPU ms per second over the idle window.

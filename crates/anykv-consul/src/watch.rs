@@ -72,7 +72,6 @@ use anykv_core::{
     Error, ErrorKind, Event, Key, KvPair, Result, Start, Target, Version, WatchStream,
 };
 use bytes::Bytes;
-use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -162,7 +161,9 @@ impl Fault {
 /// also be recursive on any string prefix ([`Scope::with`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Scope {
-    path: String,
+    /// Shared, not copied: a watch's scope is also its key in the
+    /// registry's sorted set and in its hub's routes.
+    path: Arc<str>,
     recurse: bool,
 }
 
@@ -170,11 +171,11 @@ impl Scope {
     fn of(target: &Target) -> Scope {
         match target {
             Target::Key(k) => Scope {
-                path: k.as_str().to_owned(),
+                path: k.as_str().into(),
                 recurse: false,
             },
             Target::Prefix(p) => Scope {
-                path: p.dir(),
+                path: p.dir().into(),
                 recurse: true,
             },
         }
@@ -191,7 +192,7 @@ impl Scope {
             return self.clone();
         }
         Scope {
-            path: common_prefix(&self.path, &other.path).to_owned(),
+            path: common_prefix(&self.path, &other.path).into(),
             recurse: true,
         }
     }
@@ -199,7 +200,7 @@ impl Scope {
     /// Whether this scope's answers contain everything `other` reads.
     fn covers(&self, other: &Scope) -> bool {
         if self.recurse {
-            other.path.starts_with(&self.path)
+            other.path.starts_with(&*self.path)
         } else {
             self == other
         }
@@ -260,8 +261,10 @@ fn delta(old: &BTreeMap<Key, KvPair>, new: &BTreeMap<Key, KvPair>) -> Vec<(Key, 
 /// answers it drops them and marks the slot `lagged`.
 struct Slot {
     queue: Mutex<SlotQueue>,
-    /// Wakes the stream (a permit is kept if it is not waiting).
-    ready: tokio::sync::Notify,
+    /// Wakes the stream. The stream registers before it looks at the queue
+    /// a last time, so a push in between is never missed; a waker, not a
+    /// future, so that a waiting stream stores no future of its own.
+    ready: futures::task::AtomicWaker,
 }
 
 struct SlotQueue {
@@ -275,6 +278,8 @@ struct SlotQueue {
     /// known): the hub pushes every answer to the slot until one above it
     /// (see [`Routes::fresh`]).
     until: u64,
+    /// The store was closed: the stream ends with `Cancelled`.
+    closed: bool,
 }
 
 /// What a stream takes from its slot at once.
@@ -282,6 +287,7 @@ struct Taken {
     items: VecDeque<Arc<Change>>,
     lagged: bool,
     moved: Option<Feed>,
+    closed: bool,
 }
 
 impl Slot {
@@ -292,8 +298,9 @@ impl Slot {
                 lagged: false,
                 moved: None,
                 until: u64::MAX,
+                closed: false,
             }),
-            ready: tokio::sync::Notify::new(),
+            ready: futures::task::AtomicWaker::new(),
         }
     }
 
@@ -320,13 +327,19 @@ impl Slot {
             q.items.push_back(change.clone());
         }
         drop(q);
-        self.ready.notify_one();
+        self.ready.wake();
     }
 
     /// Tells the stream it moved to `feed` (after its last push here).
     fn redirect(&self, feed: Feed) {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).moved = Some(feed);
-        self.ready.notify_one();
+        self.ready.wake();
+    }
+
+    /// Ends the stream with `Cancelled` (the store was closed).
+    fn close(&self) {
+        self.queue().closed = true;
+        self.ready.wake();
     }
 
     /// Everything queued, whether answers were dropped before it, and
@@ -337,6 +350,7 @@ impl Slot {
             items: std::mem::take(&mut q.items),
             lagged: std::mem::take(&mut q.lagged),
             moved: q.moved.take(),
+            closed: q.closed,
         }
     }
 }
@@ -350,8 +364,8 @@ impl Slot {
 /// go to every slot.
 #[derive(Default)]
 struct Routes {
-    keys: HashMap<String, Vec<Arc<Slot>>>,
-    dirs: HashMap<String, Vec<Arc<Slot>>>,
+    keys: HashMap<Arc<str>, Vec<Arc<Slot>>>,
+    dirs: HashMap<Arc<str>, Vec<Arc<Slot>>>,
     /// Slots of streams that came here and have not been pushed an answer
     /// newer than their view yet: they get every answer, whatever it
     /// changed, until one is (a stream's baseline can be newer than the
@@ -361,7 +375,7 @@ struct Routes {
 }
 
 impl Routes {
-    fn table(&mut self, scope: &Scope) -> &mut HashMap<String, Vec<Arc<Slot>>> {
+    fn table(&mut self, scope: &Scope) -> &mut HashMap<Arc<str>, Vec<Arc<Slot>>> {
         if scope.recurse {
             &mut self.dirs
         } else {
@@ -382,10 +396,10 @@ impl Routes {
             self.fresh.retain(|s| !Arc::ptr_eq(s, slot));
         }
         let table = self.table(scope);
-        if let Some(slots) = table.get_mut(&scope.path) {
+        if let Some(slots) = table.get_mut(&*scope.path) {
             slots.retain(|s| !Arc::ptr_eq(s, slot));
             if slots.is_empty() {
-                table.remove(&scope.path);
+                table.remove(&*scope.path);
             }
         }
     }
@@ -501,7 +515,6 @@ pub(crate) struct Registry {
     /// Most hubs at once: the watches' share of connections.
     limit: usize,
     /// Bumped by `close()`: streams opened before end with `Cancelled`.
-    closed: watch::Sender<u64>,
     /// Baseline reads shared by the watches that open at once.
     baselines: Arc<Mutex<HashMap<Scope, Baselines>>>,
 }
@@ -555,6 +568,21 @@ struct Hub {
     members: usize,
 }
 
+impl Hub {
+    /// Stops the hub, which no watch needs any more (each moved or left).
+    fn retire(&self) {
+        // Dropping the task drops its in-flight request: the connection
+        // closes and the query ends on the agent.
+        self.task.abort();
+        // Streams that moved keep this channel until they next poll (and
+        // learn where they went): free what it holds now, not then. They
+        // need neither: the routes serve nobody any more, and a moved
+        // stream takes its state from its new hub.
+        *self.tx.routes() = Routes::default();
+        self.tx.latest.send_replace(None);
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         // The store is gone: end every stream, then every query.
@@ -578,7 +606,6 @@ impl Registry {
             recent: Recent::default(),
             running: std::sync::atomic::AtomicBool::new(false),
             limit: limit.max(1),
-            closed: watch::channel(0).0,
             baselines: Arc::default(),
         }
     }
@@ -610,7 +637,11 @@ impl Registry {
 
     /// Ends every open stream with `Cancelled`.
     pub(crate) fn close(&self) {
-        self.closed.send_modify(|g| *g += 1);
+        // Each open stream's current slot (a stream that moved finds it
+        // after the move).
+        for member in self.state().members.values() {
+            member.slot.close();
+        }
     }
 
     /// Registers a watch of `scope` at the hub that serves it.
@@ -659,19 +690,26 @@ impl Registry {
             );
             return (id, feed, scope);
         }
-        // A placeholder, replaced by the plan right below.
-        let placeholder = Feed::of(&Channel::new(), &scope);
+        // A slot of no hub yet: the plan right below routes the watch.
+        let slot = Arc::new(Slot::new());
         state.add(
             id,
             Member {
                 scope: scope.clone(),
                 hub: scope.clone(),
-                slot: placeholder.slot.clone(),
+                slot: slot.clone(),
             },
         );
         let moved = self.replan(&mut state, inner, Some(id));
         let hub = state.members.get(&id).map_or(scope, |m| m.hub.clone());
-        (id, moved.unwrap_or(placeholder), hub)
+        // No plan without a runtime: a channel nobody feeds until a later
+        // re-plan moves the watch (through `slot`).
+        let feed = moved.unwrap_or_else(|| Feed {
+            channel: Channel::new(),
+            slot,
+            at: None,
+        });
+        (id, feed, hub)
     }
 
     /// Unregisters a watch; a hub nobody needs any more stops at once.
@@ -695,9 +733,7 @@ impl Registry {
             // Few watches left: each may get its own, narrower query.
             self.replan(&mut state, inner, None);
         } else if orphaned && let Some(hub) = state.hubs.remove(&gone.hub) {
-            // Dropping the task drops its in-flight request: the
-            // connection closes and the query ends on the agent.
-            hub.task.abort();
+            hub.retire();
         }
     }
 
@@ -776,9 +812,7 @@ impl Registry {
         state.hubs.retain(|scope, hub| {
             let keep = plan.contains(scope);
             if !keep {
-                // Dropping the task drops its in-flight request: the
-                // connection closes and the query ends on the agent.
-                hub.task.abort();
+                hub.retire();
             }
             keep
         });
@@ -855,7 +889,7 @@ impl<'a> Group<'a> {
     fn new(targets: &'a [&'a Scope]) -> Group<'a> {
         let (first, last) = match targets {
             [] => ("", ""),
-            [one, ..] => (one.path.as_str(), targets[targets.len() - 1].path.as_str()),
+            [one, ..] => (&*one.path, &*targets[targets.len() - 1].path),
         };
         Group {
             prefix: common_prefix(first, last),
@@ -868,7 +902,7 @@ impl<'a> Group<'a> {
         match self.targets {
             [one] => (*one).clone(),
             _ => Scope {
-                path: self.prefix.to_owned(),
+                path: self.prefix.into(),
                 recurse: true,
             },
         }
@@ -879,7 +913,7 @@ impl<'a> Group<'a> {
             && !self
                 .targets
                 .iter()
-                .any(|t| t.recurse && t.path == self.prefix)
+                .any(|t| t.recurse && &*t.path == self.prefix)
     }
 
     /// The targets by the character after the prefix (a key equal to the
@@ -1215,7 +1249,7 @@ fn intermediate(
             .filter(|p| p.mod_revision > from && p.mod_revision < to)
             .filter(|p| {
                 scope.covers(&Scope {
-                    path: p.key.as_str().to_owned(),
+                    path: p.key.as_str().into(),
                     recurse: false,
                 })
             })
@@ -1441,7 +1475,6 @@ async fn read_baselines(
 /// Opens a watch stream: a consistent baseline read, then the hub's snapshots.
 pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> Result<WatchStream> {
     let scope = Scope::of(&target);
-    let closed = inner.watches.closed.subscribe();
     // Subscribe first, read second: a snapshot published in between is
     // either older than the baseline (skipped) or newer (diffed).
     let (id, joined, hub) = inner.watches.join(inner, scope.clone());
@@ -1477,7 +1510,6 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
         _member: member,
         feed,
         slot,
-        closed,
         view: View {
             target,
             entries: view,
@@ -1488,11 +1520,7 @@ pub(crate) async fn watch(inner: &Arc<Inner>, target: Target, start: Start) -> R
         pending,
         done: false,
     };
-    Ok(futures::stream::unfold(stream, |mut s| async move {
-        let item = s.next().await?;
-        Some((item, s))
-    })
-    .boxed())
+    Ok(Box::pin(stream))
 }
 
 /// The entries a stream has delivered, in key order: a sorted vector while
@@ -1711,7 +1739,6 @@ struct Stream {
     /// This stream's mailbox at that hub (which also says where the
     /// stream moved).
     slot: Arc<Slot>,
-    closed: watch::Receiver<u64>,
     view: View,
     /// Outages of the hub this stream has reported (or that predate it).
     outages: u64,
@@ -1719,33 +1746,45 @@ struct Stream {
     done: bool,
 }
 
-impl Stream {
-    async fn next(&mut self) -> Option<Result<Event>> {
+/// Polled by hand rather than built from an `async` block: a waiting
+/// stream then holds its state and nothing else (a boxed `unfold` of an
+/// `async` step also holds the step's future, about three times the
+/// state), which is most of a watch's memory when 10,000 wait.
+impl futures::Stream for Stream {
+    type Item = Result<Event>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Event>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
         loop {
-            if let Some(item) = self.pending.pop_front() {
-                return Some(item);
+            if let Some(item) = this.pending.pop_front() {
+                if this.pending.is_empty() {
+                    // A waiting stream keeps no buffer (a few hundred
+                    // bytes each, times 10,000 watches).
+                    this.pending = VecDeque::new();
+                }
+                return Poll::Ready(Some(item));
             }
-            if self.done {
-                return None;
+            if this.done {
+                return Poll::Ready(None);
             }
-            if self.receive() {
+            if this.receive() {
                 continue;
             }
-            let slot = self.slot.clone();
-            tokio::select! {
-                biased;
-                _ = self.closed.changed() => {
-                    self.done = true;
-                    return Some(Err(Error::Cancelled {
-                        backend: BACKEND,
-                        message: "the store was closed".into(),
-                    }));
-                }
-                _ = slot.ready.notified() => {}
+            // Register, then look once more: a push between the look above
+            // and the registration would otherwise wake nobody.
+            this.slot.ready.register(cx.waker());
+            if !this.receive() {
+                return Poll::Pending;
             }
         }
     }
+}
 
+impl Stream {
     /// Applies what the slot holds, and moves if the planner moved the
     /// stream; whether there was anything.
     fn receive(&mut self) -> bool {
@@ -1753,7 +1792,16 @@ impl Stream {
             items,
             lagged,
             moved,
+            closed,
         } = self.slot.take();
+        if closed {
+            self.done = true;
+            self.pending.push_back(Err(Error::Cancelled {
+                backend: BACKEND,
+                message: "the store was closed".into(),
+            }));
+            return true;
+        }
         let any = lagged || moved.is_some() || !items.is_empty();
         if lagged {
             // Fell more than the buffer behind (not read for a while):
@@ -2012,7 +2060,7 @@ mod tests {
         // someone deleted b (14) and wrote a (15): the next answer (15)
         // shows a=15, c=13, no b.
         let scope = Scope {
-            path: String::new(),
+            path: "".into(),
             recurse: true,
         };
         let recent: Recent = Arc::default();
@@ -2099,7 +2147,6 @@ mod tests {
             },
             feed: feed.channel,
             slot: feed.slot,
-            closed: watch::channel(0).1,
             view: View {
                 entries: (*state(view)).clone().into_iter().collect(),
                 target,

@@ -3,7 +3,7 @@
 //! A [`Key`] can only be built through these rules, so a driver never sees an
 //! invalid key and no invalid key ever reaches the network.
 
-use std::{borrow::Borrow, fmt, str::FromStr};
+use std::{borrow::Borrow, fmt, str::FromStr, sync::Arc};
 
 use crate::error::{Error, Result};
 
@@ -28,8 +28,11 @@ pub const RESERVED_ROOT: &str = "__anykv";
 /// assert!(Key::new("/a").is_err());
 /// # Ok::<(), anykv_core::Error>(())
 /// ```
+///
+/// Cloning a key is cheap (a shared string): pairs, events, watch targets
+/// and the indexes that route events all hold the same key many times.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Key(String);
+pub struct Key(Arc<str>);
 
 /// A validated key prefix: the same rules as [`Key`], except that the empty
 /// prefix is allowed and means "everything in this store's namespace".
@@ -96,7 +99,7 @@ impl Key {
             return Err(invalid(&key, "must not be empty"));
         }
         check_user(&key)?;
-        Ok(Key(key))
+        Ok(Key(key.into()))
     }
 
     /// Builds a key from a name read back from a backend.
@@ -106,13 +109,13 @@ impl Key {
     /// anykv client could have written (a foreign tool's `a//b`), which drivers
     /// skip.
     pub fn from_backend(raw: &str) -> Option<Self> {
-        (!raw.is_empty() && check_shape(raw).is_ok()).then(|| Key(raw.to_owned()))
+        (!raw.is_empty() && check_shape(raw).is_ok()).then(|| Key(raw.into()))
     }
 
     /// A key from a string known to hold a valid key (one taken from a
     /// `Key` earlier), without checking it again.
     pub(crate) fn trusted(raw: &str) -> Self {
-        Key(raw.to_owned())
+        Key(raw.into())
     }
 
     /// The key as a string.
@@ -135,24 +138,24 @@ impl Key {
 
     /// This key as a prefix covering the keys below it.
     pub fn as_prefix(&self) -> Prefix {
-        Prefix(self.0.clone())
+        Prefix(self.0.to_string())
     }
 
     /// `self/child`, without the length check (used for namespaced and
     /// bookkeeping keys, which may be longer than a caller's key).
     pub fn child(&self, name: &str) -> Key {
-        Key(format!("{}/{name}", self.0))
+        Key(format!("{}/{name}", self.0).into())
     }
 
     /// The key anykv uses to keep the lock named `self` in `namespace`:
     /// `__anykv/locks/<namespace>/<key>`.
     pub fn lock_record(namespace: &Prefix, key: &Key) -> Key {
-        Key(format!("{RESERVED_ROOT}/locks/{}", namespace.join(key)))
+        Key(format!("{RESERVED_ROOT}/locks/{}", namespace.join(key)).into())
     }
 
     /// Consumes the key into its string.
     pub fn into_string(self) -> String {
-        self.0
+        self.0.to_string()
     }
 }
 
@@ -210,7 +213,7 @@ impl Prefix {
         if self.0.is_empty() {
             key.clone()
         } else {
-            Key(format!("{}/{}", self.0, key.0))
+            Key(format!("{}/{}", self.0, key.0).into())
         }
     }
 
@@ -229,7 +232,7 @@ impl Prefix {
             return Some(key.clone());
         }
         self.contains(&key.0)
-            .then(|| Key(key.0[self.0.len() + 1..].to_owned()))
+            .then(|| Key(key.0[self.0.len() + 1..].into()))
     }
 
     /// The name one level below this prefix on the way to `key`
@@ -320,7 +323,7 @@ impl TryFrom<&str> for Prefix {
 
 impl From<Key> for Prefix {
     fn from(k: Key) -> Self {
-        Prefix(k.0)
+        Prefix(k.0.to_string())
     }
 }
 

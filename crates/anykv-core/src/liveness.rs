@@ -6,14 +6,17 @@
 
 use std::{
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use futures::Stream;
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{Notify, futures::OwnedNotified, watch},
+    time::Instant,
+};
 use tokio_stream::wrappers::WatchStream;
 
 use crate::error::{Error, Result};
@@ -46,6 +49,9 @@ pub struct LivenessMonitor {
     /// Serialises posts so that the posted order matches the state order.
     post: Mutex<()>,
     tx: watch::Sender<bool>,
+    /// Woken by every post, for streams that poll by hand (a waiting one
+    /// holds a waiter, not a future on `tx`).
+    posted: Arc<Notify>,
 }
 
 impl LivenessMonitor {
@@ -61,6 +67,7 @@ impl LivenessMonitor {
             interval,
             post: Mutex::new(()),
             tx,
+            posted: Arc::default(),
         }
     }
 
@@ -86,9 +93,11 @@ impl LivenessMonitor {
         WatchStream::new(self.tx.subscribe())
     }
 
-    /// The raw state channel, for layers that react to a change at once.
-    pub(crate) fn state(&self) -> watch::Receiver<bool> {
-        self.tx.subscribe()
+    /// Resolves at the next post after this call (a change at once, an
+    /// unchanged state every `interval`), for layers that react to a
+    /// change at once: take it, then read [`is_alive`](Self::is_alive).
+    pub(crate) fn next_post(&self) -> OwnedNotified {
+        self.posted.clone().notified_owned()
     }
 
     /// Updates the state from an operation's outcome: success and errors that
@@ -120,6 +129,7 @@ impl LivenessMonitor {
         self.alive.store(alive, Ordering::Release);
         self.last_post.store(now, Ordering::Release);
         self.tx.send_replace(alive);
+        self.posted.notify_waiters();
     }
 
     fn elapsed_nanos(&self) -> u64 {

@@ -31,11 +31,12 @@ pub struct Context {
     pub(super) cfg: LayerConfig,
     pub(super) liveness: Arc<LivenessMonitor>,
     pub(super) prober: Mutex<Option<JoinHandle<()>>>,
-    /// Set by `close()`: ends this handle's watch streams and refuses
-    /// further operations.
-    pub(super) closed: tokio::sync::watch::Sender<bool>,
-    /// `closed`'s value, read by every operation without a lock.
+    /// Set by `close()`: refuses further operations; read by every
+    /// operation without a lock.
     closed_now: AtomicBool,
+    /// Woken by `close()`: ends this handle's streams (each waits on it
+    /// with [`Context::closing`]).
+    closing: Arc<tokio::sync::Notify>,
     /// Scoped views share the driver and must not close it.
     pub(super) owns_driver: bool,
     /// Locks taken through this handle, released by `close()`.
@@ -100,8 +101,8 @@ impl Context {
             layers,
             cfg,
             prober: Mutex::new(None),
-            closed: tokio::sync::watch::Sender::new(false),
             closed_now: AtomicBool::new(false),
+            closing: Arc::default(),
             owns_driver,
             locks: Arc::default(),
             sessions: Arc::default(),
@@ -137,7 +138,13 @@ impl Context {
     /// Refuses further operations and ends the handle's streams.
     pub(super) fn mark_closed(&self) {
         self.closed_now.store(true, Ordering::Release);
-        self.closed.send_replace(true);
+        self.closing.notify_waiters();
+    }
+
+    /// Resolves once `close()` is called after this call; check
+    /// [`is_closed`](Self::is_closed) after taking it for a close before.
+    pub(super) fn closing(&self) -> tokio::sync::futures::OwnedNotified {
+        self.closing.clone().notified_owned()
     }
 
     /// The handle, while it exists (for a layer's background work).

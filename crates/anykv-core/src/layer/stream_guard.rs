@@ -1,7 +1,14 @@
 //! What the handle adds to every stream it returns: the end at `close()`,
 //! and "a watch never ends silently".
 
-use futures::{StreamExt, stream::BoxStream};
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context as TaskContext, Poll},
+};
+
+use futures::{Stream, StreamExt, stream::BoxStream};
+use tokio::sync::futures::OwnedNotified;
 
 use crate::{
     error::{Error, Result},
@@ -17,54 +24,69 @@ pub(super) fn guard_stream<T: Send + 'static>(
     stream: BoxStream<'static, Result<T>>,
     endless: bool,
 ) -> BoxStream<'static, Result<T>> {
-    struct St<T> {
+    Guard {
+        closing: kv.inner.closing(),
+        kv: kv.clone(),
+        inner: stream,
+        endless,
+        done: false,
+        after_error: false,
+    }
+    .boxed()
+}
+
+pin_project_lite::pin_project! {
+    /// Polled by hand, not an `unfold` of an `async` step: a waiting
+    /// stream then holds this and no step future besides (10,000 idle
+    /// watches on one handle are the case this is sized for).
+    struct Guard<T> {
+        #[pin]
+        closing: OwnedNotified,
         kv: Kv,
         inner: BoxStream<'static, Result<T>>,
-        closed: tokio::sync::watch::Receiver<bool>,
+        endless: bool,
         done: bool,
         after_error: bool,
     }
-    let st = St {
-        closed: kv.inner.closed.subscribe(),
-        kv: kv.clone(),
-        inner: stream,
-        done: false,
-        after_error: false,
-    };
-    futures::stream::unfold(st, move |mut st| async move {
-        if st.done {
-            return None;
+}
+
+impl<T> Stream for Guard<T> {
+    type Item = Result<T>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<T>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
         }
-        let item = tokio::select! {
-            biased;
-            _ = st.closed.wait_for(|c| *c) => None,
-            item = st.inner.next() => Some(item),
-        };
-        let Some(item) = item else {
-            st.done = true;
-            let e = st.kv.inner.closed_error();
-            return Some((Err(e), st));
-        };
-        match item {
-            Some(Ok(v)) => {
-                st.after_error = false;
-                Some((Ok(v), st))
+        // The close first, as `biased` would: a closed handle's stream
+        // ends even while its driver still has items. The flag catches a
+        // close before the stream was made.
+        if this.closing.poll(cx).is_ready() || this.kv.inner.is_closed() {
+            *this.done = true;
+            return Poll::Ready(Some(Err(this.kv.inner.closed_error())));
+        }
+        match this.inner.poll_next_unpin(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(v))) => {
+                *this.after_error = false;
+                Poll::Ready(Some(Ok(v)))
             }
-            Some(Err(e)) => {
-                st.after_error = true;
-                Some((Err(e), st))
+            Poll::Ready(Some(Err(e))) => {
+                *this.after_error = true;
+                Poll::Ready(Some(Err(e)))
             }
-            None if endless && !st.after_error => {
-                st.done = true;
-                let e = Error::Unavailable {
-                    backend: st.kv.inner.backend,
+            Poll::Ready(None) if *this.endless && !*this.after_error => {
+                *this.done = true;
+                Poll::Ready(Some(Err(Error::Unavailable {
+                    backend: this.kv.inner.backend,
                     message: "watch stream ended unexpectedly".into(),
                     source: None,
-                };
-                Some((Err(e), st))
+                })))
             }
-            None => None,
+            Poll::Ready(None) => {
+                *this.done = true;
+                Poll::Ready(None)
+            }
         }
-    })
-    .boxed()
+    }
 }

@@ -12,10 +12,16 @@
 //! outage on that stream); the watch stays open and goes on once the driver
 //! resumes.
 
-use std::sync::Arc;
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+};
 
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
+use tokio::sync::futures::OwnedNotified;
 
 use crate::{
     error::{Error, Result},
@@ -23,6 +29,7 @@ use crate::{
     layers::request::{Request, Response},
     liveness::LivenessMonitor,
     store::{PairStream, WatchStream},
+    types::Event,
 };
 
 /// The standard liveness layer (with the watch watchdog).
@@ -66,59 +73,67 @@ fn feed_errors(liveness: Arc<LivenessMonitor>, s: PairStream) -> PairStream {
 /// Wraps a watch: stream errors feed liveness, and a turn to not-alive
 /// yields one `Err(Unavailable)` per outage.
 fn watch_outages(ctx: &Context, stream: WatchStream) -> WatchStream {
-    struct St {
-        inner: WatchStream,
-        liveness: Arc<LivenessMonitor>,
-        backend: &'static str,
-        alive: Option<tokio::sync::watch::Receiver<bool>>,
-        /// This outage was reported: wait for alive again.
-        signalled: bool,
-        _ticket: WatchTicket,
-    }
-    let st = St {
+    Outages {
+        // Taken before the first look at the state: a post in between
+        // wakes it.
+        posted: ctx.liveness().next_post(),
         inner: stream,
         liveness: ctx.liveness().clone(),
         backend: ctx.backend(),
-        alive: Some(ctx.liveness().state()),
         signalled: false,
         _ticket: ctx.watchdog_enter(),
-    };
-    futures::stream::unfold(st, |mut st| async move {
-        loop {
-            // Reported outage: wait for alive again; else for not-alive.
-            let want = st.signalled;
-            let alive = async {
-                match st.alive.as_mut() {
-                    Some(rx) => rx.wait_for(|a| *a == want).await.is_ok(),
-                    None => futures::future::pending().await,
-                }
-            };
-            let item = tokio::select! {
-                biased;
-                changed = alive => Err(changed),
-                item = st.inner.next() => Ok(item),
-            };
-            match item {
-                Err(false) => st.alive = None, // monitor gone: nothing more to report
-                Err(true) if want => st.signalled = false,
-                Err(true) => {
-                    st.signalled = true;
-                    let e = Error::Unavailable {
-                        backend: st.backend,
-                        message: "backend unreachable; the watch resumes by itself".into(),
-                        source: None,
-                    };
-                    return Some((Err(e), st));
-                }
-                Ok(Some(Err(e))) => {
-                    st.liveness.set(!e.indicates_unreachable());
-                    st.signalled |= e.indicates_unreachable();
-                    return Some((Err(e), st));
-                }
-                Ok(Some(Ok(ev))) => return Some((Ok(ev), st)),
-                Ok(None) => return None,
-            }
-        }
-    })
+    }
     .boxed()
+}
+
+pin_project_lite::pin_project! {
+    /// A watch with its outages reported. Polled by hand, not an `unfold`
+    /// of an `async` step: a waiting stream then holds this and no step
+    /// future besides (10,000 idle watches on one handle are the case this
+    /// is sized for).
+    struct Outages {
+        // Resolves at the monitor's next post; renewed each time.
+        #[pin]
+        posted: OwnedNotified,
+        inner: WatchStream,
+        liveness: Arc<LivenessMonitor>,
+        backend: &'static str,
+        // This outage was reported: wait for alive again.
+        signalled: bool,
+        _ticket: WatchTicket,
+    }
+}
+
+impl Stream for Outages {
+    type Item = Result<Event>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Event>>> {
+        let mut this = self.project();
+        // Liveness first (as `biased` would): an outage is reported even
+        // while the driver still has items.
+        // Renewed until one waits (registered with this task), and before
+        // the state is read, so no later post is missed.
+        while this.posted.as_mut().poll(cx).is_ready() {
+            this.posted.set(this.liveness.next_post());
+        }
+        let alive = this.liveness.is_alive();
+        if *this.signalled && alive {
+            *this.signalled = false;
+        } else if !*this.signalled && !alive {
+            *this.signalled = true;
+            return Poll::Ready(Some(Err(Error::Unavailable {
+                backend: this.backend,
+                message: "backend unreachable; the watch resumes by itself".into(),
+                source: None,
+            })));
+        }
+        match this.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                this.liveness.set(!e.indicates_unreachable());
+                *this.signalled |= e.indicates_unreachable();
+                Poll::Ready(Some(Err(e)))
+            }
+            other => other,
+        }
+    }
 }

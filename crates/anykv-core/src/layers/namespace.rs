@@ -264,12 +264,13 @@ impl Ns {
                 match next.run(Request::Watch { target, start }).await? {
                     Response::Watch(s) => {
                         let ns = self.clone();
+                        // A plain function per item, not a future: a
+                        // waiting stream stores no pending item (see
+                        // `stream_guard` on why a watch's size matters).
                         Response::Watch(
-                            s.filter_map(move |item| {
-                                futures::future::ready(match item {
-                                    Ok(ev) => ns.event(ev).map(Ok),
-                                    Err(e) => Some(Err(ns.error(e))),
-                                })
+                            tokio_stream::StreamExt::filter_map(s, move |item| match item {
+                                Ok(ev) => ns.event(ev).map(Ok),
+                                Err(e) => Some(Err(ns.error(e))),
                             })
                             .boxed(),
                         )
