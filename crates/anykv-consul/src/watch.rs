@@ -272,8 +272,9 @@ struct SlotQueue {
     /// Answers were dropped: re-sync to the hub's latest one.
     lagged: bool,
     /// The planner moved the stream to another hub: its feed there (the
-    /// old hub pushes nothing after this).
-    moved: Option<Feed>,
+    /// old hub pushes nothing after this). Boxed: rare, and every watch
+    /// has a slot.
+    moved: Option<Box<Feed>>,
     /// The index of the stream's view when it came here (`u64::MAX` until
     /// known): the hub pushes every answer to the slot until one above it
     /// (see [`Routes::fresh`]).
@@ -286,7 +287,7 @@ struct SlotQueue {
 struct Taken {
     items: VecDeque<Arc<Change>>,
     lagged: bool,
-    moved: Option<Feed>,
+    moved: Option<Box<Feed>>,
     closed: bool,
 }
 
@@ -332,7 +333,7 @@ impl Slot {
 
     /// Tells the stream it moved to `feed` (after its last push here).
     fn redirect(&self, feed: Feed) {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).moved = Some(feed);
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).moved = Some(Box::new(feed));
         self.ready.wake();
     }
 
@@ -1818,7 +1819,7 @@ impl Stream {
             }
         }
         if let Some(feed) = moved {
-            self.switch(feed);
+            self.switch(*feed);
         }
         any
     }

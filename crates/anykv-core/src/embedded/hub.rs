@@ -19,12 +19,13 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
+    task::{Context as TaskContext, Poll},
 };
 
 use crate::{Error, Event, Key, Result, Revision, Target, WatchStream};
-use futures::{StreamExt, future::BoxFuture};
-use tokio::sync::Notify;
+use futures::{Stream, future::BoxFuture, task::AtomicWaker};
 
 /// Events a watch buffers for its consumer before it is detached.
 pub const BUFFER: usize = 128;
@@ -55,7 +56,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Default)]
 struct Slot {
     state: Mutex<SlotState>,
-    wake: Notify,
+    /// The consumer registers, then looks at the buffer once more, so a
+    /// push in between is never missed; a waker, not a future, so that a
+    /// waiting watch stores no future of its own.
+    wake: AtomicWaker,
 }
 
 #[derive(Default)]
@@ -90,7 +94,7 @@ impl Slot {
         drop(st);
         // The consumer sleeps only after finding the buffer empty.
         if was_empty {
-            self.wake.notify_one();
+            self.wake.wake();
         }
     }
 
@@ -115,7 +119,7 @@ impl Slot {
 
     fn close(&self) {
         lock(&self.state).closed = true;
-        self.wake.notify_one();
+        self.wake.wake();
     }
 }
 
@@ -312,6 +316,8 @@ struct Cursor {
     /// What a closed hub ends the stream with.
     closed: fn() -> Error,
     done: bool,
+    /// The log read in flight while catching up.
+    reading: Option<BoxFuture<'static, Result<Vec<Group>>>>,
 }
 
 /// The stream of a registered watch.
@@ -344,74 +350,104 @@ pub fn stream(
         ready: VecDeque::new(),
         closed,
         done: false,
+        reading: None,
     };
-    futures::stream::unfold(cursor, next).boxed()
+    Box::pin(cursor)
 }
 
-async fn next(mut c: Cursor) -> Option<(Result<Event>, Cursor)> {
-    if c.done {
-        return None;
-    }
-    loop {
-        if let Some(ev) = c.ready.pop_front() {
-            return Some((Ok(ev), c));
+/// Polled by hand rather than built from an `async` step: a waiting watch
+/// then holds its cursor and nothing else (a boxed `unfold` also holds the
+/// step's future, about as big again), which is most of a watch's memory
+/// when 10,000 wait.
+impl Stream for Cursor {
+    type Item = Result<Event>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Event>>> {
+        let c = self.get_mut();
+        if c.done {
+            return Poll::Ready(None);
         }
-        match c.mode {
-            Mode::Live { floor } => match c.w.slot.take() {
-                Taken::Events(mut evs) => {
-                    // `ready` is empty here: hand over the buffer as it is.
-                    evs.retain(|e| e.revision() > floor);
-                    if let Some(e) = evs.back() {
-                        c.last = c.last.max(e.revision());
+        let mut registered = false;
+        loop {
+            if let Some(ev) = c.ready.pop_front() {
+                if c.ready.is_empty() {
+                    // A waiting watch keeps no buffer.
+                    c.ready = VecDeque::new();
+                }
+                return Poll::Ready(Some(Ok(ev)));
+            }
+            match c.mode {
+                Mode::Live { floor } => match c.w.slot.take() {
+                    Taken::Events(mut evs) => {
+                        // `ready` is empty here: hand over the buffer as it is.
+                        evs.retain(|e| e.revision() > floor);
+                        if let Some(e) = evs.back() {
+                            c.last = c.last.max(e.revision());
+                        }
+                        c.ready = evs;
                     }
-                    c.ready = evs;
-                }
-                Taken::Detached => {
-                    c.mode = Mode::CatchUp {
-                        attached: false,
-                        at_end: false,
-                    };
-                }
-                Taken::Closed => {
-                    c.done = true;
-                    return Some((Err((c.closed)()), c));
-                }
-                Taken::Empty => {
-                    let slot = c.w.slot.clone();
-                    slot.wake.notified().await;
-                }
-            },
-            Mode::CatchUp { attached, at_end } => {
-                if let Some((rev, events)) = c.groups.pop_front() {
-                    if rev > c.last {
-                        c.last = rev;
-                        let target = &c.w.target;
-                        c.ready
-                            .extend(events.into_iter().filter(|e| target.matches(e.key())));
-                    }
-                    continue;
-                }
-                if at_end && attached {
-                    // Everything up to `last` came from the log; the buffer
-                    // holds what was published since, possibly overlapping.
-                    c.mode = Mode::Live { floor: c.last };
-                    continue;
-                }
-                if at_end {
-                    // Attach before the last read, so nothing falls between.
-                    c.w.slot.reattach();
-                }
-                match c.log.clone().read_after(c.last, LOG_CHUNK).await {
-                    Ok(chunk) => {
+                    Taken::Detached => {
                         c.mode = Mode::CatchUp {
-                            attached: attached || at_end,
-                            at_end: chunk.len() < LOG_CHUNK,
+                            attached: false,
+                            at_end: false,
                         };
-                        c.groups = chunk.into();
                     }
-                    Err(e) => {
+                    Taken::Closed => {
                         c.done = true;
-                        return Some((Err(e), c));
+                        return Poll::Ready(Some(Err((c.closed)())));
+                    }
+                    Taken::Empty if registered => return Poll::Pending,
+                    Taken::Empty => {
+                        // Register, then look once more: a push between the
+                        // look above and the registration woke nobody.
+                        c.w.slot.wake.register(cx.waker());
+                        registered = true;
+                    }
+                },
+                Mode::CatchUp { attached, at_end } => {
+                    if c.reading.is_none() {
+                        if let Some((rev, events)) = c.groups.pop_front() {
+                            if rev > c.last {
+                                c.last = rev;
+                                let target = &c.w.target;
+                                c.ready
+                                    .extend(events.into_iter().filter(|e| target.matches(e.key())));
+                            }
+                            continue;
+                        }
+                        if at_end && attached {
+                            // Everything up to `last` came from the log; the
+                            // buffer holds what was published since, possibly
+                            // overlapping.
+                            c.mode = Mode::Live { floor: c.last };
+                            continue;
+                        }
+                        if at_end {
+                            // Attach before the last read, so nothing falls
+                            // between.
+                            c.w.slot.reattach();
+                        }
+                        c.reading = Some(c.log.clone().read_after(c.last, LOG_CHUNK));
+                    }
+                    let Some(read) = c.reading.as_mut() else {
+                        continue;
+                    };
+                    let Poll::Ready(result) = read.as_mut().poll(cx) else {
+                        return Poll::Pending;
+                    };
+                    c.reading = None;
+                    match result {
+                        Ok(chunk) => {
+                            c.mode = Mode::CatchUp {
+                                attached: attached || at_end,
+                                at_end: chunk.len() < LOG_CHUNK,
+                            };
+                            c.groups = chunk.into();
+                        }
+                        Err(e) => {
+                            c.done = true;
+                            return Poll::Ready(Some(Err(e)));
+                        }
                     }
                 }
             }
