@@ -92,13 +92,14 @@ fn check_user(s: &str) -> Result<()> {
 }
 
 impl Key {
-    /// Validates `key` against the key rules.
-    pub fn new(key: impl Into<String>) -> Result<Self> {
-        let key = key.into();
+    /// Validates `key` against the key rules (`&str`, `String` or any
+    /// string: it is checked in place and copied once, into the key).
+    pub fn new(key: impl AsRef<str>) -> Result<Self> {
+        let key = key.as_ref();
         if key.is_empty() {
-            return Err(invalid(&key, "must not be empty"));
+            return Err(invalid(key, "must not be empty"));
         }
-        check_user(&key)?;
+        check_user(key)?;
         Ok(Key(key.into()))
     }
 
