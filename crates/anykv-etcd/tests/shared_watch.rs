@@ -49,7 +49,6 @@ async fn put_all(kv: &anykv_core::Kv, keys: &[Key], value: &str) {
 /// 1,000) plus one prefix watch over all their keys: each gets exactly the
 /// three writes of its own key, in order, and the prefix watch every write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect, open: a watch detached for not reading sometimes never resumes (seen in about half the runs on 2026-11-30, on this code and on aae8191 before it); run by hand with --ignored"]
 async fn twelve_hundred_watches_on_one_handle_each_get_exactly_their_events_in_order() {
     let Some(url) = common::url("ANYKV_TEST_ETCD") else {
         return;
@@ -101,7 +100,6 @@ async fn twelve_hundred_watches_on_one_handle_each_get_exactly_their_events_in_o
 /// Read again, the slow watch resumes from its own revision and delivers
 /// every event once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect, open: a watch detached for not reading sometimes never resumes (seen in about half the runs on 2026-11-30, on this code and on aae8191 before it); run by hand with --ignored"]
 async fn a_watch_that_is_not_read_does_not_delay_another_and_resumes_later() {
     let Some(url) = common::url("ANYKV_TEST_ETCD") else {
         return;

@@ -420,6 +420,7 @@ impl Task {
                 let Some(mut w) = self.watches.remove(&old) else {
                     return;
                 };
+                self.fragments.remove(&old);
                 let id = self.fresh_id();
                 slot.id.store(id, Ordering::Relaxed);
                 w.phase = Phase::Creating;
@@ -546,8 +547,8 @@ impl Task {
         if !deliver(w, header, events) {
             // The consumer is not reading: cut this watch off (only it),
             // until it has read its buffer.
+            // (`deliver` marked its slot detached already.)
             w.phase = Phase::Detached;
-            w.slot.lock().detached = true;
             tracing::debug!(id, last = w.last, "etcd watch consumer too slow; detached");
             let _ = l.requests.send(Req::Cancel(id));
         }
@@ -679,6 +680,11 @@ fn deliver(w: &mut Watch, header: u64, events: Vec<PbEvent>) -> bool {
             // `current` is whole: the events of one revision are adjacent.
             w.last = w.last.max(current);
             if s.queue.len() >= BUFFER {
+                // Marked under the same lock as the buffer's last push: a
+                // consumer that reads it empty before the task goes on must
+                // see the mark, or it would wait for events never sent and
+                // never ask for the watch back.
+                s.detached = true;
                 s.wake();
                 return false;
             }
@@ -800,6 +806,8 @@ mod tests {
         ]);
         assert!(!deliver(&mut w, 2001, evs));
         assert_eq!(w.last, 2000);
-        assert_eq!(w.slot.lock().queue.len(), BUFFER + 1);
+        let s = w.slot.lock();
+        assert_eq!(s.queue.len(), BUFFER + 1);
+        assert!(s.detached, "marked with the buffer's lock held");
     }
 }
