@@ -209,16 +209,12 @@ async fn measured(
     r.heap_per_watch = Some((crate::heap_bytes() as f64 - heap_before as f64) / spec.n as f64);
     r.sockets.1 = measure::sockets();
 
-    let (c0, s0, t0) = (
-        measure::cpu_ms(None),
-        spec.server_pid.and_then(|p| measure::cpu_ms(Some(p))),
-        Instant::now(),
-    );
-    tokio::time::sleep(Duration::from_secs_f64(spec.idle_secs)).await;
-    let secs = t0.elapsed().as_secs_f64();
-    let per_s = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / secs);
-    r.idle_client_cpu = per_s(c0, measure::cpu_ms(None));
-    r.idle_server_cpu = per_s(s0, spec.server_pid.and_then(|p| measure::cpu_ms(Some(p))));
+    (r.idle_client_cpu, r.idle_server_cpu) = idle_cpu(spec.idle_secs, spec.server_pid).await;
+    if spec.steady_secs > 0.0 {
+        r.quiet_after_secs = quiet(spec.server_pid).await;
+        (r.steady_client_cpu, r.steady_server_cpu) =
+            idle_cpu(spec.steady_secs, spec.server_pid).await;
+    }
 
     let puts = spec.puts();
     let span = Span::start();
@@ -249,4 +245,43 @@ async fn measured(
         anyhow::bail!("{} of {puts} puts failed, first: {e}", run.failed);
     }
     Ok(())
+}
+
+/// CPU ms per second of wall time of this process and of the server over
+/// the next `secs` of idling.
+async fn idle_cpu(secs: f64, server: Option<u32>) -> (Option<f64>, Option<f64>) {
+    let server_ms = || server.and_then(|p| measure::cpu_ms(Some(p)));
+    let (c0, s0, t0) = (measure::cpu_ms(None), server_ms(), Instant::now());
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let per_s = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / secs);
+    (per_s(c0, measure::cpu_ms(None)), per_s(s0, server_ms()))
+}
+
+/// A second of server CPU at or below this counts as quiet (ms; the
+/// clock ticks by 10 ms).
+const QUIET_MS: f64 = 20.0;
+/// Quiet seconds in a row that end the wait.
+const QUIET_RUN: u32 = 5;
+/// The wait's bound.
+const QUIET_MAX: Duration = Duration::from_secs(60);
+
+/// Waits until the server has burned at most [`QUIET_MS`] of CPU in each of
+/// [`QUIET_RUN`] seconds in a row, or [`QUIET_MAX`] at most; returns how
+/// long it waited. A server keeps working on its own for a while after a
+/// burst of writes (the Consul dev agent: 30–210 ms/s for ~30 s after
+/// 15,000 puts with no client connected at all), which is not what open
+/// watches cost; watches that keep a server busy never let it be quiet,
+/// and the window after the bound shows it.
+async fn quiet(server: Option<u32>) -> Option<f64> {
+    let pid = server?;
+    let start = Instant::now();
+    let mut run = 0;
+    while run < QUIET_RUN && start.elapsed() < QUIET_MAX {
+        let before = measure::cpu_ms(Some(pid))?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let used = measure::cpu_ms(Some(pid))? - before;
+        run = if used <= QUIET_MS { run + 1 } else { 0 };
+    }
+    Some(start.elapsed().as_secs_f64())
 }

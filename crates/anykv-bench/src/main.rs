@@ -7,7 +7,7 @@
 //! their process ids (`ANYKV_BENCH_<BACKEND>_PID`) and a note on their
 //! settings (`ANYKV_BENCH_<BACKEND>_NOTE`). memory and redb need no server.
 //! Options: `--sizes 100,1000,10000 --rate 500 --max-put-secs 10
-//! --idle-secs 15 --drain-secs 10 --no-raw --out FILE` (see `--help`).
+//! --idle-secs 15 --steady-secs 15 --drain-secs 10 --no-raw --out FILE` (see `--help`).
 //!
 //! ## What a case is
 //!
@@ -29,8 +29,10 @@
 //! 1. pre-create the N put keys (existing cases only), 32 at a time
 //!    (after the case, every key it wrote is deleted one by one, 32 at a
 //!    time: see `Names::case_key` on why never as one range);
-//! 2. **no-watch put baseline**: `--base-puts` puts of unwatched keys at the
-//!    writer's pace, no watch open: put latency p50 / p99;
+//! 2. **no-watch put baseline**: puts of unwatched keys at the writer's
+//!    pace, no watch open: put latency p50 / p99. As many as the case's
+//!    watched puts (step 7) unless `--base-puts` says otherwise, so that
+//!    both p99s come from windows of the same length;
 //! 3. **setup**: open the N watches, `--setup-concurrency` (100) at a time,
 //!    wall time and client CPU time until the last `watch()` returned (raw
 //!    etcd: until the server confirmed every watch with `created`);
@@ -51,9 +53,18 @@
 //!    process and of the server process, per second of wall time. The
 //!    server's CPU with no client at all is measured once per backend and
 //!    shown above its table; the targets count what the watches add to it.
-//!    The window (15 s by default) starts 300 ms after setup, so it holds
-//!    one renewal of each Consul blocking query (10 s wait) and the fading
-//!    aftermath of setup on the server;
+//!    Two windows, one after the other: the first (`--idle-secs`, 15 s)
+//!    starts 300 ms after setup, so it holds the fading aftermath of setup
+//!    on the server (Consul 1.8 answers a blocking query whose client went
+//!    away when its wait runs out: up to ~10.6 s later) and one renewal of
+//!    each Consul query; the second (`--steady-secs`, 15 s) is the steady
+//!    cost. It starts once the server has been quiet (≤ 20 ms of CPU in
+//!    each of 5 seconds in a row, at most 60 s of waiting): a server keeps
+//!    working on its own for a while after the case's writes (the Consul
+//!    dev agent burns 30–210 ms/s for ~30 s after 15,000 puts with no
+//!    client connected), which is not what watches cost, while watches
+//!    that keep it busy never let it be quiet. It holds one renewal of
+//!    each Consul query. The targets use the steady window;
 //! 7. **delivery**: the writer puts each watched key once, at `--rate`
 //!    (500/s) on schedule (up to 64 in flight), for at most
 //!    `--max-put-secs` (10 s: 5,000 of 10,000 keys), so "expected" is the
@@ -181,15 +192,23 @@ struct WatchArgs {
     /// and setup's aftermath (queries the agent still holds) fades.
     #[arg(long, default_value_t = 15.0)]
     idle_secs: f64,
+    /// A second idle window right after the first, seconds (0: none): the
+    /// steady cost, once what setup left on the server (queries it still
+    /// holds for a client gone) has ended. The idle targets use it.
+    #[arg(long, default_value_t = 15.0)]
+    steady_secs: f64,
     /// Wait for late events after the last put, seconds.
     #[arg(long, default_value_t = 10.0)]
     drain_secs: f64,
     /// Watches opened at once during setup.
     #[arg(long, default_value_t = 100)]
     setup_concurrency: usize,
-    /// Puts of the no-watch latency baseline.
-    #[arg(long, default_value_t = 500)]
-    base_puts: usize,
+    /// Puts of the no-watch latency baseline (default: as many as the
+    /// watched puts of the case, at the same pace, so that both p99s come
+    /// from windows of the same length: a longer window meets more of the
+    /// machine's stalls).
+    #[arg(long)]
+    base_puts: Option<usize>,
     /// Bound of connecting, pre-creating keys and opening the watches, seconds.
     #[arg(long, default_value_t = 120.0)]
     step_timeout: f64,
@@ -397,22 +416,29 @@ fn watch(args: WatchArgs) -> Result<()> {
 /// The cases of one backend: anykv for every N × target × existence, then
 /// the raw baselines.
 fn cases(args: &WatchArgs, backend: &str) -> Vec<CaseSpec> {
-    let base = |side, n, kind, existing| CaseSpec {
-        backend: backend.to_owned(),
-        side,
-        url: String::new(),
-        server_pid: None,
-        ns: String::new(),
-        n,
-        kind,
-        existing,
-        rate: args.rate,
-        max_put_secs: args.max_put_secs,
-        idle_secs: args.idle_secs,
-        drain_secs: args.drain_secs,
-        setup_concurrency: args.setup_concurrency,
-        base_puts: args.base_puts,
-        step_timeout_secs: args.step_timeout,
+    let base = |side, n, kind, existing| {
+        let mut spec = CaseSpec {
+            backend: backend.to_owned(),
+            side,
+            url: String::new(),
+            server_pid: None,
+            ns: String::new(),
+            n,
+            kind,
+            existing,
+            rate: args.rate,
+            max_put_secs: args.max_put_secs,
+            idle_secs: args.idle_secs,
+            steady_secs: args.steady_secs,
+            drain_secs: args.drain_secs,
+            setup_concurrency: args.setup_concurrency,
+            base_puts: args.base_puts.unwrap_or(0),
+            step_timeout_secs: args.step_timeout,
+        };
+        if args.base_puts.is_none() {
+            spec.base_puts = spec.puts();
+        }
+        spec
     };
     let mut out = Vec::new();
     for &n in &args.sizes {
@@ -569,7 +595,7 @@ fn header(args: &WatchArgs) -> String {
          Run {date}; code: {code}; release build. \
          {cpus} CPUs, load average at the end {}.\n\n\
          Parameters: N = {:?}, one put per watched key at {} puts/s for at most {} s, \
-         idle window {} s, drain {} s, setup concurrency {}, {} no-watch puts, \
+         idle windows {} s after setup then {} s steady, drain {} s, setup concurrency {}, no-watch puts: {}, \
          case timeout {} s. Times in ms; KiB/watch = (RSS after setup − before) / N, and in brackets the same of live heap bytes (a counting allocator: what the watches hold, without the allocator's free memory). \
          See `crates/anykv-bench/src/main.rs` for how each figure is measured.\n",
         load.split_whitespace()
@@ -580,9 +606,13 @@ fn header(args: &WatchArgs) -> String {
         args.rate,
         args.max_put_secs,
         args.idle_secs,
+        args.steady_secs,
         args.drain_secs,
         args.setup_concurrency,
-        args.base_puts,
+        match args.base_puts {
+            Some(n) => n.to_string(),
+            None => "as many as the watched puts, same pace".into(),
+        },
         args.case_timeout,
     )
 }

@@ -86,7 +86,7 @@ pub fn table(out: &mut String, info: &BackendInfo, rows: &[&Row]) {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| client | N | target | keys | setup ms (CPU ms) | delivered | delay p50 / p99 / max ms | KiB/watch RSS (live heap) | sockets before→after | idle CPU ms/s client / server | put p50 / p99 ms, watches open | put p50 / p99 ms, no watch | notes |"
+        "| client | N | target | keys | setup ms (CPU ms) | delivered | delay p50 / p99 / max ms | KiB/watch RSS (live heap) | sockets before→after | idle CPU ms/s client / server: after setup; steady | put p50 / p99 ms, watches open | put p50 / p99 ms, no watch | notes |"
     );
     let _ = writeln!(
         out,
@@ -124,6 +124,11 @@ pub fn table(out: &mut String, info: &BackendInfo, rows: &[&Row]) {
                 opt(r.put_cpu_ms)
             ));
         }
+        if let Some(q) = r.quiet_after_secs {
+            notes.push(format!(
+                "steady window after {q:.0} s of waiting for a quiet server"
+            ));
+        }
         notes.push(format!("case {:.0} s", row.secs));
         let setup = match (r.setup_ms, r.setup_cpu_ms) {
             (Some(w), Some(c)) => format!("{} ({})", ms(w), ms(c)),
@@ -142,7 +147,7 @@ pub fn table(out: &mut String, info: &BackendInfo, rows: &[&Row]) {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {}; {} / {} | {} | {} | {} |",
             s.side.label(),
             s.n,
             kind(s.kind),
@@ -157,6 +162,8 @@ pub fn table(out: &mut String, info: &BackendInfo, rows: &[&Row]) {
             sockets,
             opt(r.idle_client_cpu),
             opt(r.idle_server_cpu),
+            opt(r.steady_client_cpu),
+            opt(r.steady_server_cpu),
             pair(r.put),
             pair(r.base_put),
             notes.join("; "),
@@ -185,7 +192,7 @@ pub fn summary(out: &mut String, infos: &[BackendInfo], rows: &[Row]) {
     let _ = writeln!(out, "\n## Targets (anykv rows, per backend and N)\n");
     let _ = writeln!(
         out,
-        "| backend | N | all delivered | max KiB/watch (< 2) | max delay p99 ms (< 10) | max setup ms (< 1000) | max idle CPU ms/s client / server above its no-client idle (< 10) | max put p99 / no-watch p99 (≤ 2×) | max sockets opened by setup |"
+        "| backend | N | all delivered | max KiB/watch (< 2) | max delay p99 ms (< 10) | max setup ms (< 1000) | max steady idle CPU ms/s client / server above its no-client idle (< 10) | max put p99 / no-watch p99 (≤ 2×) | max sockets opened by setup |"
     );
     let _ = writeln!(out, "|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for info in infos {
@@ -227,7 +234,7 @@ fn summary_row(out: &mut String, info: &BackendInfo, n: usize, at: &[&CaseResult
     };
     let idle = format!(
         "{} / {}",
-        mark(max(&|r| r.idle_client_cpu), 10.0),
+        mark(max(&|r| r.steady_client_cpu), 10.0),
         if info.name == "memory" || info.name == "redb" {
             "n/a".to_owned()
         } else {
@@ -235,7 +242,7 @@ fn summary_row(out: &mut String, info: &BackendInfo, n: usize, at: &[&CaseResult
             // no client at all (Consul's dev agent alone: 12-16 ms/s).
             let base = info.server_idle.unwrap_or(0.0);
             mark(
-                max(&|r| r.idle_server_cpu.map(|c| (c - base).max(0.0))),
+                max(&|r| r.steady_server_cpu.map(|c| (c - base).max(0.0))),
                 10.0,
             )
         }

@@ -64,6 +64,9 @@ pub struct CaseSpec {
     pub max_put_secs: f64,
     /// Idle window for the CPU figures, in seconds.
     pub idle_secs: f64,
+    /// A second idle window right after the first (0: none), in seconds.
+    #[serde(default)]
+    pub steady_secs: f64,
     /// How long to wait for late events after the last acknowledgement.
     pub drain_secs: f64,
     /// Watches being opened at once during setup.
@@ -118,6 +121,15 @@ pub struct CaseResult {
     pub idle_client_cpu: Option<f64>,
     /// Server CPU ms per second over the idle window.
     pub idle_server_cpu: Option<f64>,
+    /// Seconds waited for the server to be quiet before the steady window.
+    #[serde(default)]
+    pub quiet_after_secs: Option<f64>,
+    /// Client CPU ms per second over the steady window (the second one).
+    #[serde(default)]
+    pub steady_client_cpu: Option<f64>,
+    /// Server CPU ms per second over the steady window.
+    #[serde(default)]
+    pub steady_server_cpu: Option<f64>,
     /// Put latency p50 / p99 / max with the watches open (the paced writer).
     pub put: Option<(f64, f64, f64)>,
     /// Put latency p50 / p99 / max with no watch open (same pace, same handle kind).
