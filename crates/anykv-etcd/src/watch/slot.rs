@@ -46,8 +46,10 @@ pub(crate) struct Inner {
     waker: Option<Waker>,
     /// No item follows the queued ones.
     ended: bool,
-    /// Cut off for a full buffer (set by the task); the consumer clears it
-    /// and asks for a resume once it has read the buffer empty.
+    /// Cut off for a full buffer: set by the task under the same lock as
+    /// the buffer's last push (a consumer that drains the buffer must find
+    /// it, or it would wait for events etcd no longer sends); the consumer
+    /// clears it and asks for a resume once it has read the buffer empty.
     pub(crate) detached: bool,
 }
 
