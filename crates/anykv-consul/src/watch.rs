@@ -241,18 +241,24 @@ struct Change {
     last_fault: Option<Fault>,
 }
 
-/// The keys that differ between two states (by `ModifyIndex`).
+/// The keys that differ between two states (by `ModifyIndex`): changed
+/// or new ones in key order, then the keys gone. Both maps are walked once
+/// side by side (no lookup per key: a wide scope has many).
 fn delta(old: &BTreeMap<Key, KvPair>, new: &BTreeMap<Key, KvPair>) -> Vec<(Key, Option<KvPair>)> {
-    let mut out: Vec<(Key, Option<KvPair>)> = new
-        .iter()
-        .filter(|(k, p)| old.get(*k).map(|o| o.mod_revision) != Some(p.mod_revision))
-        .map(|(k, p)| (k.clone(), Some(p.clone())))
-        .collect();
-    out.extend(
-        old.keys()
-            .filter(|k| !new.contains_key(*k))
-            .map(|k| (k.clone(), None)),
-    );
+    let mut out: Vec<(Key, Option<KvPair>)> = Vec::new();
+    let mut gone: Vec<(Key, Option<KvPair>)> = Vec::new();
+    let mut was = old.iter().peekable();
+    for (k, p) in new {
+        while let Some((ok, _)) = was.next_if(|(ok, _)| *ok < k) {
+            gone.push((ok.clone(), None));
+        }
+        match was.next_if(|(ok, _)| *ok == k) {
+            Some((_, o)) if o.mod_revision == p.mod_revision => {}
+            _ => out.push((k.clone(), Some(p.clone()))),
+        }
+    }
+    gone.extend(was.map(|(ok, _)| (ok.clone(), None)));
+    out.append(&mut gone);
     out
 }
 
@@ -1028,18 +1034,30 @@ struct RawPair<'a> {
 /// and only the changed ones need their values decoded.
 fn decode(body: Option<&[u8]>, prev: &BTreeMap<Key, KvPair>) -> Result<BTreeMap<Key, KvPair>> {
     use base64::Engine;
-    let mut entries = BTreeMap::new();
     let Some(body) = body else {
-        return Ok(entries);
+        return Ok(BTreeMap::new());
     };
     let raw: Vec<RawPair<'_>> = serde_json::from_slice(body)
         .map_err(|e| error::internal("watch: unexpected reply from consul", e))?;
+    // Consul answers in key order, the order of `prev` too: one walk over
+    // both finds each unchanged entry without a lookup, and the new map is
+    // built from a sorted list at once (a wide scope answers with every
+    // pair below it on each change, so this is the hot path of a put).
+    // Any other order costs a lookup per key out of place.
+    let mut old = prev.iter().peekable();
+    let mut sorted: Vec<(Key, KvPair)> = Vec::with_capacity(raw.len());
     for r in raw {
-        if let Some((k, p)) = prev.get_key_value(r.key.as_ref())
+        while old.next_if(|(k, _)| k.as_str() < r.key.as_ref()).is_some() {}
+        let known = match old.peek() {
+            Some(&(k, p)) if k.as_str() == r.key.as_ref() => Some((k, p)),
+            // New, or out of order: look it up.
+            _ => prev.get_key_value(r.key.as_ref()),
+        };
+        if let Some((k, p)) = known
             && p.mod_revision == r.modify_index
             && p.create_revision == r.create_index
         {
-            entries.insert(k.clone(), p.clone());
+            sorted.push((k.clone(), p.clone()));
             continue;
         }
         // Names no anykv client could write are skipped, as everywhere.
@@ -1054,7 +1072,7 @@ fn decode(body: Option<&[u8]>, prev: &BTreeMap<Key, KvPair>) -> Result<BTreeMap<
                     .map_err(|e| error::internal(format!("value of {key} is not base64"), e))?,
             ),
         };
-        entries.insert(
+        sorted.push((
             key.clone(),
             KvPair {
                 key,
@@ -1063,9 +1081,9 @@ fn decode(body: Option<&[u8]>, prev: &BTreeMap<Key, KvPair>) -> Result<BTreeMap<
                 create_revision: r.create_index,
                 mod_revision: r.modify_index,
             },
-        );
+        ));
     }
-    Ok(entries)
+    Ok(sorted.into_iter().collect())
 }
 
 /// One step of the loop: a blocking query from `cursor.ask`, and, if its
@@ -1961,6 +1979,73 @@ mod tests {
                 mod_revision: rev,
             },
         )
+    }
+
+    #[test]
+    fn delta_lists_changed_and_new_keys_in_order_then_the_gone_ones() {
+        let old: BTreeMap<Key, KvPair> = [
+            pair("a", "1", 1),
+            pair("b", "1", 2),
+            pair("d", "1", 3),
+            pair("f", "1", 4),
+        ]
+        .into_iter()
+        .collect();
+        let new: BTreeMap<Key, KvPair> = [
+            pair("b", "2", 9),
+            pair("c", "1", 10),
+            pair("d", "1", 3),
+            pair("e", "1", 11),
+        ]
+        .into_iter()
+        .collect();
+        let got: Vec<(String, Option<u64>)> = delta(&old, &new)
+            .into_iter()
+            .map(|(k, p)| (k.to_string(), p.map(|p| p.mod_revision)))
+            .collect();
+        let want: Vec<(String, Option<u64>)> = vec![
+            ("b".into(), Some(9)),
+            ("c".into(), Some(10)),
+            ("e".into(), Some(11)),
+            ("a".into(), None),
+            ("f".into(), None),
+        ];
+        assert_eq!(got, want);
+        assert!(delta(&new, &new).is_empty());
+        assert_eq!(delta(&BTreeMap::new(), &new).len(), 4);
+        assert_eq!(delta(&new, &BTreeMap::new()).len(), 4);
+    }
+
+    #[test]
+    fn decode_reuses_unchanged_entries_in_any_order() {
+        let prev: BTreeMap<Key, KvPair> = [pair("a", "x", 1), pair("b", "y", 2), pair("c", "z", 3)]
+            .into_iter()
+            .collect();
+        // "eA==" is base64 of "x"; c changed; d is new; the answer is not
+        // in key order (a key out of place is looked up).
+        let body = br#"[
+            {"Key":"c","Value":"dw==","CreateIndex":3,"ModifyIndex":7},
+            {"Key":"a","Value":"eA==","CreateIndex":1,"ModifyIndex":1},
+            {"Key":"b","Value":"eQ==","CreateIndex":2,"ModifyIndex":2},
+            {"Key":"d","CreateIndex":8,"ModifyIndex":8}
+        ]"#;
+        let got = decode(Some(body), &prev).unwrap();
+        let summary: Vec<(&str, &[u8], u64)> = got
+            .values()
+            .map(|p| (p.key.as_str(), p.value.as_ref(), p.mod_revision))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("a", &b"x"[..], 1),
+                ("b", b"y", 2),
+                ("c", b"w", 7),
+                ("d", b"", 8)
+            ]
+        );
+        // An unchanged entry in order is the previous one, not a copy.
+        let key = Key::new("b").unwrap();
+        assert_eq!(got[&key].value.as_ptr(), prev[&key].value.as_ptr());
     }
 
     #[test]
