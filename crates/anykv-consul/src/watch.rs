@@ -1983,22 +1983,9 @@ mod tests {
 
     #[test]
     fn delta_lists_changed_and_new_keys_in_order_then_the_gone_ones() {
-        let old: BTreeMap<Key, KvPair> = [
-            pair("a", "1", 1),
-            pair("b", "1", 2),
-            pair("d", "1", 3),
-            pair("f", "1", 4),
-        ]
-        .into_iter()
-        .collect();
-        let new: BTreeMap<Key, KvPair> = [
-            pair("b", "2", 9),
-            pair("c", "1", 10),
-            pair("d", "1", 3),
-            pair("e", "1", 11),
-        ]
-        .into_iter()
-        .collect();
+        // `delta` compares indexes only: the values do not matter here.
+        let old = state(&[("a", 1), ("b", 2), ("d", 3), ("f", 4)]);
+        let new = state(&[("b", 9), ("c", 10), ("d", 3), ("e", 11)]);
         let got: Vec<(String, Option<u64>)> = delta(&old, &new)
             .into_iter()
             .map(|(k, p)| (k.to_string(), p.map(|p| p.mod_revision)))
@@ -2018,9 +2005,7 @@ mod tests {
 
     #[test]
     fn decode_reuses_unchanged_entries_in_any_order() {
-        let prev: BTreeMap<Key, KvPair> = [pair("a", "x", 1), pair("b", "y", 2), pair("c", "z", 3)]
-            .into_iter()
-            .collect();
+        let prev: BTreeMap<_, _> = [pair("a", "x", 1), pair("b", "y", 2), pair("c", "z", 3)].into();
         // "eA==" is base64 of "x"; c changed; d is new; the answer is not
         // in key order (a key out of place is looked up).
         let body = br#"[
