@@ -194,7 +194,8 @@ struct WatchArgs {
     idle_secs: f64,
     /// A second idle window right after the first, seconds (0: none): the
     /// steady cost, once what setup left on the server (queries it still
-    /// holds for a client gone) has ended. The idle targets use it.
+    /// holds for a client gone) has ended. The idle targets use it, so
+    /// with 0 they show as not measured ("–", not met).
     #[arg(long, default_value_t = 15.0)]
     steady_secs: f64,
     /// Wait for late events after the last put, seconds.
@@ -432,12 +433,11 @@ fn cases(args: &WatchArgs, backend: &str) -> Vec<CaseSpec> {
             steady_secs: args.steady_secs,
             drain_secs: args.drain_secs,
             setup_concurrency: args.setup_concurrency,
-            base_puts: args.base_puts.unwrap_or(0),
+            // Set below: the default depends on the case's own puts.
+            base_puts: 0,
             step_timeout_secs: args.step_timeout,
         };
-        if args.base_puts.is_none() {
-            spec.base_puts = spec.puts();
-        }
+        spec.base_puts = args.base_puts.unwrap_or_else(|| spec.puts());
         spec
     };
     let mut out = Vec::new();

@@ -1276,6 +1276,10 @@ fn intermediate(
             .cloned()
             .collect()
     };
+    if missed.is_empty() {
+        // The usual case: no copy of the (possibly wide) state.
+        return Vec::new();
+    }
     missed.sort_by_key(|p| p.mod_revision);
     let mut states = Vec::new();
     let mut state: BTreeMap<Key, KvPair> = (**prev).clone();
