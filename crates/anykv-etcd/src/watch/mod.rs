@@ -23,6 +23,7 @@
 //! Dropping the stream cancels its etcd watch at once (`WatchCancelRequest`)
 //! and frees its state; a stream left without watches is closed.
 
+mod reads;
 mod shared;
 mod slot;
 
@@ -52,6 +53,7 @@ pub const DEFAULT_WATCHES_PER_STREAM: usize = 1000;
 /// The shared streams of one store.
 pub(crate) struct Hub {
     streams: Mutex<Vec<Stream>>,
+    reads: Arc<reads::Reads>,
 }
 
 /// The hub's handle on one shared stream.
@@ -65,6 +67,7 @@ impl Hub {
     pub(crate) fn new() -> Hub {
         Hub {
             streams: Mutex::new(Vec::new()),
+            reads: Arc::default(),
         }
     }
 
@@ -96,17 +99,31 @@ impl Hub {
 /// after this returns is seen (for `Start::Now`).
 pub(crate) async fn watch(conn: &Conn, target: Target, start: Start) -> Result<WatchStream> {
     let clients = conn.clients().await?;
+    // One deadline for the read and the confirmation.
+    let deadline = tokio::time::Instant::now() + conn.timeout();
+    let (after, known) = match (&target, start) {
+        // Starts from a read of the key (see `reads`), or, if that fails,
+        // now with previous values from etcd.
+        (Target::Key(key), Start::Now) => {
+            let read = conn.watches.reads.read(&clients.kv, conn.timeout(), key);
+            match tokio::time::timeout_at(deadline, read).await {
+                Ok(Some((at, pair))) => (Some(at), Some(pair)),
+                Ok(None) | Err(_) => (None, None),
+            }
+        }
+        (_, Start::Now) => (None, None),
+        (_, Start::After(r)) => (Some(r), None),
+    };
+    // Counted in a stream from here on: nothing may return before the
+    // create command is sent.
     let cmds = conn.watches.pick(conn, &clients.watch);
     let slot = Slot::new(0);
     let (reply, confirmed) = oneshot::channel();
-    let after = match start {
-        Start::Now => None,
-        Start::After(r) => Some(r),
-    };
     let create = Cmd::Create {
         slot: slot.clone(),
         range: Range::of_target(&target),
         after,
+        known,
         reply,
     };
     if cmds.send(create).is_err() {
@@ -119,7 +136,7 @@ pub(crate) async fn watch(conn: &Conn, target: Target, start: Start) -> Result<W
     // From here on, dropping the receiver (on error or timeout too) cancels.
     let receiver = Receiver::new(slot, cmds);
     let ctx = Ctx::new("watch", None, conn.timeout());
-    match tokio::time::timeout(conn.timeout(), confirmed).await {
+    match tokio::time::timeout_at(deadline, confirmed).await {
         Ok(Ok(Ok(()))) => Ok(receiver.boxed()),
         Ok(Ok(Err(e))) => Err(e),
         Ok(Err(_)) => Err(Error::Unavailable {

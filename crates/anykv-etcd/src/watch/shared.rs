@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use anykv_core::{Error, Event, Result};
+use anykv_core::{Error, Event, KvPair, Result};
 use etcd_client::{
     WatchClient, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
     proto::PbEvent,
@@ -65,6 +65,9 @@ pub(crate) enum Cmd {
         range: Range,
         /// The revision to start after; `None`: now.
         after: Option<u64>,
+        /// The key's pair at `after` (`Some(None)`: absent), for a key
+        /// watch that gives its events their previous values itself.
+        known: Option<Option<KvPair>>,
         reply: oneshot::Sender<Result<()>>,
     },
     /// The consumer is gone: cancel the watch and forget it.
@@ -105,13 +108,22 @@ struct Watch {
     behind: u64,
     /// Events at or below this revision were delivered before a re-create.
     floor: u64,
+    /// A key watch's key as of `last` (`Some(None)`: absent), which gives
+    /// the next put its previous value; such a watch asks etcd for none
+    /// (see [`super::reads`]). `None`: etcd sends previous values.
+    known: Option<Option<KvPair>>,
     phase: Phase,
     /// The caller of `watch`, until etcd confirms the watch.
     reply: Option<oneshot::Sender<Result<()>>>,
 }
 
 impl Watch {
-    fn new(slot: Arc<Slot>, range: Range, after: Option<u64>) -> Box<Watch> {
+    fn new(
+        slot: Arc<Slot>,
+        range: Range,
+        after: Option<u64>,
+        known: Option<Option<KvPair>>,
+    ) -> Box<Watch> {
         Box::new(Watch {
             slot,
             key: range.start.into_boxed_slice(),
@@ -120,6 +132,7 @@ impl Watch {
             now: after.is_none(),
             behind: 0,
             floor: after.unwrap_or(0),
+            known,
             phase: Phase::Creating,
             reply: None,
         })
@@ -128,7 +141,6 @@ impl Watch {
     fn options(&self, id: i64) -> WatchOptions {
         let mut opts = WatchOptions::new()
             .with_watch_id(id)
-            .with_prev_key()
             // Empty responses that advance the resume point of a quiet watch,
             // so that it does not resume from a compacted revision.
             .with_progress_notify()
@@ -137,6 +149,9 @@ impl Watch {
             // instead of one message over the client's size limit, which
             // would fail the same way at every resume.
             .with_fragment();
+        if self.known.is_none() {
+            opts = opts.with_prev_key();
+        }
         if !self.end.is_empty() {
             opts = opts.with_range(self.end.to_vec());
         }
@@ -382,11 +397,12 @@ impl Task {
                 slot,
                 range,
                 after,
+                known,
                 reply,
             } => {
                 let id = self.fresh_id();
                 slot.id.store(id, Ordering::Relaxed);
-                let mut w = Watch::new(slot, range, after);
+                let mut w = Watch::new(slot, range, after, known);
                 w.reply = Some(reply);
                 if let Some(l) = live {
                     l.create(id, &w);
@@ -691,11 +707,19 @@ fn deliver(w: &mut Watch, header: u64, events: Vec<PbEvent>) -> bool {
             current = r;
         }
         let event = match ev.r#type {
-            PUT => pair(kv, None).map(|kv| Event::Put {
-                kv,
-                prev: ev.prev_kv.and_then(|p| pair(p, None)),
+            PUT => pair(kv, None).map(|kv| {
+                let prev = match &mut w.known {
+                    Some(known) => known.replace(kv.clone()),
+                    None => ev.prev_kv.and_then(|p| pair(p, None)),
+                };
+                Event::Put { kv, prev }
             }),
-            DELETE => key_of(&kv.key).map(|key| Event::Delete { key, revision: r }),
+            DELETE => {
+                if let Some(known) = &mut w.known {
+                    *known = None;
+                }
+                key_of(&kv.key).map(|key| Event::Delete { key, revision: r })
+            }
             _ => None,
         };
         // Keys no anykv client could write (foreign tools) are skipped.
@@ -740,7 +764,7 @@ mod tests {
             start: b"a".to_vec(),
             end: Vec::new(),
         };
-        let mut w = *Watch::new(Slot::new(1), range, Some(last));
+        let mut w = *Watch::new(Slot::new(1), range, Some(last), None);
         w.phase = Phase::Active { since: 0 };
         w
     }
@@ -754,6 +778,50 @@ mod tests {
                 (e.key().to_string(), e.revision())
             })
             .collect()
+    }
+
+    #[test]
+    fn a_key_watch_that_knows_its_key_gives_prev_values_itself() {
+        let mut w = watch(10);
+        let mut before = kv("a", 5);
+        before.value = b"old".to_vec();
+        w.known = Some(pair(before, None));
+        // Without the option etcd sends no prev_kv, but one that comes is
+        // ignored in favour of what the watch knows (the same, from etcd).
+        let mut evs = events(vec![
+            (PUT, kv("a", 11)),
+            (DELETE, kv("a", 12)),
+            (PUT, kv("a", 13)),
+        ]);
+        evs[0].prev_kv = Some(kv("a", 1));
+        assert!(deliver(&mut w, 13, evs));
+        // (revision, previous value and its revision)
+        type Seen = (u64, Option<(Vec<u8>, u64)>);
+        let got: Vec<Seen> = w
+            .slot
+            .lock()
+            .queue
+            .drain(..)
+            .map(|item| match item.unwrap() {
+                Event::Put { kv, prev } => (
+                    kv.mod_revision,
+                    prev.map(|p| (p.value.to_vec(), p.mod_revision)),
+                ),
+                Event::Delete { revision, .. } => (revision, None),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [(11, Some((b"old".to_vec(), 5))), (12, None), (13, None)],
+            "the put after a delete has no previous value"
+        );
+        assert_eq!(
+            w.known
+                .as_ref()
+                .and_then(|k| k.as_ref())
+                .map(|p| p.mod_revision),
+            Some(13)
+        );
     }
 
     #[test]
