@@ -221,67 +221,93 @@ async fn watch_carries_prev_values_and_resumes_from_any_revision() {
     }
 }
 
-/// A key watch started now gives puts their previous values itself (from
-/// a read of the key when it started, then from its own events): the same
-/// values etcd sends a watch that asks for them, across deletes and
-/// re-creates, with a writer running while the watch starts.
+/// A watch started now gives puts their previous values itself (from a read
+/// of its range when it started, then from its own events) while its range
+/// holds few keys, and etcd's once it holds more: either way the values
+/// etcd sends a watch that asks for them, across deletes and re-creates,
+/// with a writer running while the watch starts. The prefix's writer
+/// writes 3 keys, then 24, so its watch passes from one source to the
+/// other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_watch_started_now_gives_the_prev_values_etcd_would() {
+async fn a_watch_started_now_gives_the_prev_values_etcd_would() {
     let Some((_ns, kv, _raw)) = setup("watchprevnow").await else {
         return;
     };
-    let k = key("w");
-    kv.put(&k, "0".into(), PutOptions::default()).await.unwrap();
-    let writer = {
-        let (kv, k) = (kv.clone(), k.clone());
-        tokio::spawn(async move {
-            for i in 1..=80u32 {
-                if i % 10 == 0 {
-                    kv.delete(&k, Condition::Always).await.unwrap();
-                } else {
-                    kv.put(&k, i.to_string().into(), PutOptions::default())
-                        .await
-                        .unwrap();
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    let mut now = kv.watch(Target::Key(k.clone()), Start::Now).await.unwrap();
-    writer.await.unwrap();
-    let end = kv
-        .put(&k, "end".into(), PutOptions::default())
-        .await
-        .unwrap();
-    let summary = |e: Event| match e {
-        Event::Put { kv, prev } => (kv.mod_revision, Some(kv.value), prev.map(|p| p.value)),
-        Event::Delete { revision, .. } => (revision, None, None),
-    };
-    let mut got = Vec::new();
-    while got.last().is_none_or(|(r, _, _)| *r < end.get()) {
-        match timeout(Duration::from_secs(5), now.next()).await {
-            Ok(Some(Ok(e))) => got.push(summary(e)),
-            other => panic!("after {got:?}: {other:?}"),
+    for (target, keys) in [
+        (Target::Key(key("w")), 1),
+        (Target::Prefix(Prefix::new("p").unwrap()), 24),
+    ] {
+        let name = |i: u32| match &target {
+            Target::Key(k) => k.clone(),
+            // Three keys first (kept by the watch), then up to `keys`.
+            Target::Prefix(p) => key(&format!(
+                "{}/{}",
+                p.as_str(),
+                if i < 60 { i % 3 } else { i % keys }
+            )),
+        };
+        for i in 0..3 {
+            kv.put(&name(i), "0".into(), PutOptions::default())
+                .await
+                .unwrap();
         }
-    }
-    let puts_after_puts = got
-        .windows(2)
-        .filter(|w| w[0].1.is_some() && w[1].1.is_some())
-        .count();
-    assert!(
-        got.len() >= 10 && puts_after_puts >= 5,
-        "the watch started while the writer wrote: {got:?}"
-    );
-    // The same revisions from a watch that asks etcd for previous values.
-    let mut from_etcd = kv
-        .watch(Target::Key(k), Start::After(got[0].0 - 1))
-        .await
-        .unwrap();
-    for want in &got {
-        match timeout(Duration::from_secs(5), from_etcd.next()).await {
-            Ok(Some(Ok(e))) => assert_eq!(&summary(e), want),
-            other => panic!("{other:?}"),
+        let writer = {
+            let kv = kv.clone();
+            let keys: Vec<Key> = (1..=120).map(name).collect();
+            tokio::spawn(async move {
+                for (i, k) in keys.iter().enumerate() {
+                    if i % 10 == 9 {
+                        kv.delete(k, Condition::Always).await.unwrap();
+                    } else {
+                        kv.put(k, i.to_string().into(), PutOptions::default())
+                            .await
+                            .unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let mut now = kv.watch(target.clone(), Start::Now).await.unwrap();
+        writer.await.unwrap();
+        let end = kv
+            .put(&name(0), "end".into(), PutOptions::default())
+            .await
+            .unwrap();
+        let summary = |e: Event| match e {
+            Event::Put { kv, prev } => (
+                kv.key,
+                kv.mod_revision,
+                Some(kv.value),
+                prev.map(|p| p.value),
+            ),
+            Event::Delete { key, revision } => (key, revision, None, None),
+        };
+        let mut got = Vec::new();
+        while got
+            .last()
+            .is_none_or(|e: &(Key, u64, _, _)| e.1 < end.get())
+        {
+            match timeout(Duration::from_secs(5), now.next()).await {
+                Ok(Some(Ok(e))) => got.push(summary(e)),
+                other => panic!("{target:?} after {got:?}: {other:?}"),
+            }
+        }
+        let with_prev = got.iter().filter(|e| e.3.is_some()).count();
+        assert!(
+            got.len() >= 20 && with_prev >= 10,
+            "the watch started while the writer wrote: {got:?}"
+        );
+        // The same events from a watch that asks etcd for previous values.
+        let mut from_etcd = kv
+            .watch(target.clone(), Start::After(got[0].1 - 1))
+            .await
+            .unwrap();
+        for want in &got {
+            match timeout(Duration::from_secs(5), from_etcd.next()).await {
+                Ok(Some(Ok(e))) => assert_eq!(&summary(e), want, "{target:?}"),
+                other => panic!("{other:?}"),
+            }
         }
     }
 }

@@ -101,18 +101,21 @@ pub(crate) async fn watch(conn: &Conn, target: Target, start: Start) -> Result<W
     let clients = conn.clients().await?;
     // One deadline for the read and the confirmation.
     let deadline = tokio::time::Instant::now() + conn.timeout();
-    let (after, known) = match (&target, start) {
-        // Starts from a read of the key (see `reads`), or, if that fails,
-        // now with previous values from etcd.
-        (Target::Key(key), Start::Now) => {
-            let read = conn.watches.reads.read(&clients.kv, conn.timeout(), key);
+    let range = Range::of_target(&target);
+    let (after, known) = match start {
+        // Starts after a read of the range (see `reads`), or, if that
+        // fails, now.
+        Start::Now => {
+            let read = conn
+                .watches
+                .reads
+                .read(&clients.kv, conn.timeout(), range.clone());
             match tokio::time::timeout_at(deadline, read).await {
-                Ok(Some((at, pair))) => (Some(at), Some(pair)),
+                Ok(Some((at, known))) => (Some(at), known),
                 Ok(None) | Err(_) => (None, None),
             }
         }
-        (_, Start::Now) => (None, None),
-        (_, Start::After(r)) => (Some(r), None),
+        Start::After(r) => (Some(r), None),
     };
     // Counted in a stream from here on: nothing may return before the
     // create command is sent.
@@ -121,7 +124,7 @@ pub(crate) async fn watch(conn: &Conn, target: Target, start: Start) -> Result<W
     let (reply, confirmed) = oneshot::channel();
     let create = Cmd::Create {
         slot: slot.clone(),
-        range: Range::of_target(&target),
+        range,
         after,
         known,
         reply,

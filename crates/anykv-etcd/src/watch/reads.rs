@@ -1,43 +1,56 @@
-//! The reads that key watches started now begin from, batched.
+//! The reads that watches started now begin from, batched.
 //!
 //! A watch asking etcd for previous values (`prev_kv`) costs etcd a read per
 //! event, on its own: etcd 3.4 looks the previous revision up for each
 //! event of a key that existed before. Measured here (10,000 key watches,
 //! one put each at 500 puts/s on keys that existed): that lookup cost etcd
 //! about 0.26 ms of CPU per event and raised the p99 of puts on the same
-//! server from 1.1-1.2 ms to 3.3-4.7 ms; without it, 1.2-1.8 ms.
+//! server from 1.1-1.2 ms to 3.3-4.7 ms; without it, 1.0-1.1 ms.
 //!
-//! So a key watch started now reads its key first, then asks etcd for the
-//! events after that read's revision without previous values, and gives
-//! each put the value it knows from the read or from the previous event
-//! (see `shared::Watch::known`). The reads of watches opened together are
-//! one transaction: at most one runs per store, and the watches that ask
+//! So a watch started now reads its range first (at most [`KNOWN_KEYS`] + 1
+//! pairs), then asks etcd for the events after that read's revision. If the
+//! range held at most [`KNOWN_KEYS`] keys it asks for no previous values and
+//! gives each put the value it knows from the read or from an earlier event
+//! (see `shared::Watch::known`); a range that holds more, then or later,
+//! gets them from etcd. The reads of watches opened together are one
+//! transaction: at most one runs per store, and the watches that ask
 //! meanwhile share the next one (up to etcd's default `--max-txn-ops`
-//! reads each). A failed read is not the watch's failure: that watch asks
-//! etcd for previous values, as before.
+//! reads each). A failed read is not the watch's failure: that watch starts
+//! now and asks etcd for previous values, as before.
 
-use std::{collections::VecDeque, sync::Mutex, time::Duration};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anykv_core::{Key, KvPair};
-use etcd_client::{KvClient, Txn, TxnOp, proto::PbTxnOpResponse};
+use etcd_client::{GetOptions, KvClient, Txn, TxnOp, proto::PbTxnOpResponse};
 use tokio::sync::watch;
 
 use crate::{
     MAX_ATOMIC_OPS,
-    range::{pair, rev},
+    range::{Range, pair, rev},
 };
 
-/// What a batch read: the revision it read at and, per key in the order
-/// asked, the pair (`None`: absent). `None` as a whole: the read failed.
-type Outcome = Option<(u64, Vec<Option<KvPair>>)>;
+/// Most keys a watch keeps the pairs of, to give previous values itself.
+pub(crate) const KNOWN_KEYS: usize = 16;
 
-/// Keys waiting for the same read.
+/// A watched range's pairs, while it holds at most [`KNOWN_KEYS`] keys.
+pub(crate) type Known = BTreeMap<Key, KvPair>;
+
+/// What a batch read: the revision it read at and, per range in the order
+/// asked, its pairs (`None`: more than [`KNOWN_KEYS`]). `None` as a whole:
+/// the read failed.
+type Outcome = Option<(u64, Vec<Option<Known>>)>;
+
+/// Ranges waiting for the same read.
 struct Batch {
-    keys: Vec<Key>,
-    done: watch::Sender<Option<std::sync::Arc<Outcome>>>,
+    ranges: Vec<Range>,
+    done: watch::Sender<Option<Arc<Outcome>>>,
 }
 
-/// The key reads of one store.
+/// The range reads of one store.
 #[derive(Default)]
 pub(crate) struct Reads {
     state: Mutex<State>,
@@ -45,7 +58,7 @@ pub(crate) struct Reads {
 
 #[derive(Default)]
 struct State {
-    /// Batches not read yet, oldest first; only the last takes new keys.
+    /// Batches not read yet, oldest first; only the last takes new ranges.
     queue: VecDeque<Batch>,
     /// A task reads the queue.
     busy: bool,
@@ -56,29 +69,30 @@ impl Reads {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The revision of a read of `key` that started after this call, and
-    /// the key's pair then; `None` if the read failed.
+    /// The revision of a read of `range` that started after this call, and
+    /// the range's pairs then (`None`: more than [`KNOWN_KEYS`]); `None` if
+    /// the read failed.
     pub(crate) async fn read(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         kv: &KvClient,
         timeout: Duration,
-        key: &Key,
-    ) -> Option<(u64, Option<KvPair>)> {
+        range: Range,
+    ) -> Option<(u64, Option<Known>)> {
         let (mut done, index) = {
             let mut st = self.state();
             if st
                 .queue
                 .back()
-                .is_none_or(|b| b.keys.len() >= MAX_ATOMIC_OPS)
+                .is_none_or(|b| b.ranges.len() >= MAX_ATOMIC_OPS)
             {
                 st.queue.push_back(Batch {
-                    keys: Vec::new(),
+                    ranges: Vec::new(),
                     done: watch::channel(None).0,
                 });
             }
             let batch = st.queue.back_mut()?;
-            batch.keys.push(key.clone());
-            let joined = (batch.done.subscribe(), batch.keys.len() - 1);
+            batch.ranges.push(range);
+            let joined = (batch.done.subscribe(), batch.ranges.len() - 1);
             if !st.busy {
                 st.busy = true;
                 // A task of its own: a caller that gives up (its timeout)
@@ -88,12 +102,12 @@ impl Reads {
             joined
         };
         let outcome = done.wait_for(Option::is_some).await.ok()?.clone()?;
-        let (revision, pairs) = outcome.as_ref().as_ref()?;
-        Some((*revision, pairs.get(index)?.clone()))
+        let (revision, ranges) = outcome.as_ref().as_ref()?;
+        Some((*revision, ranges.get(index)?.clone()))
     }
 
     /// Reads the queued batches one after the other until none is left.
-    async fn run(self: std::sync::Arc<Self>, mut kv: KvClient, timeout: Duration) {
+    async fn run(self: Arc<Self>, mut kv: KvClient, timeout: Duration) {
         loop {
             let batch = {
                 let mut st = self.state();
@@ -105,46 +119,60 @@ impl Reads {
                     }
                 }
             };
-            let outcome = read_batch(&mut kv, timeout, &batch.keys).await;
-            batch.done.send_replace(Some(std::sync::Arc::new(outcome)));
+            let outcome = read_batch(&mut kv, timeout, &batch.ranges).await;
+            batch.done.send_replace(Some(Arc::new(outcome)));
         }
     }
 }
 
-/// One transaction reading `keys`: all at one revision.
-async fn read_batch(kv: &mut KvClient, timeout: Duration, keys: &[Key]) -> Outcome {
-    let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
+/// One transaction reading `ranges`: all at one revision.
+async fn read_batch(kv: &mut KvClient, timeout: Duration, ranges: &[Range]) -> Outcome {
+    let limit = i64::try_from(KNOWN_KEYS + 1).unwrap_or(i64::MAX);
+    let ops: Vec<TxnOp> = ranges
+        .iter()
+        .map(|r| {
+            let opts = GetOptions::new().with_limit(limit);
+            let opts = if r.end.is_empty() {
+                opts
+            } else {
+                opts.with_range(r.end.clone())
+            };
+            TxnOp::get(r.start.clone(), Some(opts))
+        })
+        .collect();
     let mut resp = match tokio::time::timeout(timeout, kv.txn(Txn::new().and_then(ops))).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, keys = keys.len(), "etcd watch: key read failed; those watches ask etcd for previous values");
+            tracing::debug!(error = %e, ranges = ranges.len(), "etcd watch: range read failed; those watches ask etcd for previous values");
             return None;
         }
         Err(_) => {
             tracing::debug!(
-                keys = keys.len(),
-                "etcd watch: key read timed out; those watches ask etcd for previous values"
+                ranges = ranges.len(),
+                "etcd watch: range read timed out; those watches ask etcd for previous values"
             );
             return None;
         }
     };
     let revision = rev(resp.header()?.revision());
     let answers = std::mem::take(&mut resp.0.responses);
-    if answers.len() != keys.len() {
+    if answers.len() != ranges.len() {
         return None;
     }
-    let mut pairs = Vec::with_capacity(keys.len());
-    for (key, answer) in keys.iter().zip(answers) {
+    let mut known = Vec::with_capacity(ranges.len());
+    for answer in answers {
         let Some(PbTxnOpResponse::ResponseRange(range)) = answer.response else {
             return None;
         };
-        pairs.push(
+        known.push((range.kvs.len() <= KNOWN_KEYS).then(|| {
             range
                 .kvs
                 .into_iter()
-                .next()
-                .and_then(|p| pair(p, Some(key))),
-        );
+                // Keys no anykv client could write are never delivered.
+                .filter_map(|p| pair(p, None))
+                .map(|p| (p.key.clone(), p))
+                .collect()
+        }));
     }
-    Some((revision, pairs))
+    Some((revision, known))
 }

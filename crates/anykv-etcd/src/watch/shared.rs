@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use anykv_core::{Error, Event, KvPair, Result};
+use anykv_core::{Error, Event, Result};
 use etcd_client::{
     WatchClient, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
     proto::PbEvent,
@@ -41,6 +41,7 @@ use tokio::{
 
 use super::{
     cancel_error,
+    reads::{KNOWN_KEYS, Known},
     slot::{BUFFER, Slot},
 };
 use crate::{
@@ -65,9 +66,9 @@ pub(crate) enum Cmd {
         range: Range,
         /// The revision to start after; `None`: now.
         after: Option<u64>,
-        /// The key's pair at `after` (`Some(None)`: absent), for a key
-        /// watch that gives its events their previous values itself.
-        known: Option<Option<KvPair>>,
+        /// The range's pairs at `after`, for a watch that gives its events
+        /// their previous values itself.
+        known: Option<Known>,
         reply: oneshot::Sender<Result<()>>,
     },
     /// The consumer is gone: cancel the watch and forget it.
@@ -108,22 +109,17 @@ struct Watch {
     behind: u64,
     /// Events at or below this revision were delivered before a re-create.
     floor: u64,
-    /// A key watch's key as of `last` (`Some(None)`: absent), which gives
-    /// the next put its previous value; such a watch asks etcd for none
-    /// (see [`super::reads`]). `None`: etcd sends previous values.
-    known: Option<Option<KvPair>>,
+    /// The watched range's pairs as of `last`, while at most
+    /// [`KNOWN_KEYS`]: they give puts their previous values, and the watch
+    /// asks etcd for none (see [`super::reads`]). `None`: etcd sends them.
+    known: Option<Known>,
     phase: Phase,
     /// The caller of `watch`, until etcd confirms the watch.
     reply: Option<oneshot::Sender<Result<()>>>,
 }
 
 impl Watch {
-    fn new(
-        slot: Arc<Slot>,
-        range: Range,
-        after: Option<u64>,
-        known: Option<Option<KvPair>>,
-    ) -> Box<Watch> {
+    fn new(slot: Arc<Slot>, range: Range, after: Option<u64>, known: Option<Known>) -> Box<Watch> {
         Box::new(Watch {
             slot,
             key: range.start.into_boxed_slice(),
@@ -432,21 +428,26 @@ impl Task {
                 if !detached {
                     return;
                 }
-                // A new id: responses to the cancelled one may still be on the way.
-                let Some(mut w) = self.watches.remove(&old) else {
-                    return;
-                };
-                self.fragments.remove(&old);
-                let id = self.fresh_id();
-                slot.id.store(id, Ordering::Relaxed);
-                w.phase = Phase::Creating;
-                w.floor = w.last;
-                if let Some(l) = live {
-                    l.create(id, &w);
-                }
-                self.watches.insert(id, w);
+                self.recreate(old, live);
             }
         }
+    }
+
+    /// Creates watch `old` again, after its last revision, under a new id
+    /// (responses to the old one, cancelled, may still be on the way).
+    fn recreate(&mut self, old: i64, live: Option<&mut Live>) {
+        let Some(mut w) = self.watches.remove(&old) else {
+            return;
+        };
+        self.fragments.remove(&old);
+        let id = self.fresh_id();
+        w.slot.id.store(id, Ordering::Relaxed);
+        w.phase = Phase::Creating;
+        w.floor = w.last;
+        if let Some(l) = live {
+            l.create(id, &w);
+        }
+        self.watches.insert(id, w);
     }
 
     fn fresh_id(&mut self) -> i64 {
@@ -567,6 +568,12 @@ impl Task {
             w.phase = Phase::Detached;
             tracing::debug!(id, last = w.last, "etcd watch consumer too slow; detached");
             let _ = l.requests.send(Req::Cancel(id));
+        } else if w.known.as_ref().is_some_and(|k| k.len() > KNOWN_KEYS) {
+            // The range grew past what a watch keeps: from here on etcd
+            // sends the previous values.
+            w.known = None;
+            let _ = l.requests.send(Req::Cancel(id));
+            self.recreate(id, Some(l));
         }
         Ok(())
     }
@@ -709,17 +716,17 @@ fn deliver(w: &mut Watch, header: u64, events: Vec<PbEvent>) -> bool {
         let event = match ev.r#type {
             PUT => pair(kv, None).map(|kv| {
                 let prev = match &mut w.known {
-                    Some(known) => known.replace(kv.clone()),
+                    Some(known) => known.insert(kv.key.clone(), kv.clone()),
                     None => ev.prev_kv.and_then(|p| pair(p, None)),
                 };
                 Event::Put { kv, prev }
             }),
-            DELETE => {
+            DELETE => key_of(&kv.key).map(|key| {
                 if let Some(known) = &mut w.known {
-                    *known = None;
+                    known.remove(&key);
                 }
-                key_of(&kv.key).map(|key| Event::Delete { key, revision: r })
-            }
+                Event::Delete { key, revision: r }
+            }),
             _ => None,
         };
         // Keys no anykv client could write (foreign tools) are skipped.
@@ -781,11 +788,11 @@ mod tests {
     }
 
     #[test]
-    fn a_key_watch_that_knows_its_key_gives_prev_values_itself() {
+    fn a_watch_that_knows_its_range_gives_prev_values_itself() {
         let mut w = watch(10);
         let mut before = kv("a", 5);
         before.value = b"old".to_vec();
-        w.known = Some(pair(before, None));
+        w.known = pair(before, None).map(|p| [(p.key.clone(), p)].into());
         // Without the option etcd sends no prev_kv, but one that comes is
         // ignored in favour of what the watch knows (the same, from etcd).
         let mut evs = events(vec![
@@ -815,13 +822,9 @@ mod tests {
             [(11, Some((b"old".to_vec(), 5))), (12, None), (13, None)],
             "the put after a delete has no previous value"
         );
-        assert_eq!(
-            w.known
-                .as_ref()
-                .and_then(|k| k.as_ref())
-                .map(|p| p.mod_revision),
-            Some(13)
-        );
+        let known = w.known.as_ref().unwrap();
+        assert_eq!(known.len(), 1);
+        assert_eq!(known.values().next().unwrap().mod_revision, 13);
     }
 
     #[test]
