@@ -19,7 +19,7 @@
 //! now and asks etcd for previous values, as before.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::VecDeque,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -36,8 +36,35 @@ use crate::{
 /// Most keys a watch keeps the pairs of, to give previous values itself.
 pub(crate) const KNOWN_KEYS: usize = 16;
 
-/// A watched range's pairs, while it holds at most [`KNOWN_KEYS`] keys.
-pub(crate) type Known = BTreeMap<Key, KvPair>;
+/// A watched range's pairs, while it holds at most [`KNOWN_KEYS`] keys
+/// (one more just before the watch lets go of them). A list, not a map: a
+/// search of a few pairs is as quick, and the list costs the pairs alone
+/// (a map's first node has room for eleven).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Known(Vec<KvPair>);
+
+impl Known {
+    /// Records a put; returns the key's previous pair.
+    pub(crate) fn put(&mut self, pair: KvPair) -> Option<KvPair> {
+        match self.0.iter_mut().find(|p| p.key == pair.key) {
+            Some(p) => Some(std::mem::replace(p, pair)),
+            None => {
+                self.0.push(pair);
+                None
+            }
+        }
+    }
+
+    /// Records a delete.
+    pub(crate) fn delete(&mut self, key: &Key) {
+        self.0.retain(|p| p.key != *key);
+    }
+
+    /// Keys held.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
 
 /// What a batch read: the revision it read at and, per range in the order
 /// asked, its pairs (`None`: more than [`KNOWN_KEYS`]). `None` as a whole:
@@ -165,13 +192,14 @@ async fn read_batch(kv: &mut KvClient, timeout: Duration, ranges: &[Range]) -> O
             return None;
         };
         known.push((range.kvs.len() <= KNOWN_KEYS).then(|| {
-            range
-                .kvs
-                .into_iter()
-                // Keys no anykv client could write are never delivered.
-                .filter_map(|p| pair(p, None))
-                .map(|p| (p.key.clone(), p))
-                .collect()
+            Known(
+                range
+                    .kvs
+                    .into_iter()
+                    // Keys no anykv client could write are never delivered.
+                    .filter_map(|p| pair(p, None))
+                    .collect(),
+            )
         }));
     }
     Some((revision, known))

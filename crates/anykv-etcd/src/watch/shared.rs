@@ -716,14 +716,14 @@ fn deliver(w: &mut Watch, header: u64, events: Vec<PbEvent>) -> bool {
         let event = match ev.r#type {
             PUT => pair(kv, None).map(|kv| {
                 let prev = match &mut w.known {
-                    Some(known) => known.insert(kv.key.clone(), kv.clone()),
+                    Some(known) => known.put(kv.clone()),
                     None => ev.prev_kv.and_then(|p| pair(p, None)),
                 };
                 Event::Put { kv, prev }
             }),
             DELETE => key_of(&kv.key).map(|key| {
                 if let Some(known) = &mut w.known {
-                    known.remove(&key);
+                    known.delete(&key);
                 }
                 Event::Delete { key, revision: r }
             }),
@@ -792,7 +792,8 @@ mod tests {
         let mut w = watch(10);
         let mut before = kv("a", 5);
         before.value = b"old".to_vec();
-        w.known = pair(before, None).map(|p| [(p.key.clone(), p)].into());
+        w.known = Some(Known::default());
+        w.known.as_mut().unwrap().put(pair(before, None).unwrap());
         // Without the option etcd sends no prev_kv, but one that comes is
         // ignored in favour of what the watch knows (the same, from etcd).
         let mut evs = events(vec![
@@ -822,9 +823,10 @@ mod tests {
             [(11, Some((b"old".to_vec(), 5))), (12, None), (13, None)],
             "the put after a delete has no previous value"
         );
-        let known = w.known.as_ref().unwrap();
+        let mut known = w.known.take().unwrap();
         assert_eq!(known.len(), 1);
-        assert_eq!(known.values().next().unwrap().mod_revision, 13);
+        let last = known.put(pair(kv("a", 14), None).unwrap());
+        assert_eq!(last.map(|p| p.mod_revision), Some(13));
     }
 
     #[test]
