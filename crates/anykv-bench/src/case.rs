@@ -119,9 +119,19 @@ impl Names {
         }
     }
 
-    /// An unwatched key for the no-watch baseline.
+    /// The unwatched key the no-watch baseline puts for `i`: `put_key(i)`'s
+    /// shape under another root, created beforehand when the watched keys
+    /// are ([`Names::base_target`] too, where a side creates prefixes), so
+    /// that the baseline is the same put: a key below a prefix that does
+    /// not exist yet creates that parent too on ZooKeeper, and a put on a
+    /// key that exists is an update, not a create.
     pub fn base_key(&self, i: usize) -> String {
-        format!("base/{i:05}")
+        format!("base/{}", self.put_key(i))
+    }
+
+    /// [`Names::target`]'s counterpart for the baseline's keys.
+    pub fn base_target(&self, i: usize) -> String {
+        format!("base/{}", self.target(i))
     }
 
     /// Key `i` of the case's writes, for the cleanup: the N put keys, then

@@ -26,11 +26,14 @@
 //! target) or `p/NNNNN` (prefix target, whose put goes to `p/NNNNN/x`).
 //! Phases, in order:
 //!
-//! 1. pre-create the N put keys (existing cases only), 32 at a time
+//! 1. pre-create the N put keys and the baseline's keys (existing cases
+//!    only), 32 at a time
 //!    (after the case, every key it wrote is deleted one by one, 32 at a
 //!    time: see `Names::case_key` on why never as one range);
-//! 2. **no-watch put baseline**: puts of unwatched keys at the writer's
-//!    pace, no watch open: put latency p50 / p99. As many as the case's
+//! 2. **no-watch put baseline**: the same puts on unwatched keys (the put
+//!    keys' shape under `base/`, existing when they do: see
+//!    `Names::base_key`) at the writer's pace, no watch open: put latency
+//!    p50 / p99. As many as the case's
 //!    watched puts (step 7) unless `--base-puts` says otherwise, so that
 //!    both p99s come from windows of the same length;
 //! 3. **setup**: open the N watches, `--setup-concurrency` (100) at a time,
@@ -611,7 +614,7 @@ fn header(args: &WatchArgs) -> String {
         args.setup_concurrency,
         match args.base_puts {
             Some(n) => n.to_string(),
-            None => "as many as the watched puts, same pace".into(),
+            None => "as many as the watched puts, same pace, same key shape (existing when the watched keys exist)".into(),
         },
         args.case_timeout,
     )

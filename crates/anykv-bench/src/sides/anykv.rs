@@ -82,8 +82,8 @@ impl Client for AnykvClient {
             if !self.existing {
                 return Ok(());
             }
-            measure::for_each_concurrent(self.n, PREPARE_CONCURRENCY, |i| {
-                self.write(self.names.put_key(i), "v0")
+            measure::for_each_concurrent(self.n + self.base_puts, PREPARE_CONCURRENCY, |i| {
+                self.write(self.names.case_key(i, self.n), "v0")
             })
             .await
         })

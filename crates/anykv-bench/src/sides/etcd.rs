@@ -170,8 +170,11 @@ impl Client for EtcdRaw {
             if !self.existing {
                 return Ok(());
             }
-            measure::for_each_concurrent(self.n, 32, |i| {
-                self.write(format!("{}{}", self.root, self.names.put_key(i)), "v0")
+            measure::for_each_concurrent(self.n + self.base_puts, 32, |i| {
+                self.write(
+                    format!("{}{}", self.root, self.names.case_key(i, self.n)),
+                    "v0",
+                )
             })
             .await
         })

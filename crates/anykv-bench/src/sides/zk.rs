@@ -27,6 +27,7 @@ pub struct ZkRaw {
     root: String,
     names: Arc<Names>,
     n: usize,
+    base_puts: usize,
     existing: bool,
     setup_concurrency: usize,
 }
@@ -55,6 +56,7 @@ impl ZkRaw {
             root: format!("/{}", spec.ns),
             names: Arc::new(Names { kind: spec.kind }),
             n: spec.n,
+            base_puts: spec.base_puts,
             existing: spec.existing,
             setup_concurrency: spec.setup_concurrency,
         })
@@ -94,18 +96,28 @@ impl Client for ZkRaw {
             ensure(zk, &self.root, b"").await?;
             ensure(zk, &self.path("k"), b"").await?;
             ensure(zk, &self.path("p"), b"").await?;
-            ensure(zk, &self.path("base"), b"").await?;
+            for dir in ["base", "base/k", "base/p"] {
+                ensure(zk, &self.path(dir), b"").await?;
+            }
             if self.names.kind == Kind::Prefix {
                 // The prefix's own znode exists; "missing" is the key below it.
                 measure::for_each_concurrent(self.n, CONCURRENCY, |i| async move {
                     ensure(zk, &self.path(&self.names.target(i)), b"").await
                 })
                 .await?;
+                measure::for_each_concurrent(self.base_puts, CONCURRENCY, |i| async move {
+                    ensure(zk, &self.path(&self.names.base_target(i)), b"").await
+                })
+                .await?;
             }
             if self.existing {
-                measure::for_each_concurrent(self.n, CONCURRENCY, |i| async move {
-                    ensure(zk, &self.path(&self.names.put_key(i)), b"v0").await
-                })
+                measure::for_each_concurrent(
+                    self.n + self.base_puts,
+                    CONCURRENCY,
+                    |i| async move {
+                        ensure(zk, &self.path(&self.names.case_key(i, self.n)), b"v0").await
+                    },
+                )
                 .await?;
             }
             Ok(())
@@ -129,9 +141,18 @@ impl Client for ZkRaw {
     }
 
     fn base_put(&self, i: usize) -> BoxFuture<'static, Result<()>> {
-        let (zk, path) = (self.writer.clone(), self.path(&self.names.base_key(i)));
+        let (zk, path, existing) = (
+            self.writer.clone(),
+            self.path(&self.names.base_key(i)),
+            self.existing,
+        );
         Box::pin(async move {
-            zk.create(&path, b"b", &persistent()).await?;
+            // The same operation as `put`'s.
+            if existing {
+                zk.set_data(&path, b"b", None).await?;
+            } else {
+                zk.create(&path, b"b", &persistent()).await?;
+            }
             Ok(())
         })
     }
@@ -175,7 +196,7 @@ impl Client for ZkRaw {
                 delete(self.path(&self.names.put_key(i)))
             })
             .await;
-            let _ = measure::for_each_concurrent(n, CONCURRENCY, |i| {
+            let _ = measure::for_each_concurrent(self.base_puts, CONCURRENCY, |i| {
                 delete(self.path(&self.names.base_key(i)))
             })
             .await;
@@ -184,8 +205,12 @@ impl Client for ZkRaw {
                     delete(self.path(&self.names.target(i)))
                 })
                 .await;
+                let _ = measure::for_each_concurrent(self.base_puts, CONCURRENCY, |i| {
+                    delete(self.path(&self.names.base_target(i)))
+                })
+                .await;
             }
-            for dir in ["k", "p", "base"] {
+            for dir in ["k", "p", "base/k", "base/p", "base"] {
                 let _ = delete(self.path(dir)).await;
             }
             let _ = delete(self.root.clone()).await;
