@@ -1,5 +1,6 @@
 //! The phases of one case, the same for every client: pre-create keys,
-//! no-watch put baseline, open N watches, idle, paced puts, drain.
+//! no-watch put baseline, open N watches, idle, the baseline's puts again
+//! on other unwatched keys, paced puts of the watched keys, drain.
 
 use std::{
     sync::{
@@ -190,14 +191,9 @@ async fn measured(
         .context("pre-creating the watched keys: timed out")?
         .context("pre-creating the watched keys")?;
 
-    let base = measure::paced_puts(spec.base_puts, spec.rate, PUT_TIMEOUT, |i| {
-        client.base_put(i)
-    })
-    .await;
-    r.base_put = measure::percentiles(base.latencies_ms);
-    if let Some(e) = base.first_error {
-        anyhow::bail!("no-watch puts: {} failed, first: {e}", base.failed);
-    }
+    r.base_put = unwatched_puts(spec, client, 0)
+        .await
+        .context("no-watch puts")?;
 
     tokio::time::sleep(SETTLE).await;
     r.rss_before = measure::rss_bytes();
@@ -225,6 +221,10 @@ async fn measured(
         (r.steady_client_cpu, r.steady_server_cpu) =
             idle_cpu(spec.steady_secs, spec.server_pid).await;
     }
+    // After the idle windows, which they would disturb.
+    r.idle_put = unwatched_puts(spec, client, spec.base_puts)
+        .await
+        .context("unwatched puts, watches open")?;
 
     let puts = spec.puts();
     let span = Span::start();
@@ -255,6 +255,23 @@ async fn measured(
         anyhow::bail!("{} of {puts} puts failed, first: {e}", run.failed);
     }
     Ok(())
+}
+
+/// The no-watch baseline's paced puts, on the unwatched keys from `first`
+/// on; their latency p50 / p99 / max.
+async fn unwatched_puts(
+    spec: &CaseSpec,
+    client: &dyn Client,
+    first: usize,
+) -> Result<Option<(f64, f64, f64)>> {
+    let run = measure::paced_puts(spec.base_puts, spec.rate, PUT_TIMEOUT, |i| {
+        client.base_put(first + i)
+    })
+    .await;
+    if let Some(e) = run.first_error {
+        anyhow::bail!("{} failed, first: {e}", run.failed);
+    }
+    Ok(measure::percentiles(run.latencies_ms))
 }
 
 /// CPU ms per second of wall time of this process and of the server over

@@ -207,8 +207,9 @@ struct WatchArgs {
     /// Watches opened at once during setup.
     #[arg(long, default_value_t = 100)]
     setup_concurrency: usize,
-    /// Puts of the no-watch latency baseline (default: as many as the
-    /// watched puts of the case, at the same pace, so that both p99s come
+    /// Puts of the no-watch latency baseline, made again on other
+    /// unwatched keys while the watches are open (default: as many as the
+    /// watched puts of the case, at the same pace, so that the p99s come
     /// from windows of the same length: a longer window meets more of the
     /// machine's stalls).
     #[arg(long)]
@@ -598,7 +599,7 @@ fn header(args: &WatchArgs) -> String {
          Run {date}; code: {code}; release build. \
          {cpus} CPUs, load average at the end {}.\n\n\
          Parameters: N = {:?}, one put per watched key at {} puts/s for at most {} s, \
-         idle windows {} s after setup then {} s steady, drain {} s, setup concurrency {}, no-watch puts: {}, \
+         idle windows {} s after setup then {} s steady, drain {} s, setup concurrency {}, no-watch puts (and as many on other unwatched keys with the watches open and idle): {}, \
          case timeout {} s. Times in ms; KiB/watch = (RSS after setup − before) / N, and in brackets the same of live heap bytes (a counting allocator: what the watches hold, without the allocator's free memory). \
          See `crates/anykv-bench/src/main.rs` for how each figure is measured.\n",
         load.split_whitespace()

@@ -71,7 +71,8 @@ pub struct CaseSpec {
     pub drain_secs: f64,
     /// Watches being opened at once during setup.
     pub setup_concurrency: usize,
-    /// Puts of the no-watch latency baseline.
+    /// Puts of the no-watch latency baseline, and as many again of
+    /// unwatched keys while the watches are open and idle.
     pub base_puts: usize,
     /// Bound of the setup phase (and of key pre-creation), in seconds.
     pub step_timeout_secs: f64,
@@ -82,6 +83,14 @@ impl CaseSpec {
     pub fn puts(&self) -> usize {
         let cap = (self.rate * self.max_put_secs).floor() as usize;
         self.n.min(cap.max(1))
+    }
+
+    /// Unwatched keys the case writes: the no-watch baseline's, then as
+    /// many for the puts made while the watches are idle (other keys, so
+    /// that both are the same put: a create, or an update of a key created
+    /// beforehand).
+    pub fn base_keys(&self) -> usize {
+        2 * self.base_puts
     }
 }
 
@@ -134,6 +143,11 @@ pub struct CaseResult {
     pub put: Option<(f64, f64, f64)>,
     /// Put latency p50 / p99 / max with no watch open (same pace, same handle kind).
     pub base_put: Option<(f64, f64, f64)>,
+    /// Put latency p50 / p99 / max of the same puts on other unwatched
+    /// keys while the N watches are open (after the idle windows, before
+    /// the watched puts): what open watches cost the store's other writes.
+    #[serde(default)]
+    pub idle_put: Option<(f64, f64, f64)>,
     /// Puts that failed.
     pub put_failures: u64,
     /// Wall seconds of the paced puts (to see whether the pace held).

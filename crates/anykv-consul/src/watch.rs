@@ -100,6 +100,20 @@ const BLOCK_WAIT: Duration = Duration::from_secs(10);
 /// much later (and a hub that settles is not told of an agent restart in
 /// that moment by a failed query: its next answer shows the reset).
 const HUB_SETTLE: Duration = Duration::from_millis(250);
+/// How long a hub whose scope was empty in its last two answers waits
+/// before it asks again. Consul answers a query on an absent key or an
+/// empty directory with the index of the whole KV table, so any write to
+/// a key near it in Consul's tree (in practice, anywhere under the same
+/// prefix) ends the query, which then has nothing new to say. Without the
+/// pause each such hub cost the agent one request per write. Measured with
+/// 1,000 key watches on missing keys (ten hubs) and 500 puts/s of other
+/// keys: the p99 of those puts was 6.3-8.9 ms without the pause and
+/// 0.8-1.0 ms with it (0.6 ms with no watch open), and the agent's CPU over
+/// the whole case fell from 3.4-3.9 s to 2.5-2.8 s. The price: a key
+/// created in such a scope while other keys are written reaches its
+/// watches up to this much later (delay p99 1.5-3.9 ms -> 5.1-6.9 ms when
+/// those 1,000 keys are then created in turn).
+const EMPTY_PAUSE: Duration = Duration::from_millis(10);
 /// First retry delay after a failed query; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -1161,7 +1175,14 @@ async fn run_hub(
     let mut failing = false;
     let mut outages = 0u64;
     let mut last_fault: Option<Fault> = None;
+    // Whether the last answer was empty, and whether the next query waits
+    // first (see `EMPTY_PAUSE`).
+    let mut empty = false;
+    let mut pause = false;
     loop {
+        if std::mem::take(&mut pause) {
+            tokio::time::sleep(EMPTY_PAUSE).await;
+        }
         let Some(store) = inner.upgrade() else {
             // The store is gone: nothing can answer any more.
             let fault = Fault {
@@ -1195,6 +1216,8 @@ async fn run_hub(
             Ok(Some(answer)) => {
                 backoff = FIRST_BACKOFF;
                 failing = false;
+                pause = empty && answer.0.is_none();
+                empty = answer.0.is_none();
                 Some(Msg::Answer {
                     answer,
                     index: cursor.published,

@@ -392,3 +392,68 @@ async fn loops_stay_within_the_bound_and_end_with_their_watches() {
         .await
         .unwrap();
 }
+
+/// A watch on a key that does not exist, while other keys are written.
+/// Consul ends a query on an absent key at every KV write near it (the
+/// answer carries the whole table's index), so the hub waits 10 ms between
+/// two empty answers: at most about one request per 10 ms, not one per
+/// write; and the key's creation still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_missing_key_does_not_ask_once_per_other_write() {
+    use anykv_testkit::proxy::Proxy;
+    let Some(url) = common::url("ANYKV_TEST_CONSUL") else {
+        return;
+    };
+    let upstream = common::addr(&url).parse().expect("agent address");
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), upstream)
+        .await
+        .expect("proxy");
+    let ns = common::unique("empty-pause");
+    // Only the watch's traffic goes through the proxy.
+    let watcher = common::open(&format!("consul://{}", proxy.local_addr()), &ns, "").await;
+    let writer = common::open(&url, &ns, "").await;
+    let key = Key::new("missing/k").unwrap();
+    let mut w = watcher
+        .watch(Target::Key(key.clone()), Start::Now)
+        .await
+        .unwrap();
+    let put = |i: usize| {
+        let (writer, key) = (writer.clone(), Key::new(format!("other/{i}")).unwrap());
+        async move { writer.put(&key, "v".into(), PutOptions::default()).await }
+    };
+    put(0).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One write ends the query once: the size of one request.
+    let before = proxy.stats().bytes_to_upstream;
+    put(1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let one = proxy.stats().bytes_to_upstream - before;
+    assert!(one > 0, "the write ended the watch's query");
+
+    const WRITES: usize = 300;
+    let before = proxy.stats().bytes_to_upstream;
+    let start = Instant::now();
+    for i in 2..WRITES + 2 {
+        put(i).await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let requests = (proxy.stats().bytes_to_upstream - before) as f64 / one as f64;
+    // One per 10 ms, the one after the last write, and some slack.
+    let bound = elapsed.as_secs_f64() / 0.010 + 5.0;
+    println!("{WRITES} other writes in {elapsed:?}: about {requests:.0} watch requests");
+    assert!(
+        requests <= bound && requests < (WRITES / 3) as f64,
+        "{WRITES} other writes in {elapsed:?} cost about {requests:.0} watch requests (bound {bound:.0})"
+    );
+
+    let v = writer
+        .put(&key, "here".into(), PutOptions::default())
+        .await
+        .unwrap();
+    match next(&mut w, "the key's creation").await {
+        Event::Put { kv, .. } => assert_eq!((kv.key, kv.mod_revision), (key, v.get())),
+        other => panic!("expected the key's creation, got {other:?}"),
+    }
+    writer.delete_prefix(&Prefix::root()).await.unwrap();
+}

@@ -26,7 +26,7 @@ pub struct AnykvClient {
     names: Arc<Names>,
     n: usize,
     existing: bool,
-    base_puts: usize,
+    base_keys: usize,
     setup_concurrency: usize,
 }
 
@@ -54,7 +54,7 @@ impl AnykvClient {
             names: Arc::new(Names { kind: spec.kind }),
             n: spec.n,
             existing: spec.existing,
-            base_puts: spec.base_puts,
+            base_keys: spec.base_keys(),
             setup_concurrency: spec.setup_concurrency,
         })
     }
@@ -82,7 +82,7 @@ impl Client for AnykvClient {
             if !self.existing {
                 return Ok(());
             }
-            measure::for_each_concurrent(self.n + self.base_puts, PREPARE_CONCURRENCY, |i| {
+            measure::for_each_concurrent(self.n + self.base_keys, PREPARE_CONCURRENCY, |i| {
                 self.write(self.names.case_key(i, self.n), "v0")
             })
             .await
@@ -129,7 +129,7 @@ impl Client for AnykvClient {
     fn cleanup(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let _ =
-                measure::for_each_concurrent(self.n + self.base_puts, CLEANUP_CONCURRENCY, |i| {
+                measure::for_each_concurrent(self.n + self.base_keys, CLEANUP_CONCURRENCY, |i| {
                     let key = self.names.case_key(i, self.n);
                     let writer = self.writer.clone();
                     async move {

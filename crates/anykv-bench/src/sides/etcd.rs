@@ -23,7 +23,7 @@ pub struct EtcdRaw {
     names: Arc<Names>,
     n: usize,
     existing: bool,
-    base_puts: usize,
+    base_keys: usize,
     one_stream: bool,
     setup_concurrency: usize,
 }
@@ -45,7 +45,7 @@ impl EtcdRaw {
             names: Arc::new(Names { kind: spec.kind }),
             n: spec.n,
             existing: spec.existing,
-            base_puts: spec.base_puts,
+            base_keys: spec.base_keys(),
             one_stream: spec.side == Side::EtcdOneStream,
             setup_concurrency: spec.setup_concurrency,
         })
@@ -170,7 +170,7 @@ impl Client for EtcdRaw {
             if !self.existing {
                 return Ok(());
             }
-            measure::for_each_concurrent(self.n + self.base_puts, 32, |i| {
+            measure::for_each_concurrent(self.n + self.base_keys, 32, |i| {
                 self.write(
                     format!("{}{}", self.root, self.names.case_key(i, self.n)),
                     "v0",
@@ -201,7 +201,7 @@ impl Client for EtcdRaw {
     fn cleanup(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             // One key at a time, as the anykv side (see `Names::case_key`).
-            let _ = measure::for_each_concurrent(self.n + self.base_puts, 32, |i| {
+            let _ = measure::for_each_concurrent(self.n + self.base_keys, 32, |i| {
                 let mut kv = self.writer.kv_client();
                 let key = format!("{}{}", self.root, self.names.case_key(i, self.n));
                 async move {

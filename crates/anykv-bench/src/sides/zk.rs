@@ -27,7 +27,7 @@ pub struct ZkRaw {
     root: String,
     names: Arc<Names>,
     n: usize,
-    base_puts: usize,
+    base_keys: usize,
     existing: bool,
     setup_concurrency: usize,
 }
@@ -56,7 +56,7 @@ impl ZkRaw {
             root: format!("/{}", spec.ns),
             names: Arc::new(Names { kind: spec.kind }),
             n: spec.n,
-            base_puts: spec.base_puts,
+            base_keys: spec.base_keys(),
             existing: spec.existing,
             setup_concurrency: spec.setup_concurrency,
         })
@@ -105,14 +105,14 @@ impl Client for ZkRaw {
                     ensure(zk, &self.path(&self.names.target(i)), b"").await
                 })
                 .await?;
-                measure::for_each_concurrent(self.base_puts, CONCURRENCY, |i| async move {
+                measure::for_each_concurrent(self.base_keys, CONCURRENCY, |i| async move {
                     ensure(zk, &self.path(&self.names.base_target(i)), b"").await
                 })
                 .await?;
             }
             if self.existing {
                 measure::for_each_concurrent(
-                    self.n + self.base_puts,
+                    self.n + self.base_keys,
                     CONCURRENCY,
                     |i| async move {
                         ensure(zk, &self.path(&self.names.case_key(i, self.n)), b"v0").await
@@ -196,7 +196,7 @@ impl Client for ZkRaw {
                 delete(self.path(&self.names.put_key(i)))
             })
             .await;
-            let _ = measure::for_each_concurrent(self.base_puts, CONCURRENCY, |i| {
+            let _ = measure::for_each_concurrent(self.base_keys, CONCURRENCY, |i| {
                 delete(self.path(&self.names.base_key(i)))
             })
             .await;
@@ -205,7 +205,7 @@ impl Client for ZkRaw {
                     delete(self.path(&self.names.target(i)))
                 })
                 .await;
-                let _ = measure::for_each_concurrent(self.base_puts, CONCURRENCY, |i| {
+                let _ = measure::for_each_concurrent(self.base_keys, CONCURRENCY, |i| {
                     delete(self.path(&self.names.base_target(i)))
                 })
                 .await;
