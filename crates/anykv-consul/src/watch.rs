@@ -70,6 +70,7 @@ use std::{
 
 use anykv_core::{
     Error, ErrorKind, Event, Key, KvPair, Result, Start, Target, Version, WatchStream,
+    batch::Batcher,
 };
 use bytes::Bytes;
 use serde::Deserialize;
@@ -535,9 +536,8 @@ pub(crate) struct Registry {
     running: std::sync::atomic::AtomicBool,
     /// Most hubs at once: the watches' share of connections.
     limit: usize,
-    /// Bumped by `close()`: streams opened before end with `Cancelled`.
-    /// Baseline reads shared by the watches that open at once.
-    baselines: Arc<Mutex<HashMap<Scope, Baselines>>>,
+    /// Baseline reads shared by the watches that open at once, per hub.
+    baselines: Arc<Batcher<Scope, Option<Scope>, BaseRead>>,
 }
 
 #[derive(Default)]
@@ -1402,22 +1402,6 @@ fn publish_fault(tx: &Channel, fault: Fault, outages: u64) {
 /// A baseline read's outcome, shared by the watches of its batch.
 type BaseRead = std::result::Result<(Entries, u64), Fault>;
 
-/// The baseline reads of the watches served by one hub: the batch that
-/// new watches join, and whether a read runs.
-#[derive(Default)]
-struct Baselines {
-    open: Option<Batch>,
-    busy: bool,
-}
-
-/// Watches waiting for the same baseline read.
-struct Batch {
-    /// What the batch reads: the narrowest scope covering every one of its
-    /// watches' targets ([`Scope::with`]).
-    reads: Scope,
-    done: watch::Sender<Option<Arc<BaseRead>>>,
-}
-
 impl Registry {
     /// A `consistent` read of `own` (the watch's target) that started after
     /// this call, shared with the other watches of hub `hub` that ask
@@ -1434,35 +1418,27 @@ impl Registry {
         hub: Scope,
         own: &Scope,
     ) -> Result<(Entries, u64)> {
-        let mut done = {
-            let mut all = self.baselines.lock().unwrap_or_else(|p| p.into_inner());
-            let slot = all.entry(hub.clone()).or_default();
-            let rx = match &mut slot.open {
-                Some(batch) => {
-                    batch.reads = batch.reads.with(own);
-                    batch.done.subscribe()
-                }
-                None => {
-                    let (done, rx) = watch::channel(None);
-                    slot.open = Some(Batch {
-                        reads: own.clone(),
-                        done,
+        let hub_scope = hub.clone();
+        let read = self
+            .baselines
+            .join(
+                hub,
+                |_| false,
+                |reads| {
+                    *reads = Some(match reads.take() {
+                        Some(reads) => reads.with(own),
+                        None => own.clone(),
                     });
-                    rx
-                }
-            };
-            if !slot.busy {
-                slot.busy = true;
-                // A task of its own: a caller that gives up on its `watch`
-                // must not leave the others of its batch waiting.
-                tokio::spawn(read_baselines(inner.clone(), self.baselines.clone(), hub));
-            }
-            rx
-        };
-        let read = match done.wait_for(Option::is_some).await {
-            Ok(read) => read.clone(),
-            Err(_) => None,
-        };
+                },
+                || {
+                    let inner = inner.clone();
+                    move |reads: Option<Scope>| {
+                        read_baseline(inner.clone(), hub_scope.clone(), reads)
+                    }
+                },
+            )
+            .await
+            .map(|((), read)| read);
         match read.as_deref() {
             Some(Ok(read)) => Ok(read.clone()),
             Some(Err(fault)) => Err(match fault.kind {
@@ -1479,42 +1455,22 @@ impl Registry {
     }
 }
 
-/// Runs the baseline reads of hub `hub`, one batch after the other, until
-/// no watch waits.
-async fn read_baselines(
-    inner: Arc<Inner>,
-    baselines: Arc<Mutex<HashMap<Scope, Baselines>>>,
-    hub: Scope,
-) {
-    loop {
-        let batch = {
-            let mut all = baselines.lock().unwrap_or_else(|p| p.into_inner());
-            match all.get_mut(&hub).and_then(|s| s.open.take()) {
-                Some(batch) => batch,
-                None => {
-                    all.remove(&hub);
-                    return;
-                }
-            }
-        };
-        // From here on new watches join the next batch: this read starts
-        // after every watch of this one asked.
-        // Never wider than the hub's scope (it covers every member).
-        let scope = if hub.covers(&batch.reads) {
-            &batch.reads
-        } else {
-            &hub
-        };
-        let read = match inner
-            .read_body(&scope.path, scope.recurse, ReadMode::CONSISTENT)
-            .await
-        {
-            Ok((body, index)) => decode(body.as_deref(), &BTreeMap::new())
-                .map(|entries| (Arc::new(entries), index))
-                .map_err(|e| Fault::from_error(&e)),
-            Err(e) => Err(Fault::from_error(&e)),
-        };
-        batch.done.send_replace(Some(Arc::new(read)));
+/// The baseline read of a batch of watches of hub `hub` that asked for
+/// `reads` (the narrowest scope covering their targets).
+async fn read_baseline(inner: Arc<Inner>, hub: Scope, reads: Option<Scope>) -> BaseRead {
+    // Never wider than the hub's scope (it covers every member).
+    let scope = match &reads {
+        Some(reads) if hub.covers(reads) => reads,
+        _ => &hub,
+    };
+    match inner
+        .read_body(&scope.path, scope.recurse, ReadMode::CONSISTENT)
+        .await
+    {
+        Ok((body, index)) => decode(body.as_deref(), &BTreeMap::new())
+            .map(|entries| (Arc::new(entries), index))
+            .map_err(|e| Fault::from_error(&e)),
+        Err(e) => Err(Fault::from_error(&e)),
     }
 }
 

@@ -14,6 +14,7 @@
 //!
 //! Applications normally use the `anykv` facade crate, which re-exports all of this.
 
+pub mod batch;
 pub mod capability;
 pub mod config;
 pub mod election;

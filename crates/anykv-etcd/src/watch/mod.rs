@@ -53,7 +53,7 @@ pub const DEFAULT_WATCHES_PER_STREAM: usize = 1000;
 /// The shared streams of one store.
 pub(crate) struct Hub {
     streams: Mutex<Vec<Stream>>,
-    reads: Arc<reads::Reads>,
+    reads: reads::Reads,
 }
 
 /// The hub's handle on one shared stream.
@@ -67,7 +67,7 @@ impl Hub {
     pub(crate) fn new() -> Hub {
         Hub {
             streams: Mutex::new(Vec::new()),
-            reads: Arc::default(),
+            reads: reads::Reads::default(),
         }
     }
 

@@ -14,19 +14,14 @@
 //! (see `shared::Watch::known`); a range that holds more, then or later,
 //! gets them from etcd. The reads of watches opened together are one
 //! transaction: at most one runs per store, and the watches that ask
-//! meanwhile share the next one (up to etcd's default `--max-txn-ops`
+//! meanwhile share the next one ([`Batcher`]; up to etcd's default `--max-txn-ops`
 //! reads each). A failed read is not the watch's failure: that watch starts
 //! now and asks etcd for previous values, as before.
 
-use std::{
-    collections::VecDeque,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use anykv_core::{Key, KvPair};
+use anykv_core::{Key, KvPair, batch::Batcher};
 use etcd_client::{GetOptions, KvClient, Txn, TxnOp, proto::PbTxnOpResponse};
-use tokio::sync::watch;
 
 use crate::{
     MAX_ATOMIC_OPS,
@@ -71,84 +66,41 @@ impl Known {
 /// the read failed.
 type Outcome = Option<(u64, Vec<Option<Known>>)>;
 
-/// Ranges waiting for the same read.
-struct Batch {
-    ranges: Vec<Range>,
-    done: watch::Sender<Option<Arc<Outcome>>>,
-}
-
-/// The range reads of one store.
+/// The range reads of one store: one transaction in flight, the ranges
+/// asked meanwhile (up to [`MAX_ATOMIC_OPS`]) share the next.
 #[derive(Default)]
-pub(crate) struct Reads {
-    state: Mutex<State>,
-}
-
-#[derive(Default)]
-struct State {
-    /// Batches not read yet, oldest first; only the last takes new ranges.
-    queue: VecDeque<Batch>,
-    /// A task reads the queue.
-    busy: bool,
-}
+pub(crate) struct Reads(Arc<Batcher<(), Vec<Range>, Outcome>>);
 
 impl Reads {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The revision of a read of `range` that started after this call, and
     /// the range's pairs then (`None`: more than [`KNOWN_KEYS`]); `None` if
     /// the read failed.
     pub(crate) async fn read(
-        self: &Arc<Self>,
+        &self,
         kv: &KvClient,
         timeout: Duration,
         range: Range,
     ) -> Option<(u64, Option<Known>)> {
-        let (mut done, index) = {
-            let mut st = self.state();
-            if st
-                .queue
-                .back()
-                .is_none_or(|b| b.ranges.len() >= MAX_ATOMIC_OPS)
-            {
-                st.queue.push_back(Batch {
-                    ranges: Vec::new(),
-                    done: watch::channel(None).0,
-                });
-            }
-            let batch = st.queue.back_mut()?;
-            batch.ranges.push(range);
-            let joined = (batch.done.subscribe(), batch.ranges.len() - 1);
-            if !st.busy {
-                st.busy = true;
-                // A task of its own: a caller that gives up (its timeout)
-                // must not leave the queue without a reader.
-                tokio::spawn(self.clone().run(kv.clone(), timeout));
-            }
-            joined
-        };
-        let outcome = done.wait_for(Option::is_some).await.ok()?.clone()?;
+        let (index, outcome) = self
+            .0
+            .join(
+                (),
+                |ranges| ranges.len() >= MAX_ATOMIC_OPS,
+                |ranges| {
+                    ranges.push(range);
+                    ranges.len() - 1
+                },
+                || {
+                    let kv = kv.clone();
+                    move |ranges: Vec<Range>| {
+                        let mut kv = kv.clone();
+                        async move { read_batch(&mut kv, timeout, &ranges).await }
+                    }
+                },
+            )
+            .await?;
         let (revision, ranges) = outcome.as_ref().as_ref()?;
         Some((*revision, ranges.get(index)?.clone()))
-    }
-
-    /// Reads the queued batches one after the other until none is left.
-    async fn run(self: Arc<Self>, mut kv: KvClient, timeout: Duration) {
-        loop {
-            let batch = {
-                let mut st = self.state();
-                match st.queue.pop_front() {
-                    Some(b) => b,
-                    None => {
-                        st.busy = false;
-                        return;
-                    }
-                }
-            };
-            let outcome = read_batch(&mut kv, timeout, &batch.ranges).await;
-            batch.done.send_replace(Some(Arc::new(outcome)));
-        }
     }
 }
 
