@@ -1,5 +1,6 @@
 //! The phases of one case, the same for every client: pre-create keys,
-//! no-watch put baseline, open N watches, idle, the baseline's puts again
+//! no-watch put baseline, a quiet window with no watch (the control of the
+//! steady one), open N watches, idle, the baseline's puts again
 //! on other unwatched keys, paced puts of the watched keys, drain.
 
 use std::{
@@ -195,6 +196,14 @@ async fn measured(
         .await
         .context("no-watch puts")?;
 
+    if spec.steady_secs > 0.0 && spec.server_pid.is_some() {
+        // The steady window's control: the same wait and window with no
+        // watch open. A server keeps busy on its own for a while after
+        // writes (the baseline's here), which a baseline taken once per
+        // run would count against the watches.
+        quiet(spec.server_pid).await;
+        r.control_server_cpu = idle_cpu(spec.steady_secs, spec.server_pid).await.1;
+    }
     tokio::time::sleep(SETTLE).await;
     r.rss_before = measure::rss_bytes();
     let heap_before = crate::heap_bytes();

@@ -133,6 +133,12 @@ pub struct CaseResult {
     /// Seconds waited for the server to be quiet before the steady window.
     #[serde(default)]
     pub quiet_after_secs: Option<f64>,
+    /// Server CPU ms per second over a window as long as the steady one,
+    /// before the watches open (after a wait for a quiet server as for the
+    /// steady window): what the server burns then without them, the
+    /// steady window's control.
+    #[serde(default)]
+    pub control_server_cpu: Option<f64>,
     /// Client CPU ms per second over the steady window (the second one).
     #[serde(default)]
     pub steady_client_cpu: Option<f64>,
