@@ -400,17 +400,13 @@ async fn loops_stay_within_the_bound_and_end_with_their_watches() {
 /// write; and the key's creation still arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_on_a_missing_key_does_not_ask_once_per_other_write() {
-    use anykv_testkit::proxy::Proxy;
     let Some(url) = common::url("ANYKV_TEST_CONSUL") else {
         return;
     };
-    let upstream = common::addr(&url).parse().expect("agent address");
-    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), upstream)
-        .await
-        .expect("proxy");
+    let (proxy, via) = common::proxy_to(&url).await;
     let ns = common::unique("empty-pause");
     // Only the watch's traffic goes through the proxy.
-    let watcher = common::open(&format!("consul://{}", proxy.local_addr()), &ns, "").await;
+    let watcher = common::open(&via, &ns, "").await;
     let writer = common::open(&url, &ns, "").await;
     let key = Key::new("missing/k").unwrap();
     let mut w = watcher

@@ -237,15 +237,11 @@ async fn no_false_lost_across_a_short_freeze_or_restart() {
 /// once the path heals the driver destroys the session, so its key goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_past_the_ttl_is_lost_and_the_session_destroyed_on_heal() {
-    use anykv_testkit::proxy::{Mode, Proxy};
+    use anykv_testkit::proxy::Mode;
     let Some(url) = anykv_testkit::server_url("ANYKV_TEST_CONSUL") else {
         return;
     };
-    let upstream = common::addr(&url).parse().expect("agent address");
-    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), upstream)
-        .await
-        .expect("proxy");
-    let via = format!("consul://{}", proxy.local_addr());
+    let (proxy, via) = common::proxy_to(&url).await;
     let ns = common::unique("sess-cut");
     let kv = common::open(&via, &ns, "timeout=1s").await;
     let direct = common::open(&url, &ns, "").await;

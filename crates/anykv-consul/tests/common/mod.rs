@@ -23,6 +23,17 @@ pub fn addr(url: &str) -> String {
     rest.split(['/', '?']).next().unwrap_or("").to_owned()
 }
 
+/// A TCP proxy to the agent of `url`, and a `consul://` URL through it (for
+/// faults on one handle's path, or counting its traffic).
+pub async fn proxy_to(url: &str) -> (anykv_testkit::proxy::Proxy, String) {
+    let upstream = addr(url).parse().expect("agent address");
+    let proxy = anykv_testkit::proxy::Proxy::start("127.0.0.1:0".parse().unwrap(), upstream)
+        .await
+        .expect("proxy");
+    let via = format!("consul://{}", proxy.local_addr());
+    (proxy, via)
+}
+
 /// A raw HTTP call to the agent (for setup the driver does not do: ACL
 /// tokens, session inspection). Returns status and body.
 pub async fn http(
