@@ -111,7 +111,11 @@
 //!   was empty in its last two answers waits 10 ms before it asks again,
 //!   so under a stream of other writes it costs the agent at most about a
 //!   hundred requests a second, not one per write; a key created there
-//!   then reaches its watches up to 10 ms later. The price of sharing:
+//!   then reaches its watches up to 10 ms later. Once every query of a
+//!   handle found its scope empty that way, they merge into one on the
+//!   common prefix of all its watches (about a hundred requests a second
+//!   for all of them), split again when that query finds a key; merges are
+//!   at least 12 s apart. The price of sharing:
 //!   a scope's
 //!   query returns every pair under it on each change (a wide scope under
 //!   heavy writes moves more bytes; only changed values are decoded), and

@@ -25,7 +25,9 @@
 //! the streams it concerns, not all the hub's streams, and an answer that
 //! changes nothing (Consul answers a query on an absent key or an empty
 //! directory with the index of the whole KV table, so every KV write wakes
-//! it) wakes no stream at all. Every stream applies the changes to its own
+//! it) wakes no stream at all (such a query waits [`EMPTY_PAUSE`] between
+//! two empty answers, and once every hub is empty they merge into one:
+//! [`Registry::emptiness`]). Every stream applies the changes to its own
 //! view, restricted to its target, so N watchers under one scope cost one
 //! blocking query. A stream's [`Slot`] holds at most [`FAN_OUT_BUFFER`]
 //! answers; the hub never waits for it. Each stream starts from a consistent baseline read
@@ -115,6 +117,15 @@ const HUB_SETTLE: Duration = Duration::from_millis(250);
 /// watches up to this much later (delay p99 1.5-3.9 ms -> 5.1-6.9 ms when
 /// those 1,000 keys are then created in turn).
 const EMPTY_PAUSE: Duration = Duration::from_millis(10);
+/// The least time between two merges of the hubs into one (see
+/// [`Registry::emptiness`]). A merge aborts the queries of the hubs it
+/// replaces, and Consul 1.8 holds an aborted query until its wait runs out
+/// ([`BLOCK_WAIT`]), counting it against `http_max_conns_per_client`: one
+/// merge per wait keeps those at most one plan's worth.
+const MERGE_GAP: Duration = Duration::from_secs(12);
+/// The longest gap between merges: a merged scope found not empty at once
+/// (its common prefix holds keys nobody watches) doubles the gap up to this.
+const MAX_MERGE_GAP: Duration = Duration::from_secs(300);
 /// First retry delay after a failed query; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -551,6 +562,15 @@ struct State {
     scopes: BTreeMap<Scope, usize>,
     /// The hubs of the current plan.
     hubs: HashMap<Scope, Hub>,
+    /// The hubs whose scope was empty in their last two answers.
+    empty: std::collections::HashSet<Scope>,
+    /// Whether every watch is served by one hub on the common prefix of
+    /// the plan's scopes, because every one of them was empty (see
+    /// [`Registry::emptiness`]).
+    merged: bool,
+    /// When the hubs merged last, and how long until they may again.
+    merged_at: Option<tokio::time::Instant>,
+    merge_gap: Duration,
 }
 
 impl State {
@@ -696,8 +716,11 @@ impl Registry {
             );
             return (id, feed, hub);
         }
+        // While more watches than the bound are open, the plan can change
+        // with each join: new hubs settle (see `HUB_SETTLE`).
+        let settle = state.members.len() > self.limit;
         if state.hubs.len() < self.limit
-            && let Some(hub) = self.start_hub(inner, &scope, state.members.len())
+            && let Some(hub) = self.start_hub(inner, &scope, settle)
         {
             let feed = Feed::of(&hub.tx, &scope);
             state.hubs.insert(scope.clone(), Hub { members: 1, ..hub });
@@ -721,7 +744,9 @@ impl Registry {
                 slot: slot.clone(),
             },
         );
-        let moved = self.replan(&mut state, inner, Some(id));
+        // A target the merged hub does not cover: back to the full plan.
+        state.merged = false;
+        let moved = self.replan(&mut state, inner, Some(id), settle);
         let hub = state.members.get(&id).map_or(scope, |m| m.hub.clone());
         // No plan without a runtime: a channel nobody feeds until a later
         // re-plan moves the watch (through `slot`).
@@ -752,7 +777,8 @@ impl Registry {
         };
         if state.members.len() <= self.limit {
             // Few watches left: each may get its own, narrower query.
-            self.replan(&mut state, inner, None);
+            state.merged = false;
+            self.replan(&mut state, inner, None, false);
         } else if orphaned && let Some(hub) = state.hubs.remove(&gone.hub) {
             hub.retire();
         }
@@ -761,9 +787,8 @@ impl Registry {
     /// Starts the blocking loop of `scope` (none without a runtime: a
     /// stream dropped outside one; the next join or leave inside one
     /// re-plans).
-    /// With more `members` than the bound (when re-plans happen), the hub
-    /// settles before it blocks (see [`HUB_SETTLE`]).
-    fn start_hub(&self, inner: &Arc<Inner>, scope: &Scope, members: usize) -> Option<Hub> {
+    /// With `settle`, the hub waits [`HUB_SETTLE`] before it blocks.
+    fn start_hub(&self, inner: &Arc<Inner>, scope: &Scope, settle: bool) -> Option<Hub> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let tx = Channel::new();
         let task = runtime
@@ -772,7 +797,7 @@ impl Registry {
                 scope.clone(),
                 tx.clone(),
                 self.recent.clone(),
-                members > self.limit,
+                settle,
             ))
             .abort_handle();
         Some(Hub {
@@ -786,11 +811,19 @@ impl Registry {
     /// starts the hubs it adds, moves each watch to the hub covering it
     /// (`fresh` is routed whether or not its hub changed: its feed is
     /// returned), stops the rest.
-    fn replan(&self, state: &mut State, inner: &Arc<Inner>, fresh: Option<u64>) -> Option<Feed> {
-        let plan = plan(state.scopes.keys(), self.limit);
+    /// New hubs `settle` first (see [`HUB_SETTLE`]).
+    fn replan(
+        &self,
+        state: &mut State,
+        inner: &Arc<Inner>,
+        fresh: Option<u64>,
+        settle: bool,
+    ) -> Option<Feed> {
+        let limit = if state.merged { 1 } else { self.limit };
+        let plan = plan(state.scopes.keys(), limit);
         for scope in &plan {
             if !state.hubs.contains_key(scope)
-                && let Some(hub) = self.start_hub(inner, scope, state.members.len())
+                && let Some(hub) = self.start_hub(inner, scope, settle)
             {
                 state.hubs.insert(scope.clone(), hub);
             }
@@ -837,7 +870,62 @@ impl Registry {
             }
             keep
         });
+        let State { empty, hubs, .. } = state;
+        empty.retain(|scope| hubs.contains_key(scope));
         fresh_feed
+    }
+
+    /// Hub `scope` found its scope empty in two answers in a row (`empty`)
+    /// or found keys in it.
+    ///
+    /// Consul answers a query on an absent key or an empty directory with
+    /// the index of the whole KV table, so every KV write ends every such
+    /// query (each then waits [`EMPTY_PAUSE`]). Watches on keys that do not
+    /// exist yet (a plan of up to `max_watch_conns` empty scopes) would
+    /// cost the agent up to that many requests per pause while anything is
+    /// written. So once every hub is empty the hubs merge into one, on the
+    /// common prefix of all the watches' targets: one request per pause.
+    /// When that hub finds a key, the plan is split again (its hubs start
+    /// from their own first answer, so nothing written meanwhile is missed;
+    /// the streams move as in any re-plan). Merges are at least
+    /// [`MERGE_GAP`] apart, longer after a merge that found keys at once.
+    fn emptiness(&self, inner: &Arc<Inner>, scope: &Scope, empty: bool) {
+        let mut state = self.state();
+        if !state.hubs.contains_key(scope) {
+            return; // retired meanwhile
+        }
+        let now = tokio::time::Instant::now();
+        if !empty {
+            state.empty.remove(scope);
+            if state.merged {
+                state.merged = false;
+                // Keys under the merged prefix that no watch covers would
+                // end every merge at once: wait longer before the next.
+                let quick = state
+                    .merged_at
+                    .is_some_and(|at| now.duration_since(at) < MERGE_GAP);
+                state.merge_gap = if quick {
+                    (state.merge_gap.max(MERGE_GAP) * 2).min(MAX_MERGE_GAP)
+                } else {
+                    MERGE_GAP
+                };
+                self.replan(&mut state, inner, None, false);
+            }
+            return;
+        }
+        state.empty.insert(scope.clone());
+        let due = state
+            .merged_at
+            .is_none_or(|at| now.duration_since(at) >= state.merge_gap.max(MERGE_GAP));
+        if !state.merged
+            && due
+            && state.hubs.len() > 1
+            && state.hubs.keys().all(|s| state.empty.contains(s))
+        {
+            state.merged = true;
+            state.merged_at = Some(now);
+            self.replan(&mut state, inner, None, false);
+        }
     }
 }
 
@@ -1179,6 +1267,9 @@ async fn run_hub(
     // first (see `EMPTY_PAUSE`).
     let mut empty = false;
     let mut pause = false;
+    // What the registry was last told of this scope: `Some(true)` empty,
+    // `Some(false)` not (see `Registry::emptiness`).
+    let mut told: Option<bool> = None;
     loop {
         if std::mem::take(&mut pause) {
             tokio::time::sleep(EMPTY_PAUSE).await;
@@ -1207,6 +1298,7 @@ async fn run_hub(
         }
         let result = query(&store, &scope, &mut cursor).await;
         drop(store);
+        let mut tell = None;
         let msg = match result {
             Ok(None) => {
                 backoff = FIRST_BACKOFF;
@@ -1218,6 +1310,17 @@ async fn run_hub(
                 failing = false;
                 pause = empty && answer.0.is_none();
                 empty = answer.0.is_none();
+                // Empty twice in a row, or keys: news for the planner
+                // (after this answer is queued, below).
+                let now = if pause {
+                    Some(true)
+                } else {
+                    (!empty).then_some(false)
+                };
+                if now.is_some() && now != told {
+                    told = now;
+                    tell = now;
+                }
                 Some(Msg::Answer {
                     answer,
                     index: cursor.published,
@@ -1256,6 +1359,13 @@ async fn run_hub(
             && queue.send(m).await.is_err()
         {
             return;
+        }
+        if let Some(empty) = tell.take()
+            && let Some(store) = inner.upgrade()
+        {
+            // May retire this very hub (its task then ends at its next
+            // await): the answer is queued for its streams already.
+            store.watches.emptiness(&store, &scope, empty);
         }
     }
 }

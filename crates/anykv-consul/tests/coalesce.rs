@@ -393,6 +393,49 @@ async fn loops_stay_within_the_bound_and_end_with_their_watches() {
         .unwrap();
 }
 
+/// Puts `other/{from}`, … (`n` keys) with `writer`.
+async fn other_writes(writer: &anykv_core::Kv, from: usize, n: usize) {
+    for i in from..from + n {
+        let key = Key::new(format!("other/{i}")).unwrap();
+        writer
+            .put(&key, "v".into(), PutOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
+/// Asserts that 300 writes of other keys (`other/{from}`, …) cost the
+/// watches behind `proxy` about one request per 10 ms pause, as one
+/// query on an empty scope asks, not one per write. The size of one
+/// request is measured first: the request one write costs.
+async fn assert_one_query_per_pause(
+    proxy: &anykv_testkit::proxy::Proxy,
+    writer: &anykv_core::Kv,
+    from: usize,
+) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = proxy.stats().bytes_to_upstream;
+    other_writes(writer, from, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let one = proxy.stats().bytes_to_upstream - before;
+    assert!(one > 0, "the write ended the watches' query");
+
+    const WRITES: usize = 300;
+    let before = proxy.stats().bytes_to_upstream;
+    let start = Instant::now();
+    other_writes(writer, from + 1, WRITES).await;
+    let elapsed = start.elapsed();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let requests = (proxy.stats().bytes_to_upstream - before) as f64 / one as f64;
+    // One per 10 ms, the one after the last write, and some slack.
+    let bound = elapsed.as_secs_f64() / 0.010 + 5.0;
+    println!("{WRITES} other writes in {elapsed:?}: about {requests:.0} watch requests");
+    assert!(
+        requests <= bound && requests < (WRITES / 3) as f64,
+        "{WRITES} other writes in {elapsed:?} cost about {requests:.0} watch requests (bound {bound:.0})"
+    );
+}
+
 /// A watch on a key that does not exist, while other keys are written.
 /// Consul ends a query on an absent key at every KV write near it (the
 /// answer carries the whole table's index), so the hub waits 10 ms between
@@ -413,35 +456,8 @@ async fn a_watch_on_a_missing_key_does_not_ask_once_per_other_write() {
         .watch(Target::Key(key.clone()), Start::Now)
         .await
         .unwrap();
-    let put = |i: usize| {
-        let (writer, key) = (writer.clone(), Key::new(format!("other/{i}")).unwrap());
-        async move { writer.put(&key, "v".into(), PutOptions::default()).await }
-    };
-    put(0).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // One write ends the query once: the size of one request.
-    let before = proxy.stats().bytes_to_upstream;
-    put(1).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let one = proxy.stats().bytes_to_upstream - before;
-    assert!(one > 0, "the write ended the watch's query");
-
-    const WRITES: usize = 300;
-    let before = proxy.stats().bytes_to_upstream;
-    let start = Instant::now();
-    for i in 2..WRITES + 2 {
-        put(i).await.unwrap();
-    }
-    let elapsed = start.elapsed();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let requests = (proxy.stats().bytes_to_upstream - before) as f64 / one as f64;
-    // One per 10 ms, the one after the last write, and some slack.
-    let bound = elapsed.as_secs_f64() / 0.010 + 5.0;
-    println!("{WRITES} other writes in {elapsed:?}: about {requests:.0} watch requests");
-    assert!(
-        requests <= bound && requests < (WRITES / 3) as f64,
-        "{WRITES} other writes in {elapsed:?} cost about {requests:.0} watch requests (bound {bound:.0})"
-    );
+    other_writes(&writer, 0, 2).await;
+    assert_one_query_per_pause(&proxy, &writer, 2).await;
 
     let v = writer
         .put(&key, "here".into(), PutOptions::default())
@@ -450,6 +466,91 @@ async fn a_watch_on_a_missing_key_does_not_ask_once_per_other_write() {
     match next(&mut w, "the key's creation").await {
         Event::Put { kv, .. } => assert_eq!((kv.key, kv.mod_revision), (key, v.get())),
         other => panic!("expected the key's creation, got {other:?}"),
+    }
+    writer.delete_prefix(&Prefix::root()).await.unwrap();
+}
+
+/// Watches on keys that do not exist yet, spread over several queries,
+/// while other keys are written: each query is ended by every write (the
+/// agent answers an empty scope with the whole table's index), so once
+/// every one found its scope empty they merge into one query on their
+/// common prefix, and other writes cost about one request per pause for
+/// all of them. The first key created splits them again, and every
+/// creation reaches its watch, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_on_missing_keys_share_one_query_until_a_key_appears() {
+    let Some(url) = common::url("ANYKV_TEST_CONSUL") else {
+        return;
+    };
+    let (proxy, via) = common::proxy_to(&url).await;
+    let ns = common::unique("empty-merge");
+    // Only the watches' traffic goes through the proxy.
+    let watcher =
+        anykv_consul::ConsulStore::connect(&anykv_core::Config::parse(&via).unwrap()).unwrap();
+    let writer = common::open(&url, &ns, "").await;
+    // 8 letters x 20 keys: 8 queries under the default bound of 16.
+    let name = |i: usize| format!("m/{}{}", char::from(b'a' + (i % 8) as u8), i / 8);
+    let key = |i: usize| Key::new(format!("{ns}/{}", name(i))).unwrap();
+    let mut watches = Vec::new();
+    for i in 0..160 {
+        watches.push(
+            watcher
+                .watch(Target::Key(key(i)), Start::Now)
+                .await
+                .unwrap(),
+        );
+    }
+    // One query per letter, or already one for all (another test's
+    // writes end these queries too).
+    let loops = watcher.watch_loops();
+    assert!(matches!(loops, 1 | 8), "{loops} queries");
+    // Other writes until the queries merge (each must see its scope empty
+    // twice first).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut i = 0;
+    while watcher.watch_loops() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} queries after {i} other writes",
+            watcher.watch_loops()
+        );
+        other_writes(&writer, i, 1).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // One query: one request per 10 ms pause at most (8 would ask up to 8
+    // times as often).
+    assert_one_query_per_pause(&proxy, &writer, i).await;
+    assert_eq!(watcher.watch_loops(), 1);
+
+    // Creations, in two of the scopes: each reaches its watch once; the
+    // first splits the merged query again.
+    for i in [13, 6, 21] {
+        let v = writer
+            .put(
+                &Key::new(name(i)).unwrap(),
+                "here".into(),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        match next(&mut watches[i], "a creation").await {
+            Event::Put { kv, .. } => assert_eq!((kv.key, kv.mod_revision), (key(i), v.get())),
+            other => panic!("expected the creation of {}, got {other:?}", name(i)),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while watcher.watch_loops() < 2 {
+        assert!(Instant::now() < deadline, "the merged query never split");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing else arrived: not a second copy of a creation, nor an event
+    // on a key nobody wrote.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (i, w) in watches.iter_mut().enumerate() {
+        if let Some(extra) = futures::FutureExt::now_or_never(w.next()) {
+            panic!("watch of {} got {extra:?}", name(i));
+        }
     }
     writer.delete_prefix(&Prefix::root()).await.unwrap();
 }
