@@ -568,9 +568,45 @@ struct State {
     /// the plan's scopes, because every one of them was empty (see
     /// [`Registry::emptiness`]).
     merged: bool,
-    /// When the hubs merged last, and how long until they may again.
+    /// When the hubs may merge again.
+    merges: MergeClock,
+}
+
+/// When the hubs of a registry may merge (see [`Registry::emptiness`]):
+/// at least [`MERGE_GAP`] after the last merge, and after a merge that
+/// found keys within that gap (its prefix holds keys no watch covers, so
+/// the next merge would likely end at once too), twice the previous gap,
+/// up to [`MAX_MERGE_GAP`]. Pure, so that its rules are tested without a
+/// clock.
+#[derive(Debug, Default)]
+struct MergeClock {
+    /// When the hubs merged last.
     merged_at: Option<tokio::time::Instant>,
-    merge_gap: Duration,
+    /// The least time from that merge to the next.
+    gap: Duration,
+}
+
+impl MergeClock {
+    fn may_merge(&self, now: tokio::time::Instant) -> bool {
+        self.merged_at
+            .is_none_or(|at| now.duration_since(at) >= self.gap.max(MERGE_GAP))
+    }
+
+    fn merged(&mut self, now: tokio::time::Instant) {
+        self.merged_at = Some(now);
+    }
+
+    /// The merged hub found keys at `now`.
+    fn split(&mut self, now: tokio::time::Instant) {
+        let quick = self
+            .merged_at
+            .is_some_and(|at| now.duration_since(at) < MERGE_GAP);
+        self.gap = if quick {
+            (self.gap.max(MERGE_GAP) * 2).min(MAX_MERGE_GAP)
+        } else {
+            MERGE_GAP
+        };
+    }
 }
 
 impl State {
@@ -899,31 +935,24 @@ impl Registry {
             state.empty.remove(scope);
             if state.merged {
                 state.merged = false;
-                // Keys under the merged prefix that no watch covers would
-                // end every merge at once: wait longer before the next.
-                let quick = state
-                    .merged_at
-                    .is_some_and(|at| now.duration_since(at) < MERGE_GAP);
-                state.merge_gap = if quick {
-                    (state.merge_gap.max(MERGE_GAP) * 2).min(MAX_MERGE_GAP)
-                } else {
-                    MERGE_GAP
-                };
+                state.merges.split(now);
+                tracing::debug!(path = %scope.path, "consul watch: the merged query found keys; splitting it");
                 self.replan(&mut state, inner, None, false);
             }
             return;
         }
         state.empty.insert(scope.clone());
-        let due = state
-            .merged_at
-            .is_none_or(|at| now.duration_since(at) >= state.merge_gap.max(MERGE_GAP));
         if !state.merged
-            && due
+            && state.merges.may_merge(now)
             && state.hubs.len() > 1
             && state.hubs.keys().all(|s| state.empty.contains(s))
         {
+            tracing::debug!(
+                queries = state.hubs.len(),
+                "consul watch: every query is empty; merging them into one"
+            );
             state.merged = true;
-            state.merged_at = Some(now);
+            state.merges.merged(now);
             self.replan(&mut state, inner, None, false);
         }
     }
@@ -2401,6 +2430,32 @@ mod tests {
         }
         let last = 10 + FAN_OUT_BUFFER as u64 + 5;
         assert_eq!(events(&mut s), [("k".to_owned(), last, true)]);
+    }
+
+    #[test]
+    fn merges_wait_their_gap_and_longer_after_one_that_found_keys_at_once() {
+        let t0 = tokio::time::Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut clock = MergeClock::default();
+        assert!(clock.may_merge(t0), "the first merge at once");
+        clock.merged(t0);
+        assert!(!clock.may_merge(at(11)) && clock.may_merge(at(12)));
+        // Keys found at once: the gap doubles, up to its bound.
+        clock.split(at(1));
+        clock.merged(at(12));
+        assert!(!clock.may_merge(at(12 + 23)) && clock.may_merge(at(12 + 24)));
+        let mut now = at(40);
+        for _ in 0..10 {
+            clock.merged(now);
+            clock.split(now);
+        }
+        assert_eq!(clock.gap, MAX_MERGE_GAP);
+        // A merge that held for a while: back to the least gap.
+        clock.merged(now);
+        now += MERGE_GAP * 5;
+        clock.split(now);
+        assert_eq!(clock.gap, MERGE_GAP);
+        assert!(clock.may_merge(now));
     }
 
     #[test]
