@@ -9,7 +9,9 @@
 //! - a release that fails during an outage is retried, so another
 //!   contender gets the lock soon after the server is back (not after the
 //!   session expires);
-//! - a watch resumes by itself after a freeze.
+//! - a watch resumes by itself after a freeze;
+//! - watches on missing keys merged into one query resume after a restart,
+//!   and the keys created then reach them exactly once.
 //!
 //! The server comes from the Consul package `cargo xtask` caches (through
 //! `anykv_servers`). Skipped (with a reason) without `ANYKV_CONSUL_BIN` (set
@@ -507,4 +509,96 @@ async fn watch_and_lock_survive_a_freeze() {
     }
     assert!(!lock.is_lost(), "lost() fired after a 3 s freeze");
     lock.release().await.expect("release");
+}
+
+/// Watches on keys that do not exist yet, merged into one query (see
+/// `coalesce.rs`), across `kill -9` + restart of the server: the merged
+/// query resumes by itself, the keys created afterwards reach their
+/// watches exactly once (errors for the outage allowed, no other event),
+/// and the first of them splits the query again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn merged_queries_on_missing_keys_survive_a_restart() {
+    if !consul_provisioned() {
+        return;
+    }
+    let mut server = PersistentServer::start("faults-merge").await;
+    let watcher = anykv_consul::ConsulStore::connect(
+        &anykv_core::Config::parse(&format!("{}?timeout=2s", server.url)).unwrap(),
+    )
+    .unwrap();
+    let writer = open(&server, "merge", "").await;
+    // 8 letters x 10 keys: 8 queries, then one once all are empty.
+    let name = |i: usize| format!("m/{}{}", char::from(b'a' + (i % 8) as u8), i / 8);
+    let mut watches = Vec::new();
+    for i in 0..80 {
+        let key = Key::new(format!("merge/{}", name(i))).unwrap();
+        watches.push(watcher.watch(Target::Key(key), Start::Now).await.unwrap());
+    }
+    let other = |i: usize| Key::new(format!("other/{i}")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut i = 0;
+    while watcher.watch_loops() > 1 {
+        assert!(Instant::now() < deadline, "the queries never merged");
+        writer
+            .put(&other(i), "v".into(), PutOptions::default())
+            .await
+            .unwrap();
+        i += 1;
+        sleep(Duration::from_millis(20)).await;
+    }
+
+    server.kill9();
+    sleep(Duration::from_millis(300)).await;
+    server.restart();
+    server.wait_leader().await;
+    // Writes of other keys again, then the creations.
+    let put = |key: Key| {
+        let writer = writer.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match writer.put(&key, "v".into(), PutOptions::default()).await {
+                    Ok(v) => break v,
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "no write after the restart: {e}");
+                        sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    };
+    for j in 0..20 {
+        put(other(i + j)).await;
+    }
+    for c in [13, 6, 21] {
+        let v = put(Key::new(name(c)).unwrap()).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, watches[c].next()).await {
+                Ok(Some(Ok(Event::Put { kv, .. }))) => {
+                    assert_eq!(
+                        (kv.key.as_str(), kv.version),
+                        (&*format!("merge/{}", name(c)), v)
+                    );
+                    break;
+                }
+                Ok(Some(Ok(other))) => panic!("unexpected event {other:?}"),
+                Ok(Some(Err(e))) => assert!(e.indicates_unreachable(), "{e}"),
+                Ok(None) => panic!("the watch ended"),
+                Err(_) => panic!("the creation of {} never arrived", name(c)),
+            }
+        }
+    }
+    assert!(watcher.watch_loops() > 1, "the merged query did not split");
+    // No other event anywhere: errors for the outage only.
+    sleep(Duration::from_millis(500)).await;
+    for (c, w) in watches.iter_mut().enumerate() {
+        while let Some(item) = futures::FutureExt::now_or_never(w.next()) {
+            match item {
+                Some(Err(e)) => assert!(e.indicates_unreachable(), "{e}"),
+                other => panic!("watch of {} got {other:?}", name(c)),
+            }
+        }
+    }
 }
