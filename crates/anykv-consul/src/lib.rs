@@ -115,7 +115,8 @@
 //!   handle found its scope empty that way, they merge into one on the
 //!   common prefix of all its watches (about a hundred requests a second
 //!   for all of them), split again when that query finds a key; merges are
-//!   at least 12 s apart. The price of sharing:
+//!   at least 12 s apart, and never again into a prefix that held keys no
+//!   watch covers from its first answer on. The price of sharing:
 //!   a scope's
 //!   query returns every pair under it on each change (a wide scope under
 //!   heavy writes moves more bytes; only changed values are decoded), and

@@ -576,28 +576,40 @@ struct State {
 /// at least [`MERGE_GAP`] after the last merge, and after a merge that
 /// found keys within that gap (its prefix holds keys no watch covers, so
 /// the next merge would likely end at once too), twice the previous gap,
-/// up to [`MAX_MERGE_GAP`]. Pure, so that its rules are tested without a
-/// clock.
+/// up to [`MAX_MERGE_GAP`]. A merged scope whose very first answer held
+/// keys is never merged into again: keys no watch covers lie under it (the
+/// common prefix of a handle's watches can be a short one, even the whole
+/// namespace), and each try would read them all. Pure, so that its rules
+/// are tested without a clock.
 #[derive(Debug, Default)]
 struct MergeClock {
     /// When the hubs merged last.
     merged_at: Option<tokio::time::Instant>,
     /// The least time from that merge to the next.
     gap: Duration,
+    /// A merged scope that was not empty from its first answer on.
+    refused: Option<Scope>,
 }
 
 impl MergeClock {
-    fn may_merge(&self, now: tokio::time::Instant) -> bool {
-        self.merged_at
-            .is_none_or(|at| now.duration_since(at) >= self.gap.max(MERGE_GAP))
+    /// Whether the hubs may merge into `scope` at `now`.
+    fn may_merge(&self, scope: &Scope, now: tokio::time::Instant) -> bool {
+        self.refused.as_ref() != Some(scope)
+            && self
+                .merged_at
+                .is_none_or(|at| now.duration_since(at) >= self.gap.max(MERGE_GAP))
     }
 
     fn merged(&mut self, now: tokio::time::Instant) {
         self.merged_at = Some(now);
     }
 
-    /// The merged hub found keys at `now`.
-    fn split(&mut self, now: tokio::time::Instant) {
+    /// The merged hub of `scope` found keys at `now`, in its `first`
+    /// answer or a later one.
+    fn split(&mut self, scope: &Scope, first: bool, now: tokio::time::Instant) {
+        if first {
+            self.refused = Some(scope.clone());
+        }
         let quick = self
             .merged_at
             .is_some_and(|at| now.duration_since(at) < MERGE_GAP);
@@ -924,8 +936,12 @@ impl Registry {
     /// When that hub finds a key, the plan is split again (its hubs start
     /// from their own first answer, so nothing written meanwhile is missed;
     /// the streams move as in any re-plan). Merges are at least
-    /// [`MERGE_GAP`] apart, longer after a merge that found keys at once.
-    fn emptiness(&self, inner: &Arc<Inner>, scope: &Scope, empty: bool) {
+    /// [`MERGE_GAP`] apart, longer after a merge that found keys soon, and
+    /// never again into a scope that held keys from its first answer on
+    /// (see [`MergeClock`]).
+    ///
+    /// `first`: this is the hub's first answer.
+    fn emptiness(&self, inner: &Arc<Inner>, scope: &Scope, empty: bool, first: bool) {
         let mut state = self.state();
         if !state.hubs.contains_key(scope) {
             return; // retired meanwhile
@@ -935,18 +951,25 @@ impl Registry {
             state.empty.remove(scope);
             if state.merged {
                 state.merged = false;
-                state.merges.split(now);
+                state.merges.split(scope, first, now);
                 tracing::debug!(path = %scope.path, "consul watch: the merged query found keys; splitting it");
                 self.replan(&mut state, inner, None, false);
             }
             return;
         }
         state.empty.insert(scope.clone());
-        if !state.merged
-            && state.merges.may_merge(now)
-            && state.hubs.len() > 1
-            && state.hubs.keys().all(|s| state.empty.contains(s))
+        if state.merged
+            || state.hubs.len() < 2
+            || !state.hubs.keys().all(|s| state.empty.contains(s))
         {
+            return;
+        }
+        // The scope the merge would read (O(watches), like any re-plan:
+        // only once every hub is empty).
+        let Some(into) = plan(state.scopes.keys(), 1).pop() else {
+            return;
+        };
+        if state.merges.may_merge(&into, now) {
             tracing::debug!(
                 queries = state.hubs.len(),
                 "consul watch: every query is empty; merging them into one"
@@ -1299,6 +1322,8 @@ async fn run_hub(
     // What the registry was last told of this scope: `Some(true)` empty,
     // `Some(false)` not (see `Registry::emptiness`).
     let mut told: Option<bool> = None;
+    // Whether an answer was published yet.
+    let mut answered = false;
     loop {
         if std::mem::take(&mut pause) {
             tokio::time::sleep(EMPTY_PAUSE).await;
@@ -1348,8 +1373,9 @@ async fn run_hub(
                 };
                 if now.is_some() && now != told {
                     told = now;
-                    tell = now;
+                    tell = now.map(|empty| (empty, !answered));
                 }
+                answered = true;
                 Some(Msg::Answer {
                     answer,
                     index: cursor.published,
@@ -1389,12 +1415,12 @@ async fn run_hub(
         {
             return;
         }
-        if let Some(empty) = tell.take()
+        if let Some((empty, first)) = tell.take()
             && let Some(store) = inner.upgrade()
         {
             // May retire this very hub (its task then ends at its next
             // await): the answer is queued for its streams already.
-            store.watches.emptiness(&store, &scope, empty);
+            store.watches.emptiness(&store, &scope, empty, first);
         }
     }
 }
@@ -2433,29 +2459,37 @@ mod tests {
     }
 
     #[test]
-    fn merges_wait_their_gap_and_longer_after_one_that_found_keys_at_once() {
+    fn merges_wait_their_gap_longer_after_one_that_found_keys_soon_and_never_into_a_full_scope() {
         let t0 = tokio::time::Instant::now();
         let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let (a, b) = (dir("a/"), dir("b/"));
         let mut clock = MergeClock::default();
-        assert!(clock.may_merge(t0), "the first merge at once");
+        assert!(clock.may_merge(&a, t0), "the first merge at once");
         clock.merged(t0);
-        assert!(!clock.may_merge(at(11)) && clock.may_merge(at(12)));
-        // Keys found at once: the gap doubles, up to its bound.
-        clock.split(at(1));
+        assert!(!clock.may_merge(&a, at(11)) && clock.may_merge(&a, at(12)));
+        // Keys found soon (a watched key created): the gap doubles, up to
+        // its bound.
+        clock.split(&a, false, at(1));
         clock.merged(at(12));
-        assert!(!clock.may_merge(at(12 + 23)) && clock.may_merge(at(12 + 24)));
+        assert!(!clock.may_merge(&a, at(12 + 23)) && clock.may_merge(&a, at(12 + 24)));
         let mut now = at(40);
         for _ in 0..10 {
             clock.merged(now);
-            clock.split(now);
+            clock.split(&a, false, now);
         }
         assert_eq!(clock.gap, MAX_MERGE_GAP);
         // A merge that held for a while: back to the least gap.
         clock.merged(now);
         now += MERGE_GAP * 5;
-        clock.split(now);
+        clock.split(&a, false, now);
         assert_eq!(clock.gap, MERGE_GAP);
-        assert!(clock.may_merge(now));
+        assert!(clock.may_merge(&a, now));
+        // Keys in the merged scope's first answer: never that scope again;
+        // another one after the gap.
+        clock.merged(now);
+        clock.split(&b, true, now);
+        now += MAX_MERGE_GAP * 2;
+        assert!(!clock.may_merge(&b, now) && clock.may_merge(&a, now));
     }
 
     #[test]

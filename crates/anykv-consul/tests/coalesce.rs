@@ -470,6 +470,83 @@ async fn a_watch_on_a_missing_key_does_not_ask_once_per_other_write() {
     writer.delete_prefix(&Prefix::root()).await.unwrap();
 }
 
+/// Key watches on keys that do not exist yet, `m/<letter><i>` for 8
+/// letters (8 queries under the default bound of 16), on a handle whose
+/// traffic (the watches' alone) goes through a proxy, and a plain handle
+/// on the same namespace to write with.
+struct MissingKeys {
+    proxy: anykv_testkit::proxy::Proxy,
+    ns: String,
+    watcher: Arc<anykv_consul::ConsulStore>,
+    writer: anykv_core::Kv,
+    watches: Vec<WatchStream>,
+}
+
+impl MissingKeys {
+    async fn open(url: &str, name: &str, n: usize) -> MissingKeys {
+        let (proxy, via) = common::proxy_to(url).await;
+        let ns = common::unique(name);
+        let watcher =
+            anykv_consul::ConsulStore::connect(&anykv_core::Config::parse(&via).unwrap()).unwrap();
+        let writer = common::open(url, &ns, "").await;
+        let mut keys = MissingKeys {
+            proxy,
+            ns,
+            watcher,
+            writer,
+            watches: Vec::new(),
+        };
+        for i in 0..n {
+            let w = keys
+                .watcher
+                .watch(Target::Key(keys.key(i)), Start::Now)
+                .await;
+            keys.watches.push(w.unwrap());
+        }
+        keys
+    }
+
+    /// Watch `i`'s key in the namespace.
+    fn name(i: usize) -> String {
+        format!("m/{}{}", char::from(b'a' + (i % 8) as u8), i / 8)
+    }
+
+    /// Watch `i`'s key, whole.
+    fn key(&self, i: usize) -> Key {
+        Key::new(format!("{}/{}", self.ns, Self::name(i))).unwrap()
+    }
+
+    /// Creates watch `i`'s key and checks that its watch gets that put.
+    async fn create(&mut self, i: usize) {
+        let name = Self::name(i);
+        let v = self
+            .writer
+            .put(
+                &Key::new(&name).unwrap(),
+                "here".into(),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        match next(&mut self.watches[i], "a creation").await {
+            Event::Put { kv, .. } => assert_eq!((kv.key, kv.mod_revision), (self.key(i), v.get())),
+            other => panic!("expected the creation of {name}, got {other:?}"),
+        }
+    }
+
+    /// Checks that nothing else arrived: not a second copy of a creation,
+    /// nor an event on a key nobody wrote; then deletes what was written.
+    async fn assert_nothing_more(mut self) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (i, w) in self.watches.iter_mut().enumerate() {
+            if let Some(extra) = futures::FutureExt::now_or_never(w.next()) {
+                panic!("watch of {} got {extra:?}", Self::name(i));
+            }
+        }
+        self.writer.delete_prefix(&Prefix::root()).await.unwrap();
+    }
+}
+
 /// Watches on keys that do not exist yet, spread over several queries,
 /// while other keys are written: each query is ended by every write (the
 /// agent answers an empty scope with the whole table's index), so once
@@ -482,75 +559,109 @@ async fn watches_on_missing_keys_share_one_query_until_a_key_appears() {
     let Some(url) = common::url("ANYKV_TEST_CONSUL") else {
         return;
     };
-    let (proxy, via) = common::proxy_to(&url).await;
-    let ns = common::unique("empty-merge");
-    // Only the watches' traffic goes through the proxy.
-    let watcher =
-        anykv_consul::ConsulStore::connect(&anykv_core::Config::parse(&via).unwrap()).unwrap();
-    let writer = common::open(&url, &ns, "").await;
-    // 8 letters x 20 keys: 8 queries under the default bound of 16.
-    let name = |i: usize| format!("m/{}{}", char::from(b'a' + (i % 8) as u8), i / 8);
-    let key = |i: usize| Key::new(format!("{ns}/{}", name(i))).unwrap();
-    let mut watches = Vec::new();
-    for i in 0..160 {
-        watches.push(
-            watcher
-                .watch(Target::Key(key(i)), Start::Now)
-                .await
-                .unwrap(),
-        );
-    }
+    let mut keys = MissingKeys::open(&url, "empty-merge", 160).await;
     // One query per letter, or already one for all (another test's
     // writes end these queries too).
-    let loops = watcher.watch_loops();
+    let loops = keys.watcher.watch_loops();
     assert!(matches!(loops, 1 | 8), "{loops} queries");
     // Other writes until the queries merge (each must see its scope empty
     // twice first).
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut i = 0;
-    while watcher.watch_loops() > 1 {
+    while keys.watcher.watch_loops() > 1 {
         assert!(
             Instant::now() < deadline,
             "{} queries after {i} other writes",
-            watcher.watch_loops()
+            keys.watcher.watch_loops()
         );
-        other_writes(&writer, i, 1).await;
+        other_writes(&keys.writer, i, 1).await;
         i += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // One query: one request per 10 ms pause at most (8 would ask up to 8
     // times as often).
-    assert_one_query_per_pause(&proxy, &writer, i).await;
-    assert_eq!(watcher.watch_loops(), 1);
+    assert_one_query_per_pause(&keys.proxy, &keys.writer, i).await;
+    assert_eq!(keys.watcher.watch_loops(), 1);
 
     // Creations, in two of the scopes: each reaches its watch once; the
     // first splits the merged query again.
     for i in [13, 6, 21] {
-        let v = writer
+        keys.create(i).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while keys.watcher.watch_loops() < 2 {
+        assert!(Instant::now() < deadline, "the merged query never split");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    keys.assert_nothing_more().await;
+}
+
+/// The same watches, with keys no watch covers under their common prefix,
+/// one of them written while the watches wait: those writes end every
+/// empty query (Consul answers them from the same tree node), so the
+/// queries merge, but the merged query's first answer holds those keys:
+/// they split again at once, with no second try meanwhile (a try reads
+/// those keys, 3.2 MB here, so it shows in the bytes the watches receive;
+/// `MergeClock`'s unit test covers when a merge may be tried again).
+/// Nothing reaches a watch from the unwatched keys, and creations still
+/// arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_into_a_scope_that_holds_unwatched_keys_splits_at_once() {
+    let Some(url) = common::url("ANYKV_TEST_CONSUL") else {
+        return;
+    };
+    let mut keys = MissingKeys::open(&url, "merge-refused", 0).await;
+    // Consul's largest value is 512 KiB.
+    const BIG: u64 = 8 * 400 * 1024;
+    for z in 0..8 {
+        keys.writer
             .put(
-                &Key::new(name(i)).unwrap(),
-                "here".into(),
+                &Key::new(format!("m/z{z}")).unwrap(),
+                vec![b'x'; (BIG / 8) as usize].into(),
                 PutOptions::default(),
             )
             .await
             .unwrap();
-        match next(&mut watches[i], "a creation").await {
-            Event::Put { kv, .. } => assert_eq!((kv.key, kv.mod_revision), (key(i), v.get())),
-            other => panic!("expected the creation of {}, got {other:?}", name(i)),
-        }
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while watcher.watch_loops() < 2 {
-        assert!(Instant::now() < deadline, "the merged query never split");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 0..80 {
+        let w = keys
+            .watcher
+            .watch(Target::Key(keys.key(i)), Start::Now)
+            .await;
+        keys.watches.push(w.unwrap());
     }
-    // Nothing else arrived: not a second copy of a creation, nor an event
-    // on a key nobody wrote.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for (i, w) in watches.iter_mut().enumerate() {
-        if let Some(extra) = futures::FutureExt::now_or_never(w.next()) {
-            panic!("watch of {} got {extra:?}", name(i));
-        }
+    let before = keys.proxy.stats().bytes_to_client;
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        keys.writer
+            .put(
+                &Key::new("m/zy").unwrap(),
+                i.to_string().into(),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    writer.delete_prefix(&Prefix::root()).await.unwrap();
+    let received = keys.proxy.stats().bytes_to_client - before;
+    // Base64 makes the values 4/3 as large: one read of them (besides
+    // the empty answers of 8 paused queries, well under 1 MB), not two.
+    println!("{i} writes of an unwatched key: the watches received {received} bytes");
+    assert!(
+        received > BIG * 4 / 3,
+        "the queries never merged: {received} bytes"
+    );
+    assert!(
+        received < BIG * 4 / 3 * 2,
+        "the watches received {received} bytes: the merge was tried again"
+    );
+    assert_eq!(
+        keys.watcher.watch_loops(),
+        8,
+        "split into one query per letter"
+    );
+    keys.create(13).await;
+    keys.assert_nothing_more().await;
 }
