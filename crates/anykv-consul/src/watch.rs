@@ -123,8 +123,8 @@ const EMPTY_PAUSE: Duration = Duration::from_millis(10);
 /// ([`BLOCK_WAIT`]), counting it against `http_max_conns_per_client`: one
 /// merge per wait keeps those at most one plan's worth.
 const MERGE_GAP: Duration = Duration::from_secs(12);
-/// The longest gap between merges: a merged scope found not empty at once
-/// (its common prefix holds keys nobody watches) doubles the gap up to this.
+/// The longest gap between merges: a merge that finds keys soon after it
+/// (a watched key created, most likely) doubles the gap up to this.
 const MAX_MERGE_GAP: Duration = Duration::from_secs(300);
 /// First retry delay after a failed query; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -927,8 +927,10 @@ impl Registry {
     /// or found keys in it.
     ///
     /// Consul answers a query on an absent key or an empty directory with
-    /// the index of the whole KV table, so every KV write ends every such
-    /// query (each then waits [`EMPTY_PAUSE`]). Watches on keys that do not
+    /// the index of the whole KV table, and any write under the longest
+    /// prefix of its path that holds keys ends it (seen here: with a key
+    /// `m/zz`, writes of `m/zy` end a query on the empty `m/a`, writes
+    /// outside `m/` do not); each then waits [`EMPTY_PAUSE`]. Watches on keys that do not
     /// exist yet (a plan of up to `max_watch_conns` empty scopes) would
     /// cost the agent up to that many requests per pause while anything is
     /// written. So once every hub is empty the hubs merge into one, on the
