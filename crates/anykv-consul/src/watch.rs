@@ -927,10 +927,12 @@ impl Registry {
     /// or found keys in it.
     ///
     /// Consul answers a query on an absent key or an empty directory with
-    /// the index of the whole KV table, and any write under the longest
-    /// prefix of its path that holds keys ends it (seen here: with a key
-    /// `m/zz`, writes of `m/zy` end a query on the empty `m/a`, writes
-    /// outside `m/` do not); each then waits [`EMPTY_PAUSE`]. Watches on keys that do not
+    /// the index of the whole KV table, and ends it at any write in the
+    /// subtree of the deepest node of its radix tree that the query's path
+    /// reaches (seen here: with only `m/zz` under `m/`, writes of `m/zy`
+    /// end a query on the empty `m/a` and writes of `other/…` do not; with
+    /// nothing under `m/`, writes anywhere under the namespace do); each
+    /// then waits [`EMPTY_PAUSE`]. Watches on keys that do not
     /// exist yet (a plan of up to `max_watch_conns` empty scopes) would
     /// cost the agent up to that many requests per pause while anything is
     /// written. So once every hub is empty the hubs merge into one, on the
