@@ -968,11 +968,17 @@ impl Registry {
         {
             return;
         }
-        // The scope the merge would read (O(watches), like any re-plan:
-        // only once every hub is empty).
-        let Some(into) = plan(state.scopes.keys(), 1).pop() else {
+        // The scope the merge would read: what `plan` makes of all the
+        // targets with a bound of 1, their common prefix, which is that of
+        // the first and the last (they are sorted).
+        let (Some((first, _)), Some((last, _))) = (
+            state.scopes.first_key_value(),
+            state.scopes.last_key_value(),
+        ) else {
             return;
         };
+        let ends = [first, last];
+        let into = Group::new(&ends).scope();
         if state.merges.may_merge(&into, now) {
             tracing::debug!(
                 queries = state.hubs.len(),
