@@ -41,6 +41,8 @@ struct Fake {
     watch_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Result<Event>>>>,
     /// Failures that provably never reached the server.
     refuse: AtomicU32,
+    /// The targets `watch` was asked for.
+    watched: Mutex<Vec<Target>>,
     /// Lock releases started, and whether they hang.
     releases: Arc<AtomicU32>,
     hang_release: bool,
@@ -112,7 +114,9 @@ impl Store for Fake {
     async fn probe(&self) -> Result<()> {
         self.answer().await
     }
-    async fn watch(&self, _: Target, _: Start) -> Result<WatchStream> {
+    async fn watch(&self, target: Target, _: Start) -> Result<WatchStream> {
+        self.watched.lock().unwrap().push(target);
+        self.answer().await?;
         if let Some(rx) = self.watch_rx.lock().unwrap().take() {
             return Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed());
         }
@@ -432,6 +436,68 @@ async fn a_watch_reports_an_outage_within_two_timeouts_then_goes_on() {
         fake.calls.load(Ordering::SeqCst) <= calls + 1,
         "the last watch dropped stops the probes"
     );
+}
+
+/// A watch takes the fast path (see `fast_path`) with the layers'
+/// behaviour: its target in the namespace, its events back out of it (none
+/// from outside it or under the reserved root, in the root namespace too),
+/// a failed attempt retried, liveness fed.
+#[tokio::test(start_paused = true)]
+async fn the_composed_layers_watch_as_the_fast_path() {
+    for replace in [false, true] {
+        for (ns, expected) in [("app", &["x"][..]), ("", &["app/x", "other/y", "x"][..])] {
+            let case = format!("composed: {replace}, namespace {ns:?}");
+            let fake = Arc::new(Fake::default());
+            fake.fail.store(1, Ordering::SeqCst);
+            let reserved = Key::from_backend("__anykv/locks/app/z").unwrap();
+            *fake.watch_items.lock().unwrap() = vec![
+                delete_event("app/x"),
+                delete_event("other/y"),
+                Ok(Event::Delete {
+                    key: reserved,
+                    revision: 7,
+                }),
+                delete_event("x"),
+            ];
+            let namespace = if ns.is_empty() {
+                Prefix::root()
+            } else {
+                Prefix::new(ns).unwrap()
+            };
+            let cfg = LayerConfig {
+                timeout: Duration::from_secs(1),
+                namespace: namespace.clone(),
+                ..LayerConfig::default()
+            };
+            let mut builder = Kv::builder_for(fake.clone()).config(cfg);
+            if replace {
+                builder = builder.replace(
+                    crate::StandardLayer::Tracing,
+                    crate::layers::trace::TracingLayer,
+                );
+            }
+            let kv = builder.build();
+            let w = kv
+                .watch(Target::Prefix(Prefix::root()), Start::Now)
+                .await
+                .unwrap();
+            assert_eq!(fake.calls.load(Ordering::SeqCst), 2, "{case}: retried");
+            assert!(kv.liveness().is_alive(), "{case}");
+            assert_eq!(
+                *fake.watched.lock().unwrap(),
+                vec![Target::Prefix(namespace.clone()); 2],
+                "{case}"
+            );
+            let items: Vec<Result<Event>> = w.collect().await;
+            let keys: Vec<&str> = items
+                .iter()
+                .filter_map(|i| i.as_ref().ok().map(|e| e.key().as_str()))
+                .collect();
+            assert_eq!(keys, expected, "{case}");
+            let end = items.last().unwrap().as_ref().unwrap_err();
+            assert_eq!(end.kind(), ErrorKind::Unavailable, "{case}: {end}");
+        }
+    }
 }
 
 fn delete_event(k: &str) -> Result<Event> {

@@ -53,11 +53,17 @@ impl Standard for LivenessLayer {
             (crate::OpKind::Lock, Err(Error::Timeout { .. })) => {}
             _ => ctx.liveness().record(&outcome),
         }
-        Ok(match outcome? {
-            Response::Watch(s) => Response::Watch(watch_outages(ctx, s)),
-            Response::Export(s) => Response::Export(feed_errors(ctx.liveness().clone(), s)),
-            other => other,
-        })
+        outcome.map(|r| streams(ctx, r))
+    }
+}
+
+/// The streams of an answer, their errors feeding the liveness monitor
+/// (and a watch reporting outages); any other answer as it is.
+pub(crate) fn streams(ctx: &Context, resp: Response) -> Response {
+    match resp {
+        Response::Watch(s) => Response::Watch(watch_outages(ctx, s)),
+        Response::Export(s) => Response::Export(feed_errors(ctx.liveness().clone(), s)),
+        other => other,
     }
 }
 

@@ -19,6 +19,7 @@ use crate::{
     layer::{Inner, Layer, Next, Standard},
     layers::request::{Request, Response},
     session::SessionBackend,
+    store::WatchStream,
     types::{Check, Condition, Event, KvPair, Op, Snapshot, Target, Version},
 };
 
@@ -63,6 +64,27 @@ impl Ns {
                 revision,
             }),
         }
+    }
+
+    fn target(&self, target: Target) -> Target {
+        match target {
+            Target::Key(k) => Target::Key(self.key(&k)),
+            Target::Prefix(p) => Target::Prefix(self.prefix(&p)),
+        }
+    }
+
+    /// A driver's watch as the caller sees it: events outside the
+    /// namespace or under the reserved root dropped, keys made relative.
+    fn watch(&self, stream: WatchStream) -> WatchStream {
+        let ns = self.clone();
+        // A plain function per item, not a future: a waiting stream
+        // stores no pending item (see `stream_guard` on why a watch's size
+        // matters).
+        tokio_stream::StreamExt::filter_map(stream, move |item| match item {
+            Ok(ev) => ns.event(ev).map(Ok),
+            Err(e) => Some(Err(ns.error(e))),
+        })
+        .boxed()
     }
 
     fn error(&self, e: Error) -> Error {
@@ -149,11 +171,19 @@ impl Standard for NamespaceLayer {
 }
 
 /// The namespace layer's mapping of a single-key `get`, `put`, `delete` or
-/// `exists` (the fused fast path); any other request comes back as `Err`.
+/// `exists`, or of a `watch` (the fused fast path); any other request
+/// comes back as `Err`.
 pub(crate) fn simple(
     namespace: &Prefix,
     req: Request,
 ) -> std::result::Result<(Request, SimpleNs), Request> {
+    if let Request::Watch { target, start } = req {
+        // In the root namespace too: its events under the reserved root
+        // are dropped.
+        let ns = Ns(namespace.clone());
+        let target = ns.target(target);
+        return Ok((Request::Watch { target, start }, SimpleNs(Some(ns))));
+    }
     if namespace.is_root() {
         // As the layer's hot path: nothing to map but hiding the reserved root.
         return match req {
@@ -195,6 +225,7 @@ impl SimpleNs {
         };
         match out {
             Ok(Response::Get(p)) => Ok(Response::Get(p.and_then(|p| ns.pair(p)))),
+            Ok(Response::Watch(s)) => Ok(Response::Watch(ns.watch(s))),
             Ok(other) => Ok(other),
             Err(e) => Err(ns.error(e)),
         }
@@ -257,24 +288,9 @@ impl Ns {
                 }
             }
             Request::Watch { target, start } => {
-                let target = match target {
-                    Target::Key(k) => Target::Key(self.key(&k)),
-                    Target::Prefix(p) => Target::Prefix(self.prefix(&p)),
-                };
+                let target = self.target(target);
                 match next.run(Request::Watch { target, start }).await? {
-                    Response::Watch(s) => {
-                        let ns = self.clone();
-                        // A plain function per item, not a future: a
-                        // waiting stream stores no pending item (see
-                        // `stream_guard` on why a watch's size matters).
-                        Response::Watch(
-                            tokio_stream::StreamExt::filter_map(s, move |item| match item {
-                                Ok(ev) => ns.event(ev).map(Ok),
-                                Err(e) => Some(Err(ns.error(e))),
-                            })
-                            .boxed(),
-                        )
-                    }
+                    Response::Watch(s) => Response::Watch(self.watch(s)),
                     other => other,
                 }
             }
