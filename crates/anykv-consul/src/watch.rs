@@ -76,7 +76,6 @@ use anykv_core::{
 };
 use bytes::Bytes;
 use serde::Deserialize;
-use tokio::sync::watch;
 
 use crate::{
     Inner,
@@ -240,11 +239,17 @@ const FAN_OUT_BUFFER: usize = 1024;
 
 /// A hub's output: its latest answer (for streams that join, move or fall
 /// behind), and the [`Routes`] that hand each answer to the streams whose
-/// target it touches.
+/// target it touches. One allocation of ~150 bytes: a stream moved before
+/// it was first polled keeps its old hub's channel until then, and opening
+/// 1,000 watches at once starts and retires a few hundred hubs (a `tokio`
+/// watch channel for the latest answer cost ~500 bytes more each, for a
+/// wake-up nobody waited on).
 #[derive(Clone)]
-struct Channel {
-    latest: Arc<watch::Sender<Option<Arc<Snapshot>>>>,
-    routes: Arc<Mutex<Routes>>,
+struct Channel(Arc<Outlet>);
+
+struct Outlet {
+    latest: Mutex<Option<Arc<Snapshot>>>,
+    routes: Mutex<Routes>,
 }
 
 /// One answer as the slots carry it: what changed since the hub's
@@ -471,10 +476,10 @@ impl Routes {
 
 impl Channel {
     fn new() -> Channel {
-        Channel {
-            latest: Arc::new(watch::channel(None).0),
-            routes: Arc::default(),
-        }
+        Channel(Arc::new(Outlet {
+            latest: Mutex::new(None),
+            routes: Mutex::default(),
+        }))
     }
 
     fn send(&self, snapshot: Snapshot) {
@@ -498,16 +503,23 @@ impl Channel {
         });
         // Latest first: a stream that registers in between gets this
         // answer as its starting point (`Feed::at`), the slot the next.
-        self.latest.send_replace(Some(Arc::new(snapshot)));
+        self.replace(Some(Arc::new(snapshot)));
         self.routes().deliver(&change);
     }
 
     fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
-        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `latest` the hub's latest answer; the one it replaces.
+    fn replace(&self, latest: Option<Arc<Snapshot>>) -> Option<Arc<Snapshot>> {
+        let mut slot = self.0.latest.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *slot, latest)
     }
 
     fn current(&self) -> Option<Arc<Snapshot>> {
-        self.latest.borrow().clone()
+        let latest = self.0.latest.lock().unwrap_or_else(|p| p.into_inner());
+        latest.clone()
     }
 }
 
@@ -668,7 +680,7 @@ impl Hub {
         // need neither: the routes serve nobody any more, and a moved
         // stream takes its state from its new hub.
         *self.tx.routes() = Routes::default();
-        self.tx.latest.send_replace(None);
+        self.tx.replace(None);
     }
 }
 
