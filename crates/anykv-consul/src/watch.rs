@@ -402,8 +402,8 @@ impl Slot {
 /// go to every slot.
 #[derive(Default)]
 struct Routes {
-    keys: HashMap<Arc<str>, Vec<Arc<Slot>>>,
-    dirs: HashMap<Arc<str>, Vec<Arc<Slot>>>,
+    keys: HashMap<Arc<str>, Slots>,
+    dirs: HashMap<Arc<str>, Slots>,
     /// Slots of streams that came here and have not been pushed an answer
     /// newer than their view yet: they get every answer, whatever it
     /// changed, until one is (a stream's baseline can be newer than the
@@ -412,8 +412,42 @@ struct Routes {
     fresh: Vec<Arc<Slot>>,
 }
 
+/// The slots of one target at a hub. Most targets have one watch, kept
+/// inline: a `Vec` cost each watch 48 bytes of heap besides.
+enum Slots {
+    One(Arc<Slot>),
+    Many(Vec<Arc<Slot>>),
+}
+
+impl Slots {
+    fn push(&mut self, slot: Arc<Slot>) {
+        match self {
+            Slots::One(first) => *self = Slots::Many(vec![first.clone(), slot]),
+            Slots::Many(all) => all.push(slot),
+        }
+    }
+
+    /// Removes `slot`; whether none is left.
+    fn remove(&mut self, slot: &Arc<Slot>) -> bool {
+        match self {
+            Slots::One(only) => Arc::ptr_eq(only, slot),
+            Slots::Many(all) => {
+                all.retain(|s| !Arc::ptr_eq(s, slot));
+                all.is_empty()
+            }
+        }
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Arc<Slot>> {
+        match self {
+            Slots::One(only) => std::slice::from_ref(only).iter(),
+            Slots::Many(all) => all.iter(),
+        }
+    }
+}
+
 impl Routes {
-    fn table(&mut self, scope: &Scope) -> &mut HashMap<Arc<str>, Vec<Arc<Slot>>> {
+    fn table(&mut self, scope: &Scope) -> &mut HashMap<Arc<str>, Slots> {
         if scope.recurse {
             &mut self.dirs
         } else {
@@ -423,10 +457,12 @@ impl Routes {
 
     fn add(&mut self, scope: &Scope, slot: Arc<Slot>) {
         self.fresh.push(slot.clone());
-        self.table(scope)
-            .entry(scope.path.clone())
-            .or_default()
-            .push(slot);
+        match self.table(scope).entry(scope.path.clone()) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().push(slot),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Slots::One(slot));
+            }
+        }
     }
 
     fn remove(&mut self, scope: &Scope, slot: &Arc<Slot>) {
@@ -434,11 +470,10 @@ impl Routes {
             self.fresh.retain(|s| !Arc::ptr_eq(s, slot));
         }
         let table = self.table(scope);
-        if let Some(slots) = table.get_mut(&*scope.path) {
-            slots.retain(|s| !Arc::ptr_eq(s, slot));
-            if slots.is_empty() {
-                table.remove(&*scope.path);
-            }
+        if let Some(slots) = table.get_mut(&*scope.path)
+            && slots.remove(slot)
+        {
+            table.remove(&*scope.path);
         }
     }
 
@@ -450,14 +485,19 @@ impl Routes {
             });
         }
         if change.full.is_some() || change.fault.is_some() {
-            for slot in self.keys.values().chain(self.dirs.values()).flatten() {
+            for slot in self
+                .keys
+                .values()
+                .chain(self.dirs.values())
+                .flat_map(Slots::iter)
+            {
                 slot.push(change);
             }
             return;
         }
         for (key, _) in &change.changes {
             let key = key.as_str();
-            for slot in self.keys.get(key).into_iter().flatten() {
+            for slot in self.keys.get(key).into_iter().flat_map(Slots::iter) {
                 slot.push(change);
             }
             if self.dirs.is_empty() {
@@ -466,7 +506,7 @@ impl Routes {
             // Every directory above the key: "", "a/", "a/b/" for "a/b/c".
             let dirs = std::iter::once(0).chain(key.match_indices('/').map(|(i, _)| i + 1));
             for end in dirs {
-                for slot in self.dirs.get(&key[..end]).into_iter().flatten() {
+                for slot in self.dirs.get(&key[..end]).into_iter().flat_map(Slots::iter) {
                     slot.push(change);
                 }
             }
@@ -2440,6 +2480,17 @@ mod tests {
         assert!(on_x.slot.take().items.is_empty(), "a/x not woken");
         assert_eq!(events(&mut on_y), [("a/y".to_owned(), 14, true)]);
         assert_eq!(events(&mut on_a), [("a/y".to_owned(), 14, true)]);
+        // Two streams on one key; one leaves, the other stays served.
+        let mut on_x2 = stream_at(&ch, key("a/x"), 14, &[("a/x", 12)]);
+        ch.send(snapshot(15, &[("a/x", 15), ("a/y", 14)]));
+        assert_eq!(events(&mut on_x), [("a/x".to_owned(), 15, true)]);
+        assert_eq!(events(&mut on_x2), [("a/x".to_owned(), 15, true)]);
+        ch.routes().remove(&Scope::of(&key("a/x")), &on_x.slot);
+        ch.send(snapshot(16, &[("a/x", 16), ("a/y", 14)]));
+        assert!(on_x.slot.take().items.is_empty(), "left");
+        assert_eq!(events(&mut on_x2), [("a/x".to_owned(), 16, true)]);
+        ch.routes().remove(&Scope::of(&key("a/x")), &on_x2.slot);
+        assert!(!ch.routes().keys.contains_key("a/x"), "the last one gone");
     }
 
     #[test]
