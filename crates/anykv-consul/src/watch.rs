@@ -523,7 +523,10 @@ impl Channel {
     }
 
     fn send(&self, snapshot: Snapshot) {
-        let previous = self.current();
+        let snapshot = Arc::new(snapshot);
+        // Latest first: a stream that registers in between gets this
+        // answer as its starting point (`Feed::at`), the slot the next.
+        let previous = self.replace(Some(snapshot.clone()));
         let (changes, full, from) = match &previous {
             _ if snapshot.fault.is_some() => (Vec::new(), None, 0),
             Some(p) if p.epoch == snapshot.epoch && p.index > 0 => {
@@ -541,9 +544,6 @@ impl Channel {
             outages: snapshot.outages,
             last_fault: snapshot.last_fault.clone(),
         });
-        // Latest first: a stream that registers in between gets this
-        // answer as its starting point (`Feed::at`), the slot the next.
-        self.replace(Some(Arc::new(snapshot)));
         self.routes().deliver(&change);
     }
 
@@ -1029,8 +1029,9 @@ impl Registry {
         ) else {
             return;
         };
-        let ends = [first, last];
-        let into = Group::new(&ends).scope();
+        let both = [first, last];
+        let ends = if first == last { &both[..1] } else { &both[..] };
+        let into = Group::new(ends).scope();
         if state.merges.may_merge(&into, now) {
             tracing::debug!(
                 queries = state.hubs.len(),
